@@ -1,0 +1,676 @@
+#!/usr/bin/env bash
+# A real Kubernetes v1.20.2 on this machine, for tests. Two shapes:
+#
+#   hack/cluster.sh up            control plane: etcd + kube-apiserver on 127.0.0.1
+#                                 (~2 s; for operator and webhook tests; no root needed)
+#   hack/cluster.sh up --node     a node where pods really run: the control plane on a
+#                                 private address (10.200.0.1, on a bridge with no ports)
+#                                 plus scheduler, controller-manager, containerd, kubelet,
+#                                 kube-proxy and a CNI bridge (~15 s; root)
+#   hack/cluster.sh down          stop everything and undo every change (idempotent)
+#   hack/cluster.sh status        say what runs
+#   hack/cluster.sh env           print `export KUBECONFIG=...` for a shell
+#
+# State, logs and the admin kubeconfig live in $MANDATE_CLUSTER_DIR
+# (default /var/tmp/mandate-cluster). Nothing listens beyond this machine:
+# servers bind to 127.0.0.1 or to 10.200.0.1, which exists only on the
+# mandate0 bridge; guard rules drop anything for the cluster's ranges, and the
+# cloud metadata range, that would leave by a real interface.
+source "$(dirname "$0")/lib.sh"
+
+# Addresses and ranges of the node shape (TESTING.md: "In-cluster operator...").
+NODE_IP="10.200.0.1"
+HOST_RANGE="10.200.0.0/24"
+SERVICE_CIDR="10.0.0.0/24"
+SERVICE_IP="10.0.0.1"
+POD_CIDR="10.244.0.0/16"
+POD_SUBNET="10.244.0.0/24"
+HOST_BRIDGE="mandate0"
+CNI_BRIDGE="mandatecni0"
+METADATA_RANGE="169.254.0.0/16"
+GUARD_OUT="MANDATE-GUARD-OUT"
+GUARD_FWD="MANDATE-GUARD-FWD"
+NODE_NAME="localhost"
+
+APISERVER_PORT_NODE=6443
+KUBELET_PORT=10250
+
+# Directories the node writes outside CLUSTER_DIR; all removed at teardown.
+KUBELET_ROOT="/var/lib/mandate-kubelet"
+POD_LOG_DIRS=(/var/log/pods /var/log/containers)
+
+# Sysctls the node changes (kubelet, kube-proxy, the bridge plugin); saved
+# before and restored after.
+SYSCTLS=(
+  vm.overcommit_memory kernel.panic kernel.panic_on_oops
+  net.ipv4.ip_forward net.ipv4.conf.all.route_localnet
+  net.bridge.bridge-nf-call-iptables
+  net.netfilter.nf_conntrack_max
+  net.netfilter.nf_conntrack_tcp_timeout_established
+  net.netfilter.nf_conntrack_tcp_timeout_close_wait
+)
+
+PIDS="$CLUSTER_DIR/pids"
+LOGS="$CLUSTER_DIR/logs"
+PKI="$CLUSTER_DIR/pki"
+CTRD_DIR="$CLUSTER_DIR/containerd"
+CTRD_SOCK="$CTRD_DIR/containerd.sock"
+
+usage() {
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# ---------------------------------------------------------------- processes
+
+# start NAME CMD...: run CMD detached, in its own session, logging to
+# $LOGS/NAME.log, and remember its pid.
+start() {
+  local name="$1"
+  shift
+  mkdir -p "$PIDS" "$LOGS"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/$name.pid"
+}
+
+alive() { # NAME
+  local pid
+  pid="$(cat "$PIDS/$1.pid" 2>/dev/null)" || return 1
+  kill -0 "$pid" 2>/dev/null
+}
+
+# stop NAME: TERM, then KILL after 10 s, the whole process group.
+stop() {
+  local name="$1" pid
+  pid="$(cat "$PIDS/$name.pid" 2>/dev/null)" || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
+# fail_start WHAT LOGNAME: report a component that did not come up, with the
+# end of its log, tear down what was started, and exit non-zero.
+fail_start() {
+  log "$1 did not start; last lines of $LOGS/$2.log:"
+  tail -n 25 "$LOGS/$2.log" >&2 || true
+  log "tearing down the half-started cluster"
+  do_down >/dev/null 2>&1 || true
+  die "$1 did not start (see above)"
+}
+
+# ---------------------------------------------------------------- checks
+
+# port_owner PORT: the process listening on PORT, if any.
+port_owner() {
+  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:(([^)]*' | head -n1 | sed 's/users:((//'
+}
+
+require_free_port() { # PORT WHAT
+  if port_in_use "$1"; then
+    die "port $1 (for $2) is in use by $(port_owner "$1" || echo 'an unknown process'); stop that process or run: hack/cluster.sh down"
+  fi
+}
+
+preflight() {
+  local node="$1" missing=() c
+  for c in etcd openssl ss python3; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
+  if ((node)); then
+    for c in containerd containerd-shim-runc-v2 runc ctr iptables ip conntrack umoci skopeo busybox sysctl mount; do
+      command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+    done
+    [ -x /usr/lib/cni/bridge ] || missing+=("/usr/lib/cni/bridge (containernetworking-plugins)")
+  fi
+  ((${#missing[@]} == 0)) || die "missing: ${missing[*]}; install them with: make deps"
+  local bins=(kube-apiserver kubectl) b
+  ((node)) && bins+=(kube-scheduler kube-controller-manager kubelet kube-proxy pause)
+  for b in "${bins[@]}"; do
+    [ -x "$K8S_BIN/$b" ] || die "no ${b} in ${K8S_BIN}; build the Kubernetes binaries with: hack/build-k8s.sh"
+  done
+}
+
+# leftovers: print what an earlier run left behind (nothing if clean).
+leftovers() {
+  [ -d "$CLUSTER_DIR" ] && echo "state directory $CLUSTER_DIR"
+  local n
+  for n in "$PIDS"/*.pid; do
+    [ -f "$n" ] && alive "$(basename "$n" .pid)" && echo "process $(basename "$n" .pid)"
+  done
+  ip link show "$HOST_BRIDGE" >/dev/null 2>&1 && echo "interface $HOST_BRIDGE"
+  ip link show "$CNI_BRIDGE" >/dev/null 2>&1 && echo "interface $CNI_BRIDGE"
+  if command -v iptables >/dev/null 2>&1; then
+    iptables -S "$GUARD_OUT" >/dev/null 2>&1 && echo "iptables chain $GUARD_OUT"
+  fi
+  our_mounts | sed 's/^/mount /'
+  pgrep -f "containerd-shim-runc-v2 .*-address $(re "$CTRD_SOCK")" >/dev/null 2>&1 && echo "containerd shims"
+  return 0
+}
+
+# re: PATH quoted for use in an extended regular expression.
+re() { printf '%s' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'; }
+
+# our_mounts: mount points under the directories the node owns, deepest first.
+our_mounts() {
+  awk '{print $5}' /proc/self/mountinfo |
+    grep -E "^($(re "$KUBELET_ROOT")|$(re "$CLUSTER_DIR")|/run/netns/cni-|/var/run/netns/cni-)" |
+    awk '{print length, $0}' | sort -rn | cut -d' ' -f2-
+}
+
+# ---------------------------------------------------------------- PKI
+
+# make_pki MODE: a CA, the apiserver's serving certificate and the
+# service-account signing key. Admin and components authenticate with tokens.
+make_pki() {
+  local node="$1"
+  mkdir -p "$PKI"
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 \
+      -subj "/CN=mandate-test-ca" >/dev/null 2>&1
+    local sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    ((node)) && sans="IP:${NODE_IP},IP:${SERVICE_IP},${sans}"
+    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
+      -subj "/CN=kube-apiserver" >/dev/null 2>&1
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$sans" >apiserver.ext
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out apiserver.crt -days 30 -extfile apiserver.ext >/dev/null 2>&1
+    openssl genrsa -out sa.key 2048 >/dev/null 2>&1
+    openssl rsa -in sa.key -pubout -out sa.pub >/dev/null 2>&1
+    # token,user,uid,"group1,group2"
+    {
+      echo "$(token),admin,admin,\"system:masters\""
+      echo "$(token),system:kube-scheduler,kube-scheduler"
+      echo "$(token),system:kube-controller-manager,kube-controller-manager"
+      echo "$(token),system:kube-proxy,kube-proxy"
+      echo "$(token),system:node:${NODE_NAME},kubelet,\"system:nodes\""
+    } >tokens.csv
+    chmod 600 ./*.key tokens.csv
+  ) || die "making certificates with openssl failed"
+}
+
+token() { openssl rand -hex 24; }
+
+# kubeconfig USER FILE SERVER: a kubeconfig for USER's token from tokens.csv.
+kubeconfig() {
+  local user="$1" file="$2" server="$3" tok
+  tok="$(awk -F, -v u="$user" '$2 == u {print $1}' "$PKI/tokens.csv")"
+  cat >"$file" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: mandate-test
+  cluster:
+    server: ${server}
+    certificate-authority-data: $(base64 -w0 <"$PKI/ca.crt")
+users:
+- name: ${user}
+  user:
+    token: ${tok}
+contexts:
+- name: mandate-test
+  context: {cluster: mandate-test, user: "${user}"}
+current-context: mandate-test
+EOF
+  chmod 600 "$file"
+}
+
+# ---------------------------------------------------------------- control plane
+
+start_control_plane() {
+  local node="$1" bind port etcd_port
+  etcd_port="$(free_port)"
+  if ((node)); then
+    bind="$NODE_IP"
+    port="$APISERVER_PORT_NODE"
+    require_free_port "$port" kube-apiserver
+  else
+    bind="127.0.0.1"
+    port="$(free_port)"
+  fi
+  local server="https://${bind}:${port}"
+
+  start etcd etcd --name mandate-test --data-dir "$CLUSTER_DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:${etcd_port}" \
+    --advertise-client-urls "http://127.0.0.1:${etcd_port}" \
+    --listen-peer-urls "http://127.0.0.1:0" \
+    --initial-advertise-peer-urls "http://127.0.0.1:2380" \
+    --initial-cluster "mandate-test=http://127.0.0.1:2380" \
+    --unsafe-no-fsync --log-level warn
+  wait_for "etcd" 20 curl -sf "http://127.0.0.1:${etcd_port}/health" || fail_start etcd etcd
+
+  local args=(
+    --etcd-servers "http://127.0.0.1:${etcd_port}"
+    --bind-address "$bind" --secure-port "$port" --insecure-port 0
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key"
+    --client-ca-file "$PKI/ca.crt"
+    --token-auth-file "$PKI/tokens.csv"
+    --service-account-issuer "https://kubernetes.default.svc.cluster.local"
+    --service-account-key-file "$PKI/sa.pub"
+    --service-account-signing-key-file "$PKI/sa.key"
+    --api-audiences "https://kubernetes.default.svc.cluster.local"
+    --service-cluster-ip-range "$SERVICE_CIDR"
+    --allow-privileged=true
+    --profiling=false
+    --v=1
+  )
+  if ((node)); then
+    args+=(--advertise-address "$NODE_IP" --authorization-mode Node,RBAC
+      --enable-admission-plugins NodeRestriction)
+  else
+    # No controller-manager makes ServiceAccounts and no kubelet runs pods:
+    # the ServiceAccount admission plugin would reject every pod.
+    args+=(--advertise-address 127.0.0.1 --authorization-mode RBAC
+      --disable-admission-plugins ServiceAccount --endpoint-reconciler-type none)
+  fi
+  start kube-apiserver "$K8S_BIN/kube-apiserver" "${args[@]}"
+
+  kubeconfig admin "$CLUSTER_DIR/kubeconfig" "$server"
+  wait_for "kube-apiserver /readyz" 60 "$K8S_BIN/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig" \
+    get --raw /readyz || fail_start kube-apiserver kube-apiserver
+  SERVER="$server"
+}
+
+# ---------------------------------------------------------------- node
+
+save_sysctls() {
+  local f="$CLUSTER_DIR/sysctl.saved" k v
+  [ -f "$f" ] && return 0 # a crashed run's file holds the true originals
+  : >"$f.tmp"
+  for k in "${SYSCTLS[@]}"; do
+    v="$(sysctl -n "$k" 2>/dev/null)" && printf '%s=%s\n' "$k" "$v" >>"$f.tmp"
+  done
+  mv "$f.tmp" "$f"
+}
+
+restore_sysctls() {
+  local f="$CLUSTER_DIR/sysctl.saved" line
+  [ -f "$f" ] || return 0
+  while IFS= read -r line; do
+    sysctl -q -w "$line" >/dev/null 2>&1 || log "could not restore sysctl $line"
+  done <"$f"
+  rm -f "$f"
+}
+
+# The private address the apiserver and kubelet use, on a bridge with no ports,
+# routes that keep the cluster's ranges on it, and guard rules.
+setup_host_network() {
+  local uplinks
+  ip link add "$HOST_BRIDGE" type bridge
+  ip link set "$HOST_BRIDGE" addrgenmode none 2>/dev/null || true
+  ip addr add "${NODE_IP}/32" dev "$HOST_BRIDGE"
+  ip link set "$HOST_BRIDGE" up
+  ip route add "$SERVICE_CIDR" dev "$HOST_BRIDGE"
+  ip route add "$HOST_RANGE" dev "$HOST_BRIDGE"
+  ip route add "$POD_CIDR" dev "$HOST_BRIDGE" metric 1000
+
+  # Guards: nothing for the cluster's ranges or the metadata range leaves by a
+  # real interface, and nothing is forwarded out of one.
+  iptables -N "$GUARD_OUT"
+  iptables -N "$GUARD_FWD"
+  iptables -A "$GUARD_OUT" -d "$METADATA_RANGE" -j DROP
+  uplinks="$(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 |
+    grep -vE "^(lo|${HOST_BRIDGE}|${CNI_BRIDGE}|veth.*|cni.*)$" || true)"
+  local dev r
+  for dev in $uplinks; do
+    for r in "$SERVICE_CIDR" "$HOST_RANGE" "$POD_CIDR"; do
+      iptables -A "$GUARD_OUT" -o "$dev" -d "$r" -j DROP
+    done
+    iptables -A "$GUARD_FWD" -o "$dev" -j DROP
+  done
+  iptables -I OUTPUT 1 -j "$GUARD_OUT"
+  iptables -I FORWARD 1 -j "$GUARD_FWD"
+}
+
+teardown_host_network() {
+  while iptables -D OUTPUT -j "$GUARD_OUT" 2>/dev/null; do :; done
+  while iptables -D FORWARD -j "$GUARD_FWD" 2>/dev/null; do :; done
+  iptables -F "$GUARD_OUT" 2>/dev/null || true
+  iptables -X "$GUARD_OUT" 2>/dev/null || true
+  iptables -F "$GUARD_FWD" 2>/dev/null || true
+  iptables -X "$GUARD_FWD" 2>/dev/null || true
+  ip link del "$HOST_BRIDGE" 2>/dev/null || true # takes its address and routes with it
+  ip link del "$CNI_BRIDGE" 2>/dev/null || true
+}
+
+write_containerd_config() {
+  mkdir -p "$CTRD_DIR" "$CLUSTER_DIR/cni/net.d"
+  cat >"$CTRD_DIR/config.toml" <<EOF
+version = 2
+root = "$CTRD_DIR/root"
+state = "$CTRD_DIR/state"
+[grpc]
+  address = "$CTRD_SOCK"
+[ttrpc]
+  address = "$CTRD_DIR/containerd.sock.ttrpc"
+[debug]
+  level = "warn"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "mandate.local/pause:3.2"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$CLUSTER_DIR/cni/net.d"
+EOF
+  # Pods get the cluster's ranges through the bridge's gateway and no default
+  # route: their traffic cannot leave this machine.
+  cat >"$CLUSTER_DIR/cni/net.d/10-mandate.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "mandate",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "${CNI_BRIDGE}",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$CLUSTER_DIR/cni/ipam",
+        "ranges": [[{"subnet": "${POD_SUBNET}"}]],
+        "routes": [{"dst": "${HOST_RANGE}"}, {"dst": "${SERVICE_CIDR}"}, {"dst": "${POD_CIDR}"}]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+EOF
+}
+
+write_kubelet_config() {
+  : >"$CLUSTER_DIR/resolv.conf" # no cluster DNS, and no way out
+  cat >"$CLUSTER_DIR/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: ${NODE_IP}
+port: ${KUBELET_PORT}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous: {enabled: true}
+  webhook: {enabled: false}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+failSwapOn: false
+makeIPTablesUtilChains: false
+resolvConf: $CLUSTER_DIR/resolv.conf
+staticPodPath: ""
+evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+EOF
+}
+
+write_proxy_config() {
+  cat >"$CLUSTER_DIR/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clusterCIDR: ${POD_CIDR}
+bindAddress: 127.0.0.1
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+clientConnection: {kubeconfig: $CLUSTER_DIR/kube-proxy.kubeconfig}
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+EOF
+}
+
+start_node() {
+  local server="$1"
+  require_root "hack/cluster.sh up --node"
+  for p in "$KUBELET_PORT" 10248 10249 10256; do require_free_port "$p" "the node"; done
+
+  save_sysctls
+  sysctl -q -w net.bridge.bridge-nf-call-iptables=1 >/dev/null 2>&1 || true
+  mkdir -p "$KUBELET_ROOT" "${POD_LOG_DIRS[@]}"
+
+  write_containerd_config
+  start containerd containerd --config "$CTRD_DIR/config.toml"
+  wait_for "containerd" 20 ctr --address "$CTRD_SOCK" version || fail_start containerd containerd
+  # Base images from the cache (built once per machine).
+  local imgs
+  imgs="$("$MANDATE_ROOT/hack/image.sh" base)" || fail_start "base images" containerd
+  # shellcheck disable=SC2086
+  "$MANDATE_ROOT/hack/image.sh" import $imgs || fail_start "image import" containerd
+
+  kubeconfig system:kube-scheduler "$CLUSTER_DIR/scheduler.kubeconfig" "$server"
+  kubeconfig system:kube-controller-manager "$CLUSTER_DIR/controller-manager.kubeconfig" "$server"
+  kubeconfig system:kube-proxy "$CLUSTER_DIR/kube-proxy.kubeconfig" "$server"
+  kubeconfig "system:node:${NODE_NAME}" "$CLUSTER_DIR/kubelet.kubeconfig" "$server"
+
+  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \
+    --port 0 --secure-port 0 --leader-elect=false --v=1
+  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$CLUSTER_DIR/controller-manager.kubeconfig" \
+    --port 0 --secure-port 0 --leader-elect=false \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --use-service-account-credentials=true \
+    --cluster-cidr "$POD_CIDR" --service-cluster-ip-range "$SERVICE_CIDR" \
+    --controllers '*,-nodeipam,-cloud-node-lifecycle,-route,-service' --v=1
+
+  write_kubelet_config
+  # AWS_EC2_METADATA_DISABLED keeps kubelet 1.20's AWS credential provider
+  # from calling 169.254.169.254; the guard chain drops it regardless.
+  start kubelet env AWS_EC2_METADATA_DISABLED=true "$K8S_BIN/kubelet" \
+    --config "$CLUSTER_DIR/kubelet.yaml" \
+    --kubeconfig "$CLUSTER_DIR/kubelet.kubeconfig" \
+    --root-dir "$KUBELET_ROOT" --cert-dir "$CLUSTER_DIR/kubelet-pki" \
+    --container-runtime remote --container-runtime-endpoint "unix://$CTRD_SOCK" \
+    --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
+    --network-plugin cni --cni-bin-dir /usr/lib/cni --cni-conf-dir "$CLUSTER_DIR/cni/net.d" \
+    --v=1
+
+  write_proxy_config
+  start kube-proxy "$K8S_BIN/kube-proxy" --config "$CLUSTER_DIR/kube-proxy.yaml" \
+    --hostname-override "$NODE_NAME" --v=1
+
+  local k=("$K8S_BIN/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig")
+  wait_for "node ${NODE_NAME} Ready" 90 node_ready || fail_start "kubelet (node never became Ready)" kubelet
+  alive kube-scheduler || fail_start kube-scheduler kube-scheduler
+  alive kube-controller-manager || fail_start kube-controller-manager kube-controller-manager
+  alive kube-proxy || fail_start kube-proxy kube-proxy
+  wait_for "the default ServiceAccount" 60 "${k[@]}" -n default get serviceaccount default ||
+    fail_start "kube-controller-manager (no default ServiceAccount)" kube-controller-manager
+  wait_for "kube-proxy's service rules" 30 iptables -t nat -S KUBE-SERVICES ||
+    fail_start "kube-proxy (no KUBE-SERVICES chain)" kube-proxy
+}
+
+node_ready() {
+  [ "$("$K8S_BIN/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig" get node "$NODE_NAME" \
+    -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = "True" ]
+}
+
+# ---------------------------------------------------------------- teardown
+
+kill_pods() {
+  # Everything kubelet started lives under the kubepods cgroups.
+  local cg pid
+  for cg in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$cg" ] || continue
+    find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u | while read -r pid; do
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+  done
+  pkill -KILL -f "containerd-shim-runc-v2 .*-address $(re "$CTRD_SOCK")" 2>/dev/null || true
+}
+
+remove_kubepods_cgroups() {
+  local cg
+  for cg in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$cg" ] || continue
+    # children first
+    find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+}
+
+flush_kube_iptables() {
+  local table chain
+  for table in filter nat mangle; do
+    # unlink from built-in chains first, then flush and delete
+    iptables -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j KUBE-' | sed 's/^-A/-D/' |
+      while read -r rule; do
+        # shellcheck disable=SC2086
+        eval iptables -t "$table" $rule 2>/dev/null || true
+      done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
+      iptables -t "$table" -F "$chain" 2>/dev/null || true
+    done
+    for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
+      iptables -t "$table" -X "$chain" 2>/dev/null || true
+    done
+  done
+  # the bridge plugin's per-network chains (CNI-...), if any
+  for chain in $(iptables -t nat -S 2>/dev/null | awk '/^-N CNI-/ {print $2}'); do
+    iptables -t nat -F "$chain" 2>/dev/null || true
+  done
+  iptables -t nat -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j CNI-' | sed 's/^-A/-D/' |
+    while read -r rule; do
+      # shellcheck disable=SC2086
+      eval iptables -t nat $rule 2>/dev/null || true
+    done
+  for chain in $(iptables -t nat -S 2>/dev/null | awk '/^-N CNI-/ {print $2}'); do
+    iptables -t nat -X "$chain" 2>/dev/null || true
+  done
+}
+
+do_down() {
+  local mode=""
+  [ -f "$CLUSTER_DIR/cluster.env" ] && mode="$(sed -n 's/^MANDATE_CLUSTER_MODE=//p' "$CLUSTER_DIR/cluster.env")"
+  if [ ! -d "$CLUSTER_DIR" ]; then
+    log "no cluster state in $CLUSTER_DIR; nothing to do"
+    return 0
+  fi
+  local node=0
+  [ "$mode" = "node" ] || [ -d "$CTRD_DIR" ] || [ -f "$CLUSTER_DIR/sysctl.saved" ] && node=1
+  if ((node)); then
+    require_root "hack/cluster.sh down (for a node)"
+    stop kube-proxy
+    stop kubelet
+    kill_pods
+    stop kube-controller-manager
+    stop kube-scheduler
+    stop containerd
+  fi
+  stop kube-apiserver
+  stop etcd
+  # any process of ours whose pid file was lost
+  pkill -KILL -f "^$(re "$K8S_BIN")/" 2>/dev/null || true
+  if ((node)); then
+    local m
+    for m in $(our_mounts); do umount -l "$m" 2>/dev/null || log "could not unmount $m"; done
+    rm -f /run/netns/cni-* /var/run/netns/cni-* 2>/dev/null || true
+    remove_kubepods_cgroups
+    flush_kube_iptables
+    conntrack -D -d "$SERVICE_CIDR" >/dev/null 2>&1 || true
+    teardown_host_network
+    restore_sysctls
+    rm -rf "$KUBELET_ROOT" "${POD_LOG_DIRS[@]}"
+  fi
+  local left
+  left="$(leftovers | grep -v "^state directory" || true)"
+  if [ -n "$left" ]; then
+    log "teardown left these behind (state kept in $CLUSTER_DIR so a rerun can retry):"
+    echo "$left" >&2
+    return 1
+  fi
+  rm -rf "$CLUSTER_DIR"
+  log "cluster down"
+}
+
+# ---------------------------------------------------------------- commands
+
+cmd_up() {
+  local node=0
+  case "${1:-}" in
+    --node) node=1 ;;
+    "" | --control-plane) ;;
+    *) die "unknown option '$1' (use --node for a node, nothing for the control plane)" ;;
+  esac
+  preflight "$node"
+
+  if [ -f "$CLUSTER_DIR/cluster.env" ] && alive kube-apiserver; then
+    die "a test cluster is already up ($(sed -n 's/^MANDATE_CLUSTER_MODE=//p' "$CLUSTER_DIR/cluster.env"), kubeconfig $CLUSTER_DIR/kubeconfig); run hack/cluster.sh down first"
+  fi
+  local left
+  left="$(leftovers)"
+  if [ -n "$left" ]; then
+    log "an earlier run left these behind; cleaning up:"
+    echo "$left" | sed 's/^/  /' >&2
+    do_down || die "could not clean up after the earlier run; see above, fix by hand, then retry"
+  fi
+  if ((node)); then
+    require_root "hack/cluster.sh up --node"
+    if iptables -t nat -S 2>/dev/null | grep -q '^-N KUBE-'; then
+      die "iptables has KUBE-* chains that this script did not make (another Kubernetes on this machine?); refusing to start"
+    fi
+    if ip route show | grep -qE "^(10\.0\.0\.|10\.200\.0\.|10\.244\.)"; then
+      die "this machine already routes part of ${SERVICE_CIDR}, ${HOST_RANGE} or ${POD_CIDR}; the node needs them to itself"
+    fi
+  fi
+
+  local t0=$SECONDS
+  mkdir -p "$CLUSTER_DIR"
+  chmod 700 "$CLUSTER_DIR"
+  # Mark the mode first, so a crash from here on is cleaned up as what it was.
+  echo "MANDATE_CLUSTER_MODE=$( ((node)) && echo node || echo control-plane)" >"$CLUSTER_DIR/cluster.env"
+  # Stop on Ctrl-C or a failure without leaving half a cluster.
+  trap 'log "interrupted; tearing down"; do_down >/dev/null 2>&1; exit 130' INT TERM
+  make_pki "$node"
+  if ((node)); then
+    save_sysctls
+    setup_host_network || fail_start "host network" kube-apiserver
+  fi
+  start_control_plane "$node"
+  local server="$SERVER"
+  if ((node)); then start_node "$server"; fi
+  trap - INT TERM
+
+  cat >"$CLUSTER_DIR/cluster.env" <<EOF
+MANDATE_CLUSTER_MODE=$( ((node)) && echo node || echo control-plane)
+MANDATE_KUBECONFIG=$CLUSTER_DIR/kubeconfig
+MANDATE_KUBECTL=$K8S_BIN/kubectl
+MANDATE_APISERVER=$server
+MANDATE_CONTAINERD_SOCK=$( ((node)) && echo "$CTRD_SOCK")
+MANDATE_NODE_NAME=$( ((node)) && echo "$NODE_NAME")
+MANDATE_K8S_VERSION=$K8S_VERSION
+EOF
+  log "$( ((node)) && echo node || echo 'control plane') up in $((SECONDS - t0))s at ${server}"
+  log "kubeconfig: $CLUSTER_DIR/kubeconfig   (eval \"\$(hack/cluster.sh env)\")"
+}
+
+cmd_status() {
+  if [ ! -f "$CLUSTER_DIR/cluster.env" ]; then
+    echo "no test cluster (state dir $CLUSTER_DIR absent)"
+    return 1
+  fi
+  cat "$CLUSTER_DIR/cluster.env"
+  local n rc=0
+  for n in "$PIDS"/*.pid; do
+    [ -f "$n" ] || continue
+    n="$(basename "$n" .pid)"
+    if alive "$n"; then echo "running: $n"; else echo "DEAD:    $n (log: $LOGS/$n.log)"; rc=1; fi
+  done
+  return $rc
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  down) do_down ;;
+  status) cmd_status ;;
+  env) echo "export KUBECONFIG=$CLUSTER_DIR/kubeconfig" ;;
+  *) usage ;;
+esac

