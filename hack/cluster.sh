@@ -257,7 +257,9 @@ start_control_plane() {
     --v=1
   )
   if ((node)); then
+    # The node is named localhost but kubelet listens on NODE_IP.
     args+=(--advertise-address "$NODE_IP" --authorization-mode Node,RBAC
+      --kubelet-preferred-address-types InternalIP,Hostname
       --enable-admission-plugins NodeRestriction)
   else
     # No controller-manager makes ServiceAccounts and no kubelet runs pods:
@@ -503,7 +505,7 @@ kill_pods() {
     [ -d "$cg" ] || continue
     find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u | while read -r pid; do
       kill -KILL "$pid" 2>/dev/null || true
-    done
+    done || true
   done
   pkill -KILL -f "containerd-shim-runc-v2 .*-address $(re "$CTRD_SOCK")" 2>/dev/null || true
 }
@@ -525,7 +527,7 @@ flush_kube_iptables() {
       while read -r rule; do
         # shellcheck disable=SC2086
         eval iptables -t "$table" $rule 2>/dev/null || true
-      done
+      done || true
     for chain in $(iptables -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
       iptables -t "$table" -F "$chain" 2>/dev/null || true
     done
@@ -541,7 +543,7 @@ flush_kube_iptables() {
     while read -r rule; do
       # shellcheck disable=SC2086
       eval iptables -t nat $rule 2>/dev/null || true
-    done
+    done || true
   for chain in $(iptables -t nat -S 2>/dev/null | awk '/^-N CNI-/ {print $2}'); do
     iptables -t nat -X "$chain" 2>/dev/null || true
   done
