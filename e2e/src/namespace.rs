@@ -39,14 +39,11 @@ impl Debug for TestNamespace {
 
 impl TestNamespace {
     pub(crate) async fn new(cluster: Cluster, prefix: &str) -> Result<Self> {
-        let suffix: String = {
-            let mut rng = rand::rng();
-            (0..6)
-                .map(|_| {
-                    char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])
-                })
-                .collect()
-        };
+        let suffix: String = rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(6)
+            .map(|b| char::from(b).to_ascii_lowercase())
+            .collect();
         let name = format!("{prefix}-{suffix}");
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {E2E_LABEL: "true"}}

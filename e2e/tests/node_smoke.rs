@@ -56,8 +56,16 @@ async fn run_client(ns: &TestNamespace, name: &str, args: &[&str]) -> Result<(St
     Ok((logs, pods::succeeded(&pod)))
 }
 
-/// `mandate-testbin get` output: status, lower-cased response headers, JSON body.
-fn parse_get(out: &str) -> Result<(u16, Vec<(String, String)>, Value)> {
+/// What `mandate-testbin get` printed.
+struct Answer {
+    status: u16,
+    /// Response headers, names lower-cased.
+    headers: Vec<(String, String)>,
+    /// The JSON body (the echo server's description of the request it saw).
+    body: Value,
+}
+
+fn parse_get(out: &str) -> Result<Answer> {
     // Skip the client's "retrying: ..." lines.
     let out = &out[out
         .find("HTTP ")
@@ -78,7 +86,11 @@ fn parse_get(out: &str) -> Result<(u16, Vec<(String, String)>, Value)> {
         .collect();
     let body =
         serde_json::from_str(body.trim()).with_context(|| format!("body is not JSON: {body}"))?;
-    Ok((status, headers, body))
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn echo_pod(name: &str, listen: &str) -> Value {
@@ -152,7 +164,7 @@ async fn pod_runs_its_logs_are_readable_and_a_service_routes_to_it() -> Result<(
             let url = format!("http://{cluster_ip}/through-service");
             let (out, ok) = run_client(ns, "client", &["get", &url, "--retry-for", "30"]).await?;
             ensure!(ok, "client failed: {out}");
-            let (status, _, body) = parse_get(&out)?;
+            let Answer { status, body, .. } = parse_get(&out)?;
             ensure!(status == 200, "status {status}: {out}");
             ensure!(
                 body["server"] == "echo",
@@ -250,7 +262,11 @@ async fn a_pod_with_an_envoy_sidecar_proxies_a_request_from_another_pod() -> Res
             let url = format!("http://{ip}:15001/via-envoy");
             let (out, ok) = run_client(ns, "client", &["get", &url]).await?;
             ensure!(ok, "client failed: {out}");
-            let (status, headers, body) = parse_get(&out)?;
+            let Answer {
+                status,
+                headers,
+                body,
+            } = parse_get(&out)?;
             ensure!(status == 200, "status {status}: {out}");
             ensure!(
                 body["server"] == "app" && body["path"] == "/via-envoy",
