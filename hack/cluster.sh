@@ -73,10 +73,10 @@ start() {
   echo $! >"$PIDS/$name.pid"
 }
 
-alive() { # NAME
+alive() { # NAME: its process exists and is not a zombie
   local pid
   pid="$(cat "$PIDS/$1.pid" 2>/dev/null)" || return 1
-  kill -0 "$pid" 2>/dev/null
+  [ -r "/proc/$pid/stat" ] && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
 }
 
 # stop NAME: TERM, then KILL after 10 s, the whole process group.
@@ -93,13 +93,20 @@ stop() {
 }
 
 # fail_start WHAT LOGNAME: report a component that did not come up, with the
-# end of its log, tear down what was started, and exit non-zero.
+# end of its log, and exit non-zero (cmd_up's EXIT trap tears down).
 fail_start() {
   log "$1 did not start; last lines of $LOGS/$2.log:"
   tail -n 25 "$LOGS/$2.log" >&2 || true
-  log "tearing down the half-started cluster"
-  do_down >/dev/null 2>&1 || true
   die "$1 did not start (see above)"
+}
+
+# EXIT trap while starting: never leave half a cluster for tests to trust.
+up_exit() {
+  local rc=$?
+  ((rc == 0)) && return 0
+  log "start failed; tearing down what was started"
+  do_down >/dev/null 2>&1 || log "teardown incomplete; run: hack/cluster.sh down"
+  exit "$rc"
 }
 
 # ---------------------------------------------------------------- checks
@@ -148,9 +155,6 @@ leftovers() {
   pgrep -f "containerd-shim-runc-v2 .*-address $(re "$CTRD_SOCK")" >/dev/null 2>&1 && echo "containerd shims"
   return 0
 }
-
-# re: PATH quoted for use in an extended regular expression.
-re() { printf '%s' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'; }
 
 # our_mounts: mount points under the directories the node owns, deepest first.
 our_mounts() {
@@ -225,7 +229,6 @@ start_control_plane() {
   if ((node)); then
     bind="$NODE_IP"
     port="$APISERVER_PORT_NODE"
-    require_free_port "$port" kube-apiserver
   else
     bind="127.0.0.1"
     port="$(free_port)"
@@ -433,9 +436,6 @@ EOF
 
 start_node() {
   local server="$1"
-  require_root "hack/cluster.sh up --node"
-  for p in "$KUBELET_PORT" 10248 10249 10256; do require_free_port "$p" "the node"; done
-
   save_sysctls
   sysctl -q -w net.bridge.bridge-nf-call-iptables=1 >/dev/null 2>&1 || true
   mkdir -p "$KUBELET_ROOT" "${POD_LOG_DIRS[@]}"
@@ -602,11 +602,11 @@ cmd_up() {
     "" | --control-plane) ;;
     *) die "unknown option '$1' (use --node for a node, nothing for the control plane)" ;;
   esac
-  preflight "$node"
-
   if [ -f "$CLUSTER_DIR/cluster.env" ] && alive kube-apiserver; then
     die "a test cluster is already up ($(sed -n 's/^MANDATE_CLUSTER_MODE=//p' "$CLUSTER_DIR/cluster.env"), kubeconfig $CLUSTER_DIR/kubeconfig); run hack/cluster.sh down first"
   fi
+  preflight "$node"
+
   local left
   left="$(leftovers)"
   if [ -n "$left" ]; then
@@ -622,24 +622,28 @@ cmd_up() {
     if ip route show | grep -qE "^(10\.0\.0\.|10\.200\.0\.|10\.244\.)"; then
       die "this machine already routes part of ${SERVICE_CIDR}, ${HOST_RANGE} or ${POD_CIDR}; the node needs them to itself"
     fi
+    local p
+    for p in "$APISERVER_PORT_NODE" "$KUBELET_PORT" 10248 10249 10256; do
+      require_free_port "$p" "the node"
+    done
   fi
 
   local t0=$SECONDS
+  # From here on, any failure or Ctrl-C tears down what was started.
+  trap up_exit EXIT
+  trap 'exit 130' INT TERM
   mkdir -p "$CLUSTER_DIR"
   chmod 700 "$CLUSTER_DIR"
   # Mark the mode first, so a crash from here on is cleaned up as what it was.
   echo "MANDATE_CLUSTER_MODE=$( ((node)) && echo node || echo control-plane)" >"$CLUSTER_DIR/cluster.env"
-  # Stop on Ctrl-C or a failure without leaving half a cluster.
-  trap 'log "interrupted; tearing down"; do_down >/dev/null 2>&1; exit 130' INT TERM
   make_pki "$node"
   if ((node)); then
     save_sysctls
-    setup_host_network || fail_start "host network" kube-apiserver
+    setup_host_network
   fi
   start_control_plane "$node"
   local server="$SERVER"
   if ((node)); then start_node "$server"; fi
-  trap - INT TERM
 
   cat >"$CLUSTER_DIR/cluster.env" <<EOF
 MANDATE_CLUSTER_MODE=$( ((node)) && echo node || echo control-plane)
@@ -650,6 +654,7 @@ MANDATE_CONTAINERD_SOCK=$( ((node)) && echo "$CTRD_SOCK")
 MANDATE_NODE_NAME=$( ((node)) && echo "$NODE_NAME")
 MANDATE_K8S_VERSION=$K8S_VERSION
 EOF
+  trap - EXIT INT TERM
   log "$( ((node)) && echo node || echo 'control plane') up in $((SECONDS - t0))s at ${server}"
   log "kubeconfig: $CLUSTER_DIR/kubeconfig   (eval \"\$(hack/cluster.sh env)\")"
 }

@@ -56,6 +56,9 @@ wait_for() {
   return 1
 }
 
+# re STRING: STRING quoted for use in an extended regular expression (pgrep, grep -E).
+re() { printf '%s' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'; }
+
 # port_in_use PORT: true when something on this machine listens on TCP PORT.
 port_in_use() {
   ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
