@@ -1,0 +1,29 @@
+# The few commands a contributor needs. Cluster targets need root.
+.PHONY: deps test lint build cluster-up node-up cluster-down cluster-status
+
+## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
+deps:
+	hack/install-deps.sh
+	hack/build-k8s.sh >/dev/null
+
+## test: lint, cluster lifecycle checks, then every cargo test against a real node
+test:
+	hack/test.sh
+
+## lint: rustfmt and clippy, as CI runs them
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+build:
+	cargo build --workspace --all-targets
+
+## cluster-up: etcd + kube-apiserver on 127.0.0.1; node-up: a node where pods run
+cluster-up:
+	hack/cluster.sh up
+node-up:
+	hack/cluster.sh up --node
+cluster-down:
+	hack/cluster.sh down
+cluster-status:
+	hack/cluster.sh status

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every test Mandate has, against real components on this machine (root):
+#   1. lint: cargo fmt --check, cargo clippy -D warnings;
+#   2. the test-cluster lifecycle and fault checks (e2e/cluster_lifecycle.sh);
+#   3. a node cluster up, then `cargo test --workspace` (unit tests and the
+#      cluster tests in e2e/), then the node down, whatever happened.
+# Run `make deps` once first (installs packages, builds Kubernetes, ~6 min).
+source "$(dirname "$0")/lib.sh"
+require_root "$0"
+cd "$MANDATE_ROOT"
+
+[ -x "$K8S_BIN/kube-apiserver" ] || die "Kubernetes ${K8S_VERSION} is not built; run: make deps"
+if [ -f "$CLUSTER_DIR/cluster.env" ]; then
+  die "a test cluster is up ($CLUSTER_DIR); stop it (hack/cluster.sh down) or run cargo test --workspace against it"
+fi
+
+t0=$SECONDS
+log "lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "build"
+cargo build --workspace --all-targets --locked
+
+log "cluster lifecycle and faults"
+e2e/cluster_lifecycle.sh
+
+log "node up"
+trap 'hack/cluster.sh down >/dev/null 2>&1 || log "teardown incomplete; run hack/cluster.sh down"' EXIT
+hack/cluster.sh up --node
+
+log "cargo test"
+cargo test --workspace --locked
+
+log "all tests passed in $((SECONDS - t0))s"
