@@ -14,6 +14,7 @@ test:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run
 
 build:
 	cargo build --workspace --all-targets

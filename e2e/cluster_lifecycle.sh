@@ -11,6 +11,7 @@
 #     links, routes, mounts, directories, processes.
 #
 # Needs no running cluster; refuses to start when one is up.
+# shellcheck source=hack/lib.sh
 source "$(dirname "$0")/../hack/lib.sh"
 require_root "$0"
 
@@ -48,7 +49,8 @@ snapshot() (
   ip -o link show | awk -F': ' '{print "link " $2}' | sed 's/@.*//'
   ip route show | sed 's/^/route /'
   awk '{print "mount " $5}' /proc/self/mountinfo | sort
-  for k in /var/lib/mandate-kubelet /var/log/pods /var/log/containers "$CLUSTER_DIR" /run/netns; do
+  for k in /var/lib/mandate-kubelet /var/log/pods /var/log/containers "$CLUSTER_DIR" /run/netns \
+    /var/lib/cni /run/containerd /var/lib/kubelet /etc/cni /opt/cni; do
     [ -e "$k" ] && echo "path $k: $(ls -A "$k" 2>/dev/null | tr '\n' ' ')"
   done
   ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /'
@@ -137,6 +139,22 @@ kill "$listener" 2>/dev/null
 wait "$listener" 2>/dev/null || true
 listener=""
 cp "$tmp/before.saved" "$tmp/before"
+
+# ---- interrupted part-way: what was started is torn down, nothing half-up remains
+apiserver_answers() { "${K[@]}" get --raw /readyz; }
+"$CLUSTER" up --node >"$tmp/out" 2>&1 &
+starter=$!
+if wait_for "the apiserver of the starting node" 60 apiserver_answers; then
+  kill -TERM "$starter"
+  wait "$starter" && fail "interrupted up: exited 0" || pass "interrupted up: exited non-zero ($(grep -m1 'tearing down' "$tmp/out"))"
+  [ ! -e "$CLUSTER_DIR/cluster.env" ] && pass "interrupted up: no cluster.env left for tests to trust" ||
+    fail "interrupted up: cluster.env remains"
+else
+  fail "interrupted up: the apiserver never answered"
+  wait "$starter" || true
+  cat "$tmp/out" >&2
+fi
+expect_clean "interrupted up"
 
 # ---- node: up, crash, up again (cleans up), down
 if "$CLUSTER" up --node >"$tmp/out" 2>&1; then

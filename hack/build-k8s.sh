@@ -8,6 +8,7 @@
 # The result lives in $MANDATE_CACHE/k8s/<version>/bin, so only the first run
 # on a machine pays (~5 minutes on 2 cores). The Go build cache is removed
 # afterwards (~1 GB).
+# shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 BINARIES=(kube-apiserver kube-scheduler kube-controller-manager kubelet kube-proxy kubectl)

@@ -6,16 +6,18 @@
 #   hack/cluster.sh up --node     a node where pods really run: the control plane on a
 #                                 private address (10.200.0.1, on a bridge with no ports)
 #                                 plus scheduler, controller-manager, containerd, kubelet,
-#                                 kube-proxy and a CNI bridge (~15 s; root)
+#                                 kube-proxy and a CNI bridge (~20 s; root)
 #   hack/cluster.sh down          stop everything and undo every change (idempotent)
 #   hack/cluster.sh status        say what runs
-#   hack/cluster.sh env           print `export KUBECONFIG=...` for a shell
+#   hack/cluster.sh env           print `export KUBECONFIG=... PATH=...` for a shell:
+#                                 eval "$(hack/cluster.sh env)"; kubectl get nodes
 #
 # State, logs and the admin kubeconfig live in $MANDATE_CLUSTER_DIR
 # (default /var/tmp/mandate-cluster). Nothing listens beyond this machine:
 # servers bind to 127.0.0.1 or to 10.200.0.1, which exists only on the
 # mandate0 bridge; guard rules drop anything for the cluster's ranges, and the
 # cloud metadata range, that would leave by a real interface.
+# shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 # Addresses and ranges of the node shape (TESTING.md: "In-cluster operator...").
@@ -35,9 +37,12 @@ NODE_NAME="localhost"
 APISERVER_PORT_NODE=6443
 KUBELET_PORT=10250
 
-# Directories the node writes outside CLUSTER_DIR; all removed at teardown.
+# Directories the node writes outside CLUSTER_DIR. KUBELET_ROOT is ours alone
+# and always removed; the shared ones are fixed by kubelet (pod logs), libcni
+# (its cache) and containerd's shims (sockets in /run/containerd/s), and are
+# removed at teardown only if this cluster created them.
 KUBELET_ROOT="/var/lib/mandate-kubelet"
-POD_LOG_DIRS=(/var/log/pods /var/log/containers)
+SHARED_DIRS=(/var/log/pods /var/log/containers /var/lib/cni /run/containerd /var/lib/kubelet)
 
 # Sysctls the node changes (kubelet, kube-proxy, the bridge plugin); saved
 # before and restored after.
@@ -57,7 +62,7 @@ CTRD_DIR="$CLUSTER_DIR/containerd"
 CTRD_SOCK="$CTRD_DIR/containerd.sock"
 
 usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+  awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0" >&2
   exit 2
 }
 
@@ -261,7 +266,8 @@ start_control_plane() {
   )
   if ((node)); then
     # The node is named localhost but kubelet listens on NODE_IP.
-    args+=(--advertise-address "$NODE_IP" --authorization-mode Node,RBAC
+    # shellcheck disable=SC2054 # "Node,RBAC" is one flag value
+    args+=(--advertise-address "$NODE_IP" --authorization-mode "Node,RBAC"
       --kubelet-preferred-address-types InternalIP,Hostname
       --enable-admission-plugins NodeRestriction)
   else
@@ -280,18 +286,30 @@ start_control_plane() {
 
 # ---------------------------------------------------------------- node
 
-save_sysctls() {
-  local f="$CLUSTER_DIR/sysctl.saved" k v
+# save_host_state: the sysctls' values and which shared directories exist,
+# before the node changes either.
+save_host_state() {
+  local f="$CLUSTER_DIR/sysctl.saved" k v d
   [ -f "$f" ] && return 0 # a crashed run's file holds the true originals
   : >"$f.tmp"
   for k in "${SYSCTLS[@]}"; do
     v="$(sysctl -n "$k" 2>/dev/null)" && printf '%s=%s\n' "$k" "$v" >>"$f.tmp"
   done
+  : >"$CLUSTER_DIR/created.paths"
+  for d in "${SHARED_DIRS[@]}"; do
+    [ -e "$d" ] || echo "$d" >>"$CLUSTER_DIR/created.paths"
+  done
   mv "$f.tmp" "$f"
 }
 
-restore_sysctls() {
-  local f="$CLUSTER_DIR/sysctl.saved" line
+restore_host_state() {
+  local f="$CLUSTER_DIR/sysctl.saved" line d
+  if [ -f "$CLUSTER_DIR/created.paths" ]; then
+    while IFS= read -r d; do
+      [ -n "$d" ] && rm -rf "$d"
+    done <"$CLUSTER_DIR/created.paths"
+    rm -f "$CLUSTER_DIR/created.paths"
+  fi
   [ -f "$f" ] || return 0
   while IFS= read -r line; do
     sysctl -q -w "$line" >/dev/null 2>&1 || log "could not restore sysctl $line"
@@ -364,6 +382,7 @@ state = "$CTRD_DIR/state"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "$CTRD_DIR/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$CLUSTER_DIR/cni/net.d"
@@ -436,9 +455,8 @@ EOF
 
 start_node() {
   local server="$1"
-  save_sysctls
   sysctl -q -w net.bridge.bridge-nf-call-iptables=1 >/dev/null 2>&1 || true
-  mkdir -p "$KUBELET_ROOT" "${POD_LOG_DIRS[@]}"
+  mkdir -p "$KUBELET_ROOT"
 
   write_containerd_config
   start containerd containerd --config "$CTRD_DIR/config.toml"
@@ -579,8 +597,8 @@ do_down() {
     flush_kube_iptables
     conntrack -D -d "$SERVICE_CIDR" >/dev/null 2>&1 || true
     teardown_host_network
-    restore_sysctls
-    rm -rf "$KUBELET_ROOT" "${POD_LOG_DIRS[@]}"
+    restore_host_state
+    rm -rf "$KUBELET_ROOT"
   fi
   local left
   left="$(leftovers | grep -v "^state directory" || true)"
@@ -638,7 +656,7 @@ cmd_up() {
   echo "MANDATE_CLUSTER_MODE=$( ((node)) && echo node || echo control-plane)" >"$CLUSTER_DIR/cluster.env"
   make_pki "$node"
   if ((node)); then
-    save_sysctls
+    save_host_state
     setup_host_network
   fi
   start_control_plane "$node"
@@ -678,6 +696,9 @@ case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   down) do_down ;;
   status) cmd_status ;;
-  env) echo "export KUBECONFIG=$CLUSTER_DIR/kubeconfig" ;;
+  env)
+    echo "export KUBECONFIG=$CLUSTER_DIR/kubeconfig"
+    echo "export PATH=$K8S_BIN:\$PATH # kubectl ${K8S_VERSION}"
+    ;;
   *) usage ;;
 esac

