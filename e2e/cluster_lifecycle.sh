@@ -20,8 +20,11 @@ K=("$K8S_BIN/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig")
 failures=0
 tmp="$(mktemp -d)"
 listener=""
+started=0
 cleanup() {
-  [ -n "$listener" ] && kill "$listener" 2>/dev/null
+  if [ -n "$listener" ]; then kill "$listener" 2>/dev/null || true; fi
+  # A check that stopped this script must not leave its cluster behind.
+  if ((started)) && [ -d "$CLUSTER_DIR" ]; then "$CLUSTER" down >/dev/null 2>&1 || log "teardown incomplete: run hack/cluster.sh down"; fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -35,10 +38,7 @@ fail() {
 # The host state a cluster may touch, normalized (no counters, no empty tables).
 snapshot() (
   set +e +o pipefail # absent things are part of the picture, not errors
-  for k in vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward \
-    net.ipv4.conf.all.route_localnet net.bridge.bridge-nf-call-iptables \
-    net.netfilter.nf_conntrack_max net.netfilter.nf_conntrack_tcp_timeout_established \
-    net.netfilter.nf_conntrack_tcp_timeout_close_wait; do
+  for k in "${SYSCTLS[@]}"; do
     echo "sysctl $k=$(sysctl -n "$k" 2>/dev/null)"
   done
   iptables-save 2>/dev/null | awk '
@@ -51,7 +51,7 @@ snapshot() (
   awk '{print "mount " $5}' /proc/self/mountinfo | sort
   for k in /var/lib/mandate-kubelet /var/log/pods /var/log/containers "$CLUSTER_DIR" /run/netns \
     /var/lib/cni /run/containerd /var/lib/kubelet /etc/cni /opt/cni; do
-    [ -e "$k" ] && echo "path $k: $(ls -A "$k" 2>/dev/null | tr '\n' ' ')"
+    [ -e "$k" ] && find "$k" | sort | sed 's/^/path /'
   done
   ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /'
   pgrep -f "^$(re "$K8S_BIN")/|containerd|etcd --name mandate-test" | sed 's/^/pid /'
@@ -91,10 +91,12 @@ pod_running() {
   [ "$("${K[@]}" get pod "$1" -o 'jsonpath={.status.phase}' 2>/dev/null)" = Running ]
 }
 
-if [ -f "$CLUSTER_DIR/cluster.env" ]; then
-  die "a test cluster is up ($CLUSTER_DIR); these tests start their own: run hack/cluster.sh down first"
+if [ -d "$CLUSTER_DIR" ]; then
+  die "a test cluster is up or left behind ($CLUSTER_DIR); these tests start their own: run hack/cluster.sh down first"
 fi
+ensure_kernel_modules # loading a module is not the cluster's change to undo
 snapshot >"$tmp/before"
+started=1
 
 # ---- control plane, twice in a row
 for round in 1 2; do
@@ -135,7 +137,7 @@ snapshot >"$tmp/before-port" # the squatter itself is not the cluster's doing
 cp "$tmp/before" "$tmp/before.saved"
 cp "$tmp/before-port" "$tmp/before"
 expect_refused "up --node with port 10248 taken" "port 10248 .*in use by .*python" "$CLUSTER" up --node
-kill "$listener" 2>/dev/null
+kill "$listener" 2>/dev/null || true
 wait "$listener" 2>/dev/null || true
 listener=""
 cp "$tmp/before.saved" "$tmp/before"
@@ -145,7 +147,7 @@ apiserver_answers() { "${K[@]}" get --raw /readyz; }
 "$CLUSTER" up --node >"$tmp/out" 2>&1 &
 starter=$!
 if wait_for "the apiserver of the starting node" 60 apiserver_answers; then
-  kill -TERM "$starter"
+  kill -TERM "$starter" || true
   wait "$starter" && fail "interrupted up: exited 0" || pass "interrupted up: exited non-zero ($(grep -m1 'tearing down' "$tmp/out"))"
   [ ! -e "$CLUSTER_DIR/cluster.env" ] && pass "interrupted up: no cluster.env left for tests to trust" ||
     fail "interrupted up: cluster.env remains"
@@ -160,7 +162,7 @@ expect_clean "interrupted up"
 if "$CLUSTER" up --node >"$tmp/out" 2>&1; then
   node_ready && pass "node: up and Ready" || fail "node: up but not Ready"
   "${K[@]}" run sleeper --image=mandate.local/busybox:1 --image-pull-policy=Never --restart=Never \
-    --command -- /bin/sleep 3600 >/dev/null
+    --command -- /bin/sleep 3600 >/dev/null || fail "node: kubectl run failed"
   if wait_for "pod sleeper Running" 60 pod_running sleeper; then
     pass "node: a pod runs"
   else
@@ -168,12 +170,13 @@ if "$CLUSTER" up --node >"$tmp/out" 2>&1; then
   fi
 
   # Crash: kill -9 every process the cluster started, leave everything else.
-  for p in "$CLUSTER_DIR"/pids/*.pid; do kill -KILL -- "-$(cat "$p")" 2>/dev/null || true; done
-  pkill -KILL -f containerd-shim-runc-v2 2>/dev/null || true
+  # (pid files hold "PID STARTTIME")
+  for p in "$CLUSTER_DIR"/pids/*.pid; do kill -KILL -- "-$(cut -d' ' -f1 "$p")" 2>/dev/null || true; done
+  pkill -KILL -f "containerd-shim-runc-v2 .*-address $(re "$CLUSTER_DIR")/" 2>/dev/null || true
   all_dead() {
     local p
     for p in "$CLUSTER_DIR"/pids/*.pid; do
-      [ "$(awk '{print $3}' "/proc/$(cat "$p")/stat" 2>/dev/null || echo Z)" = Z ] || return 1
+      [ "$(awk '{print $3}' "/proc/$(cut -d' ' -f1 "$p")/stat" 2>/dev/null || echo Z)" = Z ] || return 1
     done
   }
   wait_for "the killed processes to be gone" 20 all_dead || fail "node: processes survived kill -9"

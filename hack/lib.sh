@@ -59,9 +59,37 @@ wait_for() {
 # re STRING: STRING quoted for use in an extended regular expression (pgrep, grep -E).
 re() { printf '%s' "$1" | sed 's/[][\.*^$+?(){}|]/\\&/g'; }
 
+# has LINE-REGEX < input: like grep -Eq, but reads all its input, so a
+# writer never dies of SIGPIPE (which pipefail would turn into "no match").
+has() { grep -E -- "$1" >/dev/null; }
+
 # port_in_use PORT: true when something on this machine listens on TCP PORT.
 port_in_use() {
-  ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
+  [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]
+}
+
+# Sysctls a node changes (kubelet, kube-proxy, the bridge plugin): saved
+# before, restored after, and compared by the lifecycle tests.
+SYSCTLS=(
+  vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes
+  net.ipv4.ip_forward net.ipv4.conf.all.route_localnet
+  net.bridge.bridge-nf-call-iptables
+  net.netfilter.nf_conntrack_max
+  net.netfilter.nf_conntrack_tcp_timeout_established
+  net.netfilter.nf_conntrack_tcp_timeout_close_wait
+)
+
+# ensure_kernel_modules: bridge netfilter (Service replies between pods on one
+# bridge must pass conntrack) and conntrack itself, loaded or built in.
+ensure_kernel_modules() {
+  local m f
+  for m in br_netfilter:/proc/sys/net/bridge/bridge-nf-call-iptables \
+    nf_conntrack:/proc/sys/net/netfilter/nf_conntrack_max; do
+    f="${m#*:}"
+    [ -e "$f" ] || modprobe "${m%%:*}" 2>/dev/null || true
+    [ -e "$f" ] || die "the kernel lacks ${m%%:*} (no $f) and modprobe could not load it; a node needs it"
+  done
 }
 
 # free_port: a TCP port on 127.0.0.1 that nothing listens on right now.

@@ -16,6 +16,8 @@ if [ -f "$CLUSTER_DIR/cluster.env" ]; then
 fi
 
 t0=$SECONDS
+# Whatever stops this script, no cluster stays up.
+trap '[ -d "$CLUSTER_DIR" ] && { hack/cluster.sh down >/dev/null 2>&1 || log "teardown incomplete; run hack/cluster.sh down"; }' EXIT
 log "lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -28,7 +30,6 @@ log "cluster lifecycle and faults"
 e2e/cluster_lifecycle.sh
 
 log "node up"
-trap 'hack/cluster.sh down >/dev/null 2>&1 || log "teardown incomplete; run hack/cluster.sh down"' EXIT
 hack/cluster.sh up --node
 
 log "cargo test"

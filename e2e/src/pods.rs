@@ -5,12 +5,13 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use crate::Check;
 
 /// Waiting reasons after which a container will not start without a change.
+/// (`CreateContainerConfigError` is not one: a pod created before its
+/// ConfigMap or Secret starts once they exist.)
 const HOPELESS: &[&str] = &[
     "ErrImageNeverPull",
     "ErrImagePull",
     "ImagePullBackOff",
     "InvalidImageName",
-    "CreateContainerConfigError",
     "CreateContainerError",
     "CrashLoopBackOff",
     "RunContainerError",

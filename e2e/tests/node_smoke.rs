@@ -295,6 +295,10 @@ async fn a_pod_with_an_envoy_sidecar_proxies_a_request_from_another_pod() -> Res
                 !ok,
                 "the app's loopback port was reachable from another pod: {out}"
             );
+            ensure!(
+                out.contains("refused"),
+                "expected 'connection refused', got: {out}"
+            );
             Ok(())
         })
         .await
