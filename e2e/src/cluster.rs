@@ -163,13 +163,28 @@ impl Cluster {
 
     /// Run the cluster's own kubectl (v1.20.2) with the admin kubeconfig; its stdout.
     pub async fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = tokio::process::Command::new(&self.info.kubectl)
+        self.kubectl_with_input(args, "").await
+    }
+
+    /// Run kubectl with `input` on its standard input (`apply -f -`); its stdout.
+    pub async fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<String> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(&self.info.kubectl)
             .arg("--kubeconfig")
             .arg(&self.info.kubeconfig)
             .args(args)
-            .output()
-            .await
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .with_context(|| format!("running {}", self.info.kubectl.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .await
+                .context("writing kubectl's input")?;
+        }
+        let out = child.wait_with_output().await.context("waiting for kubectl")?;
         if !out.status.success() {
             bail!(
                 "kubectl {} failed ({}): {}",
@@ -179,6 +194,37 @@ impl Cluster {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Install (or update) Mandate's CRDs from `crds/mandate.dev.yaml` and
+    /// wait until they are Established. Safe to call from tests running at
+    /// the same time: an apply that loses a race with another is retried.
+    pub async fn install_crds(&self) -> Result<()> {
+        let yaml = std::fs::read_to_string(repo_dir().join("crds/mandate.dev.yaml"))
+            .context("reading crds/mandate.dev.yaml")?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match self
+                .kubectl_with_input(&["apply", "--server-side", "--force-conflicts", "-f", "-"], &yaml)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() < deadline && is_race(&e) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.context("installing Mandate's CRDs")),
+            }
+        }
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/agentpolicies.mandate.dev",
+            "crd/agentidentities.mandate.dev",
+            "crd/agentapprovals.mandate.dev",
+        ])
+        .await?;
+        Ok(())
     }
 
     /// Pack `binary` (with the libraries it links) into an image named
@@ -200,9 +246,18 @@ impl Cluster {
 
 /// The repository's `hack/` directory.
 pub fn hack_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("hack")
+    repo_dir().join("hack")
+}
+
+/// The repository's root directory.
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Whether a kubectl failure is another writer winning a race.
+fn is_race(e: &anyhow::Error) -> bool {
+    let msg = format!("{e:#}");
+    msg.contains("AlreadyExists") || msg.contains("Conflict") || msg.contains("the object has been modified")
 }
 
 async fn run(program: &Path, args: &[&str]) -> Result<String> {
@@ -225,8 +280,8 @@ async fn run(program: &Path, args: &[&str]) -> Result<String> {
 
 /// A client for the cluster a kubeconfig file points at.
 pub(crate) async fn client_for(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
+    let kc =
+        Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("loading kubeconfig {}", kubeconfig.display()))?;
@@ -245,10 +300,7 @@ mod tests {
         let info = ClusterInfo::parse(text, Path::new("/x")).unwrap();
         assert_eq!(info.mode, Mode::Node);
         assert_eq!(info.kubeconfig, Path::new("/x/kubeconfig"));
-        assert_eq!(
-            info.containerd_socket.as_deref(),
-            Some(Path::new("/x/c.sock"))
-        );
+        assert_eq!(info.containerd_socket.as_deref(), Some(Path::new("/x/c.sock")));
         assert_eq!(info.node_name.as_deref(), Some("localhost"));
     }
 
@@ -268,9 +320,6 @@ mod tests {
         let err = ClusterInfo::parse("MANDATE_CLUSTER_MODE=node\n", Path::new("/x")).unwrap_err();
         assert!(err.to_string().contains("hack/cluster.sh status"), "{err}");
         let err = ClusterInfo::parse("MANDATE_CLUSTER_MODE=k3s\n", Path::new("/x")).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown MANDATE_CLUSTER_MODE"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown MANDATE_CLUSTER_MODE"), "{err}");
     }
 }

@@ -32,9 +32,7 @@ pub struct TestNamespace {
 
 impl Debug for TestNamespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNamespace")
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("TestNamespace").field("name", &self.name).finish()
     }
 }
 
@@ -119,20 +117,9 @@ impl TestNamespace {
     /// Wait until `check` holds for the object `name` of kind `K`, or fail on
     /// timeout or a hopeless state. (The namespace's state is printed when the
     /// failure ends the test: by [`Cluster::with_namespace`] or by `Drop`.)
-    pub async fn wait<K, F>(
-        &self,
-        name: &str,
-        what: &str,
-        timeout: Duration,
-        check: F,
-    ) -> Result<Option<K>>
+    pub async fn wait<K, F>(&self, name: &str, what: &str, timeout: Duration, check: F) -> Result<Option<K>>
     where
-        K: Resource<Scope = NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + Debug
-            + Send
-            + 'static,
+        K: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + 'static,
         <K as Resource>::DynamicType: Default,
         F: Fn(Option<&K>) -> Check,
     {
@@ -141,26 +128,16 @@ impl TestNamespace {
 
     /// Wait until pod `name` runs with every container ready.
     pub async fn wait_pod_ready(&self, name: &str, timeout: Duration) -> Result<Pod> {
-        self.wait(
-            name,
-            &format!("pod {name} to be ready"),
-            timeout,
-            pods::ready,
-        )
-        .await?
-        .with_context(|| format!("pod {name} vanished"))
+        self.wait(name, &format!("pod {name} to be ready"), timeout, pods::ready)
+            .await?
+            .with_context(|| format!("pod {name} vanished"))
     }
 
     /// Wait until pod `name` has ended (Succeeded or Failed).
     pub async fn wait_pod_finished(&self, name: &str, timeout: Duration) -> Result<Pod> {
-        self.wait(
-            name,
-            &format!("pod {name} to finish"),
-            timeout,
-            pods::finished,
-        )
-        .await?
-        .with_context(|| format!("pod {name} vanished"))
+        self.wait(name, &format!("pod {name} to finish"), timeout, pods::finished)
+            .await?
+            .with_context(|| format!("pod {name} vanished"))
     }
 
     /// A container's logs, read through the apiserver from the kubelet.
@@ -204,10 +181,7 @@ impl Drop for TestNamespace {
         let name = self.name.clone();
         let kubeconfig = self.cluster.info().kubeconfig.clone();
         let worker = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 eprintln!("cannot clean up namespace {name}: no runtime");
                 return;
             };
@@ -251,11 +225,7 @@ pub async fn dump(client: &Client, ns: &str) -> String {
         Ok(list) => {
             for pod in &list.items {
                 let name = pod.name_any();
-                let ip = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.pod_ip.clone())
-                    .unwrap_or_default();
+                let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
                 let _ = writeln!(out, "--- pod {name} (ip {ip}): {}", pods::describe(pod));
                 for c in pod
                     .status
@@ -309,8 +279,7 @@ pub async fn dump(client: &Client, ns: &str) -> String {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     match events.list(&ListParams::default()).await {
         Ok(mut list) => {
-            list.items
-                .sort_by_key(|e| e.last_timestamp.clone().map(|t| t.0));
+            list.items.sort_by_key(|e| e.last_timestamp.clone().map(|t| t.0));
             out.push_str("--- events:\n");
             for e in &list.items {
                 let _ = writeln!(

@@ -22,9 +22,7 @@ fn statuses(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
     let init = status
         .and_then(|s| s.init_container_statuses.as_deref())
         .unwrap_or_default();
-    let main = status
-        .and_then(|s| s.container_statuses.as_deref())
-        .unwrap_or_default();
+    let main = status.and_then(|s| s.container_statuses.as_deref()).unwrap_or_default();
     init.iter().chain(main.iter())
 }
 
@@ -167,14 +165,8 @@ mod tests {
 
     #[test]
     fn finished_accepts_both_endings() {
-        assert_eq!(
-            finished(Some(&pod(json!({"phase": "Succeeded"})))),
-            Check::Done
-        );
-        assert_eq!(
-            finished(Some(&pod(json!({"phase": "Failed"})))),
-            Check::Done
-        );
+        assert_eq!(finished(Some(&pod(json!({"phase": "Succeeded"})))), Check::Done);
+        assert_eq!(finished(Some(&pod(json!({"phase": "Failed"})))), Check::Done);
         assert!(matches!(
             finished(Some(&pod(json!({"phase": "Running"})))),
             Check::Pending(_)

@@ -25,13 +25,7 @@ pub enum Check {
 /// [`Check::Failed`], or `timeout` passes. `check` sees `None` while the object
 /// does not exist. Returns the object that satisfied the check (or `None`
 /// when absence was the condition).
-pub async fn wait_until<K, F>(
-    api: Api<K>,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    check: F,
-) -> Result<Option<K>>
+pub async fn wait_until<K, F>(api: Api<K>, name: &str, what: &str, timeout: Duration, check: F) -> Result<Option<K>>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     F: Fn(Option<&K>) -> Check,

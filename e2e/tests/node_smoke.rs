@@ -23,9 +23,7 @@ async fn cluster() -> Result<Cluster> {
     let cluster = Cluster::connect().await?;
     cluster.require_node()?;
     LOADED
-        .get_or_try_init(|| {
-            cluster.load_image(TESTBIN, Path::new(env!("CARGO_BIN_EXE_mandate-testbin")))
-        })
+        .get_or_try_init(|| cluster.load_image(TESTBIN, Path::new(env!("CARGO_BIN_EXE_mandate-testbin"))))
         .await?;
     Ok(cluster)
 }
@@ -67,9 +65,7 @@ struct Answer {
 
 fn parse_get(out: &str) -> Result<Answer> {
     // Skip the client's "retrying: ..." lines.
-    let out = &out[out
-        .find("HTTP ")
-        .with_context(|| format!("no status line in: {out}"))?..];
+    let out = &out[out.find("HTTP ").with_context(|| format!("no status line in: {out}"))?..];
     let (head, body) = out
         .split_once("\n\n")
         .with_context(|| format!("no blank line in: {out}"))?;
@@ -84,13 +80,8 @@ fn parse_get(out: &str) -> Result<Answer> {
         .filter_map(|l| l.split_once(": "))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
         .collect();
-    let body =
-        serde_json::from_str(body.trim()).with_context(|| format!("body is not JSON: {body}"))?;
-    Ok(Answer {
-        status,
-        headers,
-        body,
-    })
+    let body = serde_json::from_str(body.trim()).with_context(|| format!("body is not JSON: {body}"))?;
+    Ok(Answer { status, headers, body })
 }
 
 fn echo_pod(name: &str, listen: &str) -> Value {
@@ -107,8 +98,7 @@ async fn pod_runs_its_logs_are_readable_and_a_service_routes_to_it() -> Result<(
     cluster
         .with_namespace("smoke-svc", async |ns| {
             let mut app = echo_pod("echo", "0.0.0.0:8080");
-            app["readinessProbe"] =
-                json!({"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1});
+            app["readinessProbe"] = json!({"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1});
             ns.create(&pod(json!({
                 "metadata": {"name": "echo", "labels": {"app": "echo"}},
                 "spec": {"containers": [app]},
@@ -127,14 +117,8 @@ async fn pod_runs_its_logs_are_readable_and_a_service_routes_to_it() -> Result<(
             ns.wait_pod_ready("echo", secs(90)).await?;
 
             // kubectl logs: apiserver -> kubelet -> containerd's log file.
-            let logs = ns
-                .cluster()
-                .kubectl(&["-n", ns.name(), "logs", "echo"])
-                .await?;
-            ensure!(
-                logs.contains("listening on 0.0.0.0:8080"),
-                "unexpected logs: {logs}"
-            );
+            let logs = ns.cluster().kubectl(&["-n", ns.name(), "logs", "echo"]).await?;
+            ensure!(logs.contains("listening on 0.0.0.0:8080"), "unexpected logs: {logs}");
 
             // The Service has the pod as its endpoint...
             ns.wait(
@@ -144,10 +128,7 @@ async fn pod_runs_its_logs_are_readable_and_a_service_routes_to_it() -> Result<(
                 |ep: Option<&Endpoints>| {
                     let ready = ep
                         .and_then(|e| e.subsets.as_ref())
-                        .map(|s| {
-                            s.iter()
-                                .any(|s| s.addresses.as_ref().is_some_and(|a| !a.is_empty()))
-                        })
+                        .map(|s| s.iter().any(|s| s.addresses.as_ref().is_some_and(|a| !a.is_empty())))
                         .unwrap_or(false);
                     if ready {
                         Check::Done
@@ -166,11 +147,7 @@ async fn pod_runs_its_logs_are_readable_and_a_service_routes_to_it() -> Result<(
             ensure!(ok, "client failed: {out}");
             let Answer { status, body, .. } = parse_get(&out)?;
             ensure!(status == 200, "status {status}: {out}");
-            ensure!(
-                body["server"] == "echo",
-                "answered by {}: {out}",
-                body["server"]
-            );
+            ensure!(body["server"] == "echo", "answered by {}: {out}", body["server"]);
             ensure!(body["path"] == "/through-service", "{out}");
 
             // The request shows in the server's log, read with kubectl again.
@@ -254,51 +231,30 @@ async fn a_pod_with_an_envoy_sidecar_proxies_a_request_from_another_pod() -> Res
             }))?)
             .await?;
             let app = ns.wait_pod_ready("app", secs(90)).await?;
-            let ip = app
-                .status
-                .and_then(|s| s.pod_ip)
-                .context("ready pod has no IP")?;
+            let ip = app.status.and_then(|s| s.pod_ip).context("ready pod has no IP")?;
 
             let url = format!("http://{ip}:15001/via-envoy");
             let (out, ok) = run_client(ns, "client", &["get", &url]).await?;
             ensure!(ok, "client failed: {out}");
-            let Answer {
-                status,
-                headers,
-                body,
-            } = parse_get(&out)?;
+            let Answer { status, headers, body } = parse_get(&out)?;
             ensure!(status == 200, "status {status}: {out}");
-            ensure!(
-                body["server"] == "app" && body["path"] == "/via-envoy",
-                "{out}"
-            );
+            ensure!(body["server"] == "app" && body["path"] == "/via-envoy", "{out}");
             // Proof the request crossed Envoy: the header its route adds on the
             // way back, and the headers its router adds on the way in.
             ensure!(
-                headers
-                    .iter()
-                    .any(|(k, v)| k == "x-mandate-smoke" && v == "via-envoy"),
+                headers.iter().any(|(k, v)| k == "x-mandate-smoke" && v == "via-envoy"),
                 "no x-mandate-smoke response header: {out}"
             );
             ensure!(
-                body["headers"]
-                    .get("x-envoy-expected-rq-timeout-ms")
-                    .is_some(),
+                body["headers"].get("x-envoy-expected-rq-timeout-ms").is_some(),
                 "the upstream saw no Envoy router headers: {out}"
             );
 
             // The app itself is not reachable from another pod.
             let direct = format!("{ip}:8080");
-            let (out, ok) =
-                run_client(ns, "direct", &["connect", &direct, "--timeout", "3"]).await?;
-            ensure!(
-                !ok,
-                "the app's loopback port was reachable from another pod: {out}"
-            );
-            ensure!(
-                out.contains("refused"),
-                "expected 'connection refused', got: {out}"
-            );
+            let (out, ok) = run_client(ns, "direct", &["connect", &direct, "--timeout", "3"]).await?;
+            ensure!(!ok, "the app's loopback port was reachable from another pod: {out}");
+            ensure!(out.contains("refused"), "expected 'connection refused', got: {out}");
             Ok(())
         })
         .await
@@ -311,20 +267,12 @@ async fn pods_reach_the_apiserver_service_and_nothing_beyond_this_machine() -> R
         .with_namespace("smoke-net", async |ns| {
             // In-cluster clients (the operator, later) use the kubernetes Service.
             let (out, ok) = run_client(ns, "apiserver", &["connect", "10.0.0.1:443"]).await?;
-            ensure!(
-                ok,
-                "a pod could not reach the apiserver at 10.0.0.1:443: {out}"
-            );
+            ensure!(ok, "a pod could not reach the apiserver at 10.0.0.1:443: {out}");
 
             // 203.0.113.1 is a documentation address (TEST-NET-3): pods have no
             // route to anything but the cluster's own ranges, so the connect
             // fails at once and no packet is sent.
-            let (out, ok) = run_client(
-                ns,
-                "outside",
-                &["connect", "203.0.113.1:80", "--timeout", "3"],
-            )
-            .await?;
+            let (out, ok) = run_client(ns, "outside", &["connect", "203.0.113.1:80", "--timeout", "3"]).await?;
             ensure!(!ok, "a pod reached an address off this machine: {out}");
             ensure!(
                 out.contains("unreachable"),

@@ -99,40 +99,30 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(listen: SocketAddr, name: String) -> Result<()> {
-    let app = axum::Router::new().fallback(
-        move |ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request| {
-            let name = name.clone();
-            async move {
-                let headers: BTreeMap<String, String> = req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect();
-                println!("request {} {} from {peer}", req.method(), req.uri());
-                Json(serde_json::json!({
-                    "server": name,
-                    "method": req.method().as_str(),
-                    "path": req.uri().path(),
-                    "headers": headers,
-                }))
-            }
-        },
-    );
+    let app = axum::Router::new().fallback(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request| {
+        let name = name.clone();
+        async move {
+            let headers: BTreeMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            println!("request {} {} from {peer}", req.method(), req.uri());
+            Json(serde_json::json!({
+                "server": name,
+                "method": req.method().as_str(),
+                "path": req.uri().path(),
+                "headers": headers,
+            }))
+        }
+    });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown())
+        .await?;
     Ok(())
 }
 

@@ -1,0 +1,335 @@
+//! Mandate's custom resources: group `mandate.dev`, version `v1alpha1`.
+//!
+//! Every field carries a doc comment: it becomes the field's `description` in
+//! the CRD schema and so what `kubectl explain` shows. `crds/` holds the YAML
+//! these types generate (`cargo run -p mandate-operator --bin mandate-crdgen`);
+//! a test fails when the two differ.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every Mandate resource.
+pub const GROUP: &str = "mandate.dev";
+/// The one version served so far.
+pub const VERSION: &str = "v1alpha1";
+/// The Rego rule a policy is evaluated at unless it names another.
+pub const DEFAULT_ENTRYPOINT: &str = "data.mandate.authz.decision";
+
+// ---------------------------------------------------------------- AgentPolicy
+
+/// Rego policy that decides the outbound requests of the agents it binds.
+///
+/// Each request an agent makes is evaluated against the policy's modules and
+/// data at its entrypoint; the result allows, denies or escalates it. Anything
+/// but an allow — including an error, a timeout or no policy at all — denies.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mandate.dev",
+    version = "v1alpha1",
+    kind = "AgentPolicy",
+    doc = "Rego policy deciding the outbound requests of the agents it binds; anything but an allow denies.",
+    plural = "agentpolicies",
+    shortname = "apol",
+    category = "mandate",
+    namespaced,
+    status = "AgentPolicyStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.shortVersion"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPolicySpec {
+    /// Which agent pods this policy binds, by their labels, in the policy's
+    /// namespace. Combined with `identities`: a pod is bound when either
+    /// matches. With neither set, the policy binds no pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_selector: Option<LabelSelector>,
+
+    /// Names of AgentIdentity resources in this namespace whose pods this
+    /// policy binds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+
+    /// Enforce: the decision is carried out. DryRun: the decision is logged
+    /// and the request allowed, to try a policy on live traffic first.
+    #[serde(default)]
+    pub mode: PolicyMode,
+
+    /// The Rego modules of the policy. Errors name the module, line and
+    /// column. Write them with `import rego.v1`.
+    pub modules: Vec<RegoModule>,
+
+    /// A JSON object available to the modules as `data` (merged at the root,
+    /// beside the modules' packages), e.g. allow-lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub data: Option<serde_json::Value>,
+
+    /// The rule evaluated for each request. Its value is a boolean or an
+    /// object `{allow, escalate, reason, http_status, headers, body}`.
+    #[serde(default = "default_entrypoint")]
+    pub entrypoint: String,
+
+    /// The destinations the agents may be steered to, with how Envoy reaches
+    /// them. Requests to other hosts are still decided, on host and port only
+    /// when they are encrypted end to end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressDestination>,
+}
+
+fn default_entrypoint() -> String {
+    DEFAULT_ENTRYPOINT.to_string()
+}
+
+/// Whether a policy's decisions are carried out.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PolicyMode {
+    /// Decisions are carried out: a deny blocks the request.
+    #[default]
+    Enforce,
+    /// Decisions are logged and every request is allowed.
+    DryRun,
+}
+
+/// One Rego source file.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct RegoModule {
+    /// The module's name, as errors and the decision log refer to it (e.g.
+    /// `authz.rego`). Unique within the policy.
+    pub name: String,
+    /// The Rego source.
+    pub rego: String,
+}
+
+/// A destination agents may reach, and how.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressDestination {
+    /// Host name (exact, or `*.example.com` for its subdomains).
+    pub host: String,
+    /// TCP port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Whether Envoy originates TLS to the destination, so that requests to
+    /// it are seen whole (method, path, headers, body) by policy.
+    #[serde(default)]
+    pub tls: bool,
+    /// Whether content read from this destination is trusted. Reading from an
+    /// untrusted destination taints the agent's session, and policy can
+    /// refuse sensitive actions to tainted sessions.
+    #[serde(default)]
+    pub trust: TrustClass,
+}
+
+/// How far content from a destination is trusted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TrustClass {
+    /// Content from here may steer later actions.
+    Trusted,
+    /// Content from here taints the session (the default: trust is declared, not assumed).
+    #[default]
+    Untrusted,
+}
+
+/// What the operator last made of an AgentPolicy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `sha256:<hex>` over a canonical form of the modules, data and
+    /// entrypoint: the same policy always has the same version, and every
+    /// decision is logged with the version that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The first 12 hex digits of `version`, for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_version: Option<String>,
+    /// `Compiled` (the modules and data compile), `Ready` (this version can be
+    /// enforced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+// ---------------------------------------------------------------- AgentIdentity
+
+/// An agent: which pods are it, the SPIFFE ID they act as, and who is
+/// accountable for it.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mandate.dev",
+    version = "v1alpha1",
+    kind = "AgentIdentity",
+    doc = "An agent: which pods are it, the SPIFFE ID they act as, and who answers for it.",
+    plural = "agentidentities",
+    shortname = "aid",
+    category = "mandate",
+    namespaced,
+    status = "AgentIdentityStatus",
+    printcolumn = r#"{"name":"SPIFFE ID","type":"string","jsonPath":".status.spiffeId"}"#,
+    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.boundPods"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentIdentitySpec {
+    /// The pods that are this agent, by their labels, in this namespace.
+    pub selector: LabelSelector,
+
+    /// The SPIFFE ID the agent's pods get. `{trustDomain}`, `{namespace}`,
+    /// `{name}` and `{serviceAccount}` are replaced; the default is
+    /// `spiffe://{trustDomain}/ns/{namespace}/agent/{name}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id_template: Option<String>,
+
+    /// Lifetime of the agent's X.509-SVIDs, as a duration (`10m`, `1h`);
+    /// rotated at half life. Default 10m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svid_ttl: Option<String>,
+
+    /// Who launched this agent and answers for what it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<Principal>,
+
+    /// Names of AgentIdentities this agent may invoke.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub may_invoke: Vec<String>,
+
+    /// Names of AgentIdentities this agent accepts delegated requests from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_delegation_from: Vec<String>,
+}
+
+/// The accountable principal behind an agent.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Principal {
+    /// What kind of principal it is.
+    pub kind: PrincipalKind,
+    /// Its name: a user name, a workflow's name, or `namespace/name` of a
+    /// ServiceAccount.
+    pub name: String,
+}
+
+/// Kinds of accountable principal.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PrincipalKind {
+    /// A person.
+    Human,
+    /// An automated workflow (a pipeline, a scheduled job).
+    Workflow,
+    /// A Kubernetes ServiceAccount.
+    ServiceAccount,
+}
+
+/// What the operator last made of an AgentIdentity.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentIdentityStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The agent's SPIFFE ID, resolved from the template and the trust domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// How many pods the selector matches now.
+    #[serde(default)]
+    pub bound_pods: i32,
+    /// `Ready` (the SPIFFE ID resolved and the selector is valid).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+// ---------------------------------------------------------------- AgentApproval
+
+/// A human decision on one action a policy escalated. Approving is an update
+/// of `status` that RBAC controls, so kubectl and GitOps both work.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mandate.dev",
+    version = "v1alpha1",
+    kind = "AgentApproval",
+    doc = "A human decision on one action a policy escalated.",
+    plural = "agentapprovals",
+    shortname = "aapr",
+    category = "mandate",
+    namespaced,
+    status = "AgentApprovalStatus",
+    printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".spec.agent"}"#,
+    printcolumn = r#"{"name":"Method","type":"string","jsonPath":".spec.action.method"}"#,
+    printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.action.host"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentApprovalSpec {
+    /// The AgentIdentity (in this namespace) whose action this is.
+    pub agent: String,
+    /// The action, as the policy saw it.
+    pub action: ActionFingerprint,
+    /// Why the policy escalated it.
+    pub reason: String,
+    /// The AgentPolicy that escalated it.
+    pub policy: String,
+    /// That policy's `status.version` when it escalated.
+    pub policy_version: String,
+    /// After this time the approval is void and the action stays denied.
+    pub expires_at: Time,
+}
+
+/// What identifies an action for approval.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionFingerprint {
+    /// HTTP method (`CONNECT` for an encrypted tunnel).
+    pub method: String,
+    /// Destination host.
+    pub host: String,
+    /// Request path, when the request was seen whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The MCP tool called, when the request was an MCP `tools/call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_tool: Option<String>,
+}
+
+/// The decision on an approval.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentApprovalStatus {
+    /// Pending until someone decides; Expired once `expiresAt` passes undecided.
+    #[serde(default)]
+    pub phase: ApprovalPhase,
+    /// Who decided, from the request's authenticated user (never from the object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// When it was decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<Time>,
+}
+
+/// Phases of an approval.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ApprovalPhase {
+    /// Nobody has decided yet.
+    #[default]
+    Pending,
+    /// Approved: the action may go ahead (once, before expiry).
+    Approved,
+    /// Denied: the action stays denied.
+    Denied,
+    /// Nobody decided before `expiresAt`.
+    Expired,
+}
+
+/// Schema of a free-form JSON object (kept as given, any fields).
+fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}

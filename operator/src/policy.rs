@@ -1,0 +1,273 @@
+//! Compiling an AgentPolicy and computing its version. No Kubernetes here:
+//! the reconciler, the admission webhook and the CLI all call this.
+
+use std::collections::BTreeSet;
+
+use regorus::Engine;
+use sha2::{Digest, Sha256};
+
+use crate::crd::AgentPolicySpec;
+
+/// Upper bound on the Rego source plus data of one policy. Policies are
+/// stored in etcd (objects up to ~1.5 MiB) and pushed to every sidecar; a
+/// policy beyond this is a mistake or an attack.
+pub const MAX_POLICY_BYTES: usize = 512 * 1024;
+
+/// Why a policy does not compile. Messages are for the admin who wrote it:
+/// they name the module, line and column where there is one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("the policy has no modules; add at least one under spec.modules")]
+    NoModules,
+    #[error("module name '{0}' is used twice; module names must be unique")]
+    DuplicateModule(String),
+    #[error("module {index} has an empty name; give each module a name such as authz.rego")]
+    EmptyModuleName { index: usize },
+    #[error("modules and data total {size} bytes, over the limit of {limit} bytes; split the policy or move data out")]
+    TooLarge { size: usize, limit: usize },
+    #[error("spec.data must be a JSON object (it is merged into `data` at the root); it is {0}")]
+    DataNotObject(&'static str),
+    #[error("spec.data cannot be loaded: {0}")]
+    BadData(String),
+    #[error("entrypoint '{0}' is not a rule reference like data.mandate.authz.decision")]
+    BadEntrypoint(String),
+    #[error("{0}")]
+    Rego(String),
+    #[error("entrypoint '{entrypoint}' is not defined by any module: {detail}")]
+    MissingEntrypoint { entrypoint: String, detail: String },
+}
+
+impl PolicyError {
+    /// A short, bounded reason for conditions, events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoModules | Self::DuplicateModule(_) | Self::EmptyModuleName { .. } => "InvalidModules",
+            Self::TooLarge { .. } => "TooLarge",
+            Self::DataNotObject(_) | Self::BadData(_) => "InvalidData",
+            Self::BadEntrypoint(_) | Self::MissingEntrypoint { .. } => "InvalidEntrypoint",
+            Self::Rego(_) => "RegoError",
+        }
+    }
+}
+
+/// A policy that compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// `sha256:<64 hex>`, see [`version`].
+    pub version: String,
+    /// The Rego packages the modules define.
+    pub packages: Vec<String>,
+}
+
+/// The policy's version: sha256 over a canonical JSON form of its modules
+/// (sorted by name), data (object keys sorted) and entrypoint. Selection,
+/// mode and egress do not change what the Rego decides, so they are not in it.
+pub fn version(spec: &AgentPolicySpec) -> String {
+    let mut modules: Vec<_> = spec.modules.iter().map(|m| (&m.name, &m.rego)).collect();
+    modules.sort();
+    // serde_json's Value keeps object keys sorted (no preserve_order), so
+    // re-serializing the data canonicalizes it.
+    let canonical = serde_json::json!({
+        "entrypoint": spec.entrypoint,
+        "modules": modules.iter().map(|(n, r)| serde_json::json!({"name": n, "rego": r})).collect::<Vec<_>>(),
+        "data": spec.data.clone().unwrap_or(serde_json::Value::Null),
+    });
+    let digest = Sha256::digest(canonical.to_string().as_bytes());
+    format!("sha256:{digest:x}")
+}
+
+/// Compile the policy's modules and data with regorus and check its entrypoint.
+pub fn compile(spec: &AgentPolicySpec) -> Result<Compiled, PolicyError> {
+    if spec.modules.is_empty() {
+        return Err(PolicyError::NoModules);
+    }
+    let mut names = BTreeSet::new();
+    for (index, m) in spec.modules.iter().enumerate() {
+        if m.name.trim().is_empty() {
+            return Err(PolicyError::EmptyModuleName { index });
+        }
+        if !names.insert(m.name.as_str()) {
+            return Err(PolicyError::DuplicateModule(m.name.clone()));
+        }
+    }
+    let data_json = match &spec.data {
+        None => None,
+        Some(v @ serde_json::Value::Object(_)) => Some(v.to_string()),
+        Some(other) => return Err(PolicyError::DataNotObject(json_kind(other))),
+    };
+    let size = spec.modules.iter().map(|m| m.rego.len() + m.name.len()).sum::<usize>()
+        + data_json.as_ref().map_or(0, String::len);
+    if size > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge {
+            size,
+            limit: MAX_POLICY_BYTES,
+        });
+    }
+    let rule = spec.entrypoint.trim();
+    if !is_rule_ref(rule) {
+        return Err(PolicyError::BadEntrypoint(spec.entrypoint.clone()));
+    }
+
+    let mut engine = Engine::new();
+    for m in &spec.modules {
+        engine
+            .add_policy(m.name.clone(), m.rego.clone())
+            .map_err(|e| PolicyError::Rego(e.to_string()))?;
+    }
+    if let Some(json) = data_json {
+        engine
+            .add_data_json(&json)
+            .map_err(|e| PolicyError::BadData(e.to_string()))?;
+    }
+    let packages = engine.get_packages().map_err(|e| PolicyError::Rego(e.to_string()))?;
+    engine
+        .compile_with_entrypoint(&rule.into())
+        .map_err(|e| PolicyError::MissingEntrypoint {
+            entrypoint: rule.to_string(),
+            detail: e.to_string(),
+        })?;
+    Ok(Compiled {
+        version: version(spec),
+        packages,
+    })
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// `data.a.b_c.d`: `data` then one or more identifier segments.
+fn is_rule_ref(s: &str) -> bool {
+    let mut parts = s.split('.');
+    parts.next() == Some("data")
+        && s.split('.').count() > 1
+        && parts.all(|p| {
+            let mut cs = p.chars();
+            cs.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{DEFAULT_ENTRYPOINT, PolicyMode, RegoModule};
+
+    fn spec(modules: &[(&str, &str)]) -> AgentPolicySpec {
+        AgentPolicySpec {
+            agent_selector: None,
+            identities: vec![],
+            mode: PolicyMode::Enforce,
+            modules: modules
+                .iter()
+                .map(|(n, r)| RegoModule {
+                    name: n.to_string(),
+                    rego: r.to_string(),
+                })
+                .collect(),
+            data: None,
+            entrypoint: DEFAULT_ENTRYPOINT.to_string(),
+            egress: vec![],
+        }
+    }
+
+    const GOOD: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
+    const HELPER: &str = "package mandate.lib\nimport rego.v1\nsafe_methods := {\"GET\", \"HEAD\"}\n";
+
+    #[test]
+    fn a_good_policy_compiles_and_has_a_sha256_version() {
+        let c = compile(&spec(&[("authz.rego", GOOD)])).unwrap();
+        assert!(
+            c.version.starts_with("sha256:") && c.version.len() == 7 + 64,
+            "{}",
+            c.version
+        );
+        assert!(
+            c.packages.iter().any(|p| p.contains("mandate.authz")),
+            "{:?}",
+            c.packages
+        );
+    }
+
+    #[test]
+    fn the_version_is_canonical() {
+        let a = spec(&[("authz.rego", GOOD), ("lib.rego", HELPER)]);
+        let b = spec(&[("lib.rego", HELPER), ("authz.rego", GOOD)]);
+        assert_eq!(version(&a), version(&b), "module order must not change the version");
+
+        let mut with_data = a.clone();
+        with_data.data = Some(serde_json::from_str(r#"{"b": 1, "a": {"y": 2, "x": 3}}"#).unwrap());
+        let mut same_data = a.clone();
+        same_data.data = Some(serde_json::from_str(r#"{"a": {"x": 3, "y": 2}, "b": 1}"#).unwrap());
+        assert_eq!(
+            version(&with_data),
+            version(&same_data),
+            "key order must not change the version"
+        );
+        assert_ne!(version(&a), version(&with_data));
+
+        let mut dry = a.clone();
+        dry.mode = PolicyMode::DryRun;
+        assert_eq!(version(&a), version(&dry), "mode does not change what the Rego decides");
+
+        let edited = spec(&[("authz.rego", &GOOD.replace("GET", "PUT")), ("lib.rego", HELPER)]);
+        assert_ne!(version(&a), version(&edited));
+        let mut other_entry = a.clone();
+        other_entry.entrypoint = "data.mandate.authz.allow".into();
+        assert_ne!(version(&a), version(&other_entry));
+    }
+
+    #[test]
+    fn a_syntax_error_names_module_line_and_column() {
+        let bad = "package mandate.authz\nimport rego.v1\ndecision if {\n  input.x ==\n}\n";
+        let err = compile(&spec(&[("authz.rego", bad)])).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.reason(), "RegoError");
+        assert!(msg.contains("authz.rego:"), "no module name: {msg}");
+        assert!(
+            msg.lines()
+                .any(|l| l.contains("authz.rego:5:") || l.contains("authz.rego:4:")),
+            "no line:col: {msg}"
+        );
+    }
+
+    #[test]
+    fn a_missing_entrypoint_is_reported() {
+        let mut s = spec(&[("authz.rego", GOOD)]);
+        s.entrypoint = "data.mandate.authz.nope".into();
+        let err = compile(&s).unwrap_err();
+        assert_eq!(err.reason(), "InvalidEntrypoint", "{err}");
+        assert!(err.to_string().contains("data.mandate.authz.nope"), "{err}");
+        s.entrypoint = "mandate.authz.decision".into();
+        assert_eq!(
+            compile(&s).unwrap_err(),
+            PolicyError::BadEntrypoint("mandate.authz.decision".into())
+        );
+    }
+
+    #[test]
+    fn bad_modules_and_data_are_reported() {
+        assert_eq!(compile(&spec(&[])).unwrap_err(), PolicyError::NoModules);
+        assert_eq!(
+            compile(&spec(&[("a.rego", GOOD), ("a.rego", HELPER)])).unwrap_err(),
+            PolicyError::DuplicateModule("a.rego".into())
+        );
+        let mut s = spec(&[("authz.rego", GOOD)]);
+        s.data = Some(serde_json::json!([1, 2]));
+        assert_eq!(compile(&s).unwrap_err(), PolicyError::DataNotObject("an array"));
+    }
+
+    #[test]
+    fn an_absurdly_large_policy_is_refused_before_parsing() {
+        let huge = format!("{GOOD}\n# {}\n", "x".repeat(MAX_POLICY_BYTES));
+        let err = compile(&spec(&[("authz.rego", &huge)])).unwrap_err();
+        assert_eq!(err.reason(), "TooLarge", "{err}");
+    }
+}
