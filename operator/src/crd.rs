@@ -181,9 +181,9 @@ pub struct AgentIdentitySpec {
     /// The pods that are this agent, by their labels, in this namespace.
     pub selector: LabelSelector,
 
-    /// The SPIFFE ID the agent's pods get. `{trustDomain}`, `{namespace}`,
-    /// `{name}` and `{serviceAccount}` are replaced; the default is
-    /// `spiffe://{trustDomain}/ns/{namespace}/agent/{name}`.
+    /// The SPIFFE ID the agent's pods get. `{trustDomain}`, `{namespace}` and
+    /// `{name}` are replaced; the result must be in the cluster's trust domain.
+    /// The default is `spiffe://{trustDomain}/ns/{namespace}/agent/{name}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id_template: Option<String>,
 

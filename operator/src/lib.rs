@@ -1,7 +1,13 @@
 //! Mandate's operator: its custom resources, and (as they land) the
 //! reconcilers, admission webhooks, SPIFFE CA and policy distribution.
 
+pub mod admin;
+pub mod conditions;
+pub mod controllers;
 pub mod crd;
+pub mod error;
+pub mod identity;
+pub mod leader;
 pub mod policy;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -112,7 +112,7 @@ pub fn compile(spec: &AgentPolicySpec) -> Result<Compiled, PolicyError> {
     for m in &spec.modules {
         engine
             .add_policy(m.name.clone(), m.rego.clone())
-            .map_err(|e| PolicyError::Rego(e.to_string()))?;
+            .map_err(|e| PolicyError::Rego(rego_message(&e.to_string())))?;
     }
     if let Some(json) = data_json {
         engine
@@ -130,6 +130,19 @@ pub fn compile(spec: &AgentPolicySpec) -> Result<Compiled, PolicyError> {
         version: version(spec),
         packages,
     })
+}
+
+/// regorus reports `--> file:line:col`, a source excerpt, then `error: text`.
+/// Lead with `file:line:col: text` (what editors and CI annotations read),
+/// and keep the excerpt below it.
+fn rego_message(raw: &str) -> String {
+    let raw = raw.trim();
+    let location = raw.lines().find_map(|l| l.trim().strip_prefix("--> "));
+    let text = raw.lines().find_map(|l| l.trim().strip_prefix("error: "));
+    match (location, text) {
+        (Some(loc), Some(text)) => format!("{loc}: {text}\n{raw}"),
+        _ => raw.to_string(),
+    }
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -230,7 +243,10 @@ mod tests {
         let err = compile(&spec(&[("authz.rego", bad)])).unwrap_err();
         let msg = err.to_string();
         assert_eq!(err.reason(), "RegoError");
-        assert!(msg.contains("authz.rego:"), "no module name: {msg}");
+        assert!(
+            msg.starts_with("authz.rego:5:"),
+            "message does not lead with module:line:col: {msg}"
+        );
         assert!(
             msg.lines()
                 .any(|l| l.contains("authz.rego:5:") || l.contains("authz.rego:4:")),

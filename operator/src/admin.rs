@@ -1,0 +1,137 @@
+//! The admin port: `/livez`, `/readyz`, `/metrics` (Prometheus text format).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of reconcile metrics: the kind and the outcome, both from small fixed sets.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+/// Labels of the reconcile duration histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// The operator's metrics. Labels never carry object names (unbounded series).
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_seconds: Family<KindLabels, Histogram>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("mandate_operator");
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciliations by kind and result (ok, or the error's class; a policy that does not compile is ok: that is its status)",
+            reconciles.clone(),
+        );
+        let reconcile_seconds = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time to reconcile one object",
+            reconcile_seconds.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease and runs the reconcilers",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, kind: &'static str, result: &'static str, elapsed: Duration) {
+        self.reconciles.get_or_create(&ReconcileLabels { kind, result }).inc();
+        self.reconcile_seconds
+            .get_or_create(&KindLabels { kind })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Shared with the handlers.
+#[derive(Debug)]
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    /// Set once the operator has reached the apiserver and found its CRDs.
+    pub ready: AtomicBool,
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the apiserver or Mandate's CRDs are not reachable yet\n",
+        )
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.metrics.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "encoding metrics failed\n".to_string(),
+        ),
+    }
+}
+
+/// Bind the admin port and serve it until the process ends.
+pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<()> {
+    let app = axum::Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the admin port {addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
+    axum::serve(listener, app).await?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Status conditions, with `lastTransitionTime` kept while the status holds.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+/// A condition of `type_`, carrying over the transition time from `previous`
+/// when its status did not change.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(Timestamp::now()));
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: truncate(message.into(), 4096),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether `conditions` has `type_` with status True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Cut `s` to at most `max` bytes, on a character boundary.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_is_kept_while_status_holds() {
+        let first = condition(&[], "Ready", true, "Ready", "ok", Some(1));
+        let again = condition(
+            std::slice::from_ref(&first),
+            "Ready",
+            true,
+            "Ready",
+            "still ok",
+            Some(2),
+        );
+        assert_eq!(first.last_transition_time, again.last_transition_time);
+        let flipped = condition(std::slice::from_ref(&first), "Ready", false, "Broken", "no", Some(3));
+        assert_eq!(flipped.status, "False");
+        assert!(flipped.last_transition_time.0 >= first.last_transition_time.0);
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let s = truncate("é".repeat(5000), 4096);
+        assert!(s.len() <= 4096 && s.ends_with("..."));
+    }
+}

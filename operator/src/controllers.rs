@@ -1,0 +1,362 @@
+//! The reconcilers: AgentPolicy (compile, version, conditions, events) and
+//! AgentIdentity (SPIFFE ID, bound pods, conditions).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::admin::Metrics;
+use crate::conditions::{condition, is_true};
+use crate::crd::{AgentIdentity, AgentIdentityStatus, AgentPolicy, AgentPolicyStatus};
+use crate::error::{Error, Result};
+use crate::{identity, policy};
+
+/// Field manager of the operator's server-side applies.
+pub const MANAGER: &str = "mandate-operator";
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub trust_domain: String,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, trust_domain: String, instance: String) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: Some(instance),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            trust_domain,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// 1 s, 2 s, 4 s, ... up to 5 minutes.
+    fn backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 8,
+        };
+        Duration::from_secs(1u64 << n.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+    }
+}
+
+fn key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Server-side apply of `status` to the object `name` of kind `K`.
+async fn apply_status<K>(api: &Api<K>, name: &str, status: serde_json::Value) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- AgentPolicy
+
+/// Compile the policy and write what came of it.
+pub async fn reconcile_policy(obj: Arc<AgentPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_policy_inner(&obj, &ctx).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.observe("AgentPolicy", outcome, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key(obj.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Action> {
+    let ns = obj.namespace().ok_or_else(|| Error::NotNamespaced(obj.name_any()))?;
+    let name = obj.name_any();
+    let generation = obj.metadata.generation;
+    let previous = obj.status.clone().unwrap_or_default();
+    let compiled = policy::compile(&obj.spec);
+
+    let status = match &compiled {
+        Ok(c) => AgentPolicyStatus {
+            observed_generation: generation,
+            short_version: c.version.strip_prefix("sha256:").map(|h| h.chars().take(12).collect()),
+            version: Some(c.version.clone()),
+            conditions: vec![
+                condition(
+                    &previous.conditions,
+                    "Compiled",
+                    true,
+                    "Compiled",
+                    format!(
+                        "{} module(s) compiled; packages: {}",
+                        obj.spec.modules.len(),
+                        c.packages.join(", ")
+                    ),
+                    generation,
+                ),
+                condition(
+                    &previous.conditions,
+                    "Ready",
+                    true,
+                    "Ready",
+                    format!("version {} is ready to enforce", c.version),
+                    generation,
+                ),
+            ],
+        },
+        Err(e) => {
+            // The last good version stays in force; status says why the new one is not.
+            let kept = match &previous.version {
+                Some(v) => format!("the last good version {v} stays in force"),
+                None => "no version of this policy has compiled yet; the agents it binds are denied".to_string(),
+            };
+            AgentPolicyStatus {
+                observed_generation: generation,
+                version: previous.version.clone(),
+                short_version: previous.short_version.clone(),
+                conditions: vec![
+                    condition(
+                        &previous.conditions,
+                        "Compiled",
+                        false,
+                        e.reason(),
+                        e.to_string(),
+                        generation,
+                    ),
+                    condition(
+                        &previous.conditions,
+                        "Ready",
+                        false,
+                        "CompileFailed",
+                        format!("generation {} does not compile; {kept}", generation.unwrap_or_default()),
+                        generation,
+                    ),
+                ],
+            }
+        }
+    };
+
+    // An event when the outcome for this generation is new, not on every resync.
+    let changed = previous.observed_generation != generation
+        || is_true(&previous.conditions, "Compiled") != compiled.is_ok()
+        || previous.conditions.is_empty();
+    if changed {
+        let event = match &compiled {
+            Ok(c) => Event {
+                type_: EventType::Normal,
+                reason: "Compiled".into(),
+                note: Some(format!("compiled to version {}", c.version)),
+                action: "Compile".into(),
+                secondary: None,
+            },
+            Err(e) => Event {
+                type_: EventType::Warning,
+                reason: "CompileFailed".into(),
+                note: Some(crate::conditions::truncate(e.to_string(), 1000)),
+                action: "Compile".into(),
+                secondary: None,
+            },
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            // An event is a courtesy; the status below is the record.
+            tracing::warn!(policy = %key(obj), %err, "could not publish event");
+        }
+    }
+
+    let api: Api<AgentPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_status(&api, &name, serde_json::to_value(&status)?).await?;
+    match &compiled {
+        Ok(c) => tracing::info!(policy = %key(obj), version = %c.version, "policy ready"),
+        Err(e) => tracing::warn!(policy = %key(obj), reason = e.reason(), error = %e, "policy does not compile"),
+    }
+    Ok(Action::await_change())
+}
+
+// ---------------------------------------------------------------- AgentIdentity
+
+/// Resolve the SPIFFE ID, count the bound pods, write what came of it.
+pub async fn reconcile_identity(obj: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_identity_inner(&obj, &ctx).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.observe("AgentIdentity", outcome, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key(obj.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<Action> {
+    let ns = obj.namespace().ok_or_else(|| Error::NotNamespaced(obj.name_any()))?;
+    let name = obj.name_any();
+    let generation = obj.metadata.generation;
+    let previous = obj.status.clone().unwrap_or_default();
+
+    let spiffe = identity::spiffe_id(obj.spec.spiffe_id_template.as_deref(), &ctx.trust_domain, &ns, &name);
+    let selector = Selector::try_from(obj.spec.selector.clone());
+    let (bound_pods, problem) = match (&spiffe, &selector) {
+        (Err(e), _) => (previous.bound_pods, Some(("InvalidSpiffeId", e.to_string()))),
+        (_, Err(e)) => (0, Some(("InvalidSelector", format!("spec.selector: {e}")))),
+        (Ok(_), Ok(sel)) if sel.selects_all() => (
+            0,
+            Some((
+                "InvalidSelector",
+                "spec.selector is empty and would make every pod in the namespace this agent".into(),
+            )),
+        ),
+        (Ok(_), Ok(sel)) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let list = pods.list_metadata(&ListParams::default().labels_from(sel)).await?;
+            (i32::try_from(list.items.len()).unwrap_or(i32::MAX), None)
+        }
+    };
+    let ready = condition(
+        &previous.conditions,
+        "Ready",
+        problem.is_none(),
+        problem.as_ref().map_or("Resolved", |(r, _)| r),
+        match (&problem, &spiffe) {
+            (Some((_, msg)), _) => msg.clone(),
+            (None, Ok(id)) => format!("{id}; {bound_pods} pod(s) bound"),
+            (None, Err(e)) => e.to_string(),
+        },
+        generation,
+    );
+    let status = AgentIdentityStatus {
+        observed_generation: generation,
+        spiffe_id: spiffe.ok(),
+        bound_pods,
+        conditions: vec![ready],
+    };
+    let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_status(&api, &name, serde_json::to_value(&status)?).await?;
+    Ok(Action::await_change())
+}
+
+/// Identities in `pod`'s namespace whose selector matches its labels.
+fn identities_selecting(store: &[Arc<AgentIdentity>], pod: &Pod) -> Vec<ObjectRef<AgentIdentity>> {
+    let labels = pod.labels();
+    store
+        .iter()
+        .filter(|i| i.namespace() == pod.namespace())
+        .filter(|i| {
+            Selector::try_from(i.spec.selector.clone())
+                .map(|s| !s.selects_all() && s.matches(labels))
+                .unwrap_or(false)
+        })
+        .map(|i| ObjectRef::from_obj(i.as_ref()))
+        .collect()
+}
+
+// ---------------------------------------------------------------- running
+
+fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&key(obj.as_ref()));
+    tracing::warn!(object = %key(obj.as_ref()), %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Run both controllers until `shutdown` resolves. `namespace` limits them to
+/// one namespace (None: all).
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + 'static) {
+    let client = ctx.client.clone();
+    let (policies, identities, pods): (Api<AgentPolicy>, Api<AgentIdentity>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    // A CR that fails to deserialize is reported by the watcher as an error
+    // for that event; the controller logs it and carries on with the rest.
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut stop_a = stop_tx.subscribe();
+    let mut stop_b = stop_tx.subscribe();
+
+    let policy_ctl = Controller::new(policies, watcher::Config::default())
+        .graceful_shutdown_on(async move {
+            let _ = stop_a.recv().await;
+        })
+        .run(reconcile_policy, error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "AgentPolicy controller");
+            }
+        });
+
+    let identity_ctl = Controller::new(identities, watcher::Config::default());
+    let store = identity_ctl.store();
+    // Map each pod event to the identities in its namespace that select it.
+    let identity_ctl = identity_ctl
+        .watches(pods, watcher::Config::default(), move |pod: Pod| {
+            identities_selecting(&store.state(), &pod)
+        })
+        .graceful_shutdown_on(async move {
+            let _ = stop_b.recv().await;
+        })
+        .run(reconcile_identity, error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "AgentIdentity controller");
+            }
+        });
+
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
+    futures::join!(policy_ctl, identity_ctl);
+}
