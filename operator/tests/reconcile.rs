@@ -1,0 +1,430 @@
+//! The operator against a real kube-apiserver (either test-cluster shape):
+//! policies compile to a stable version and become Ready; broken ones get
+//! Compiled=False with module:line:col and an event, and keep the last good
+//! version; bad input never wedges the operator; an identity's pod count
+//! follows its pods; of two replicas one leads, and when it dies the other
+//! takes over.
+//!
+//! Each test runs its own operator process(es), limited to the test's
+//! namespace, with the leader Lease in that namespace.
+
+#![allow(clippy::expect_used)] // test fixtures may panic on their own bugs
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use mandate_e2e::{Check, Cluster, TestNamespace, http_get, secs};
+use mandate_operator::crd::{AgentIdentity, AgentPolicy};
+use serde_json::json;
+
+/// One `mandate-operator` process, killed when dropped.
+struct Operator {
+    child: tokio::process::Child,
+    admin: String,
+    identity: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    async fn start(cluster: &Cluster, ns: &str, identity: &str) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = std::env::temp_dir().join(format!("mandate-operator-{ns}-{identity}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
+            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            .args([
+                "--watch-namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--lease-duration-seconds",
+                "3",
+            ])
+            .args(["--identity", identity, "--trust-domain", "example.org"])
+            .env("KUBECONFIG", &cluster.info().kubeconfig)
+            .env("MANDATE_LOG", "info,mandate_operator=debug")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting mandate-operator")?;
+        let op = Self {
+            child,
+            admin: format!("http://127.0.0.1:{port}"),
+            identity: identity.into(),
+            log,
+        };
+        let deadline = tokio::time::Instant::now() + secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(&format!("{}/readyz", op.admin)).await {
+                return Ok(op);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("operator {identity} never became ready:\n{}", op.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of the `mandate_operator_leader` gauge.
+    async fn leader_gauge(&self) -> Result<u8> {
+        let (_, body) = http_get(&format!("{}/metrics", self.admin)).await?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("mandate_operator_leader "))
+            .map(|v| u8::from(v.trim() == "1"))
+            .with_context(|| format!("no leader gauge in metrics:\n{body}"))
+    }
+}
+
+async fn setup(prefix: &str) -> Result<(Cluster, TestNamespace)> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let ns = cluster.namespace(prefix).await?;
+    Ok((cluster, ns))
+}
+
+const GOOD: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
+const BROKEN: &str = "package mandate.authz\nimport rego.v1\ndecision if {\n  input.x ==\n}\n";
+
+fn policy(name: &str, rego: &str) -> AgentPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
+        "metadata": {"name": name},
+        "spec": {"modules": [{"name": "authz.rego", "rego": rego}]},
+    }))
+    .expect("a valid AgentPolicy")
+}
+
+async fn apply(ns: &TestNamespace, p: &AgentPolicy) -> Result<()> {
+    ns.api::<AgentPolicy>()
+        .patch(&p.name_any(), &PatchParams::apply("e2e").force(), &Patch::Apply(p))
+        .await
+        .with_context(|| format!("applying AgentPolicy {}", p.name_any()))?;
+    Ok(())
+}
+
+fn condition(p: &AgentPolicy, type_: &str) -> Option<(String, String, String)> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Wait until the policy's status describes its current generation and `Compiled` is `want`.
+async fn wait_compiled(ns: &TestNamespace, name: &str, want: bool) -> Result<AgentPolicy> {
+    let want_s = if want { "True" } else { "False" };
+    ns.wait(
+        name,
+        &format!("AgentPolicy {name} Compiled={want_s}"),
+        secs(30),
+        |p: Option<&AgentPolicy>| {
+            let Some(p) = p else {
+                return Check::Pending("absent".into());
+            };
+            let current = p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation;
+            match condition(p, "Compiled") {
+                Some((s, _, _)) if current && s == want_s => Check::Done,
+                other => Check::Pending(format!("current={current} Compiled={other:?}")),
+            }
+        },
+    )
+    .await?
+    .context("policy vanished")
+}
+
+#[tokio::test]
+async fn a_policy_compiles_to_a_stable_version_and_becomes_ready() -> Result<()> {
+    let (cluster, ns) = setup("op-ready").await?;
+    let op = Operator::start(&cluster, ns.name(), "solo").await?;
+
+    let good = policy("allow-get", GOOD);
+    apply(&ns, &good).await?;
+    let got = wait_compiled(&ns, "allow-get", true).await?;
+    let status = got.status.clone().context("no status")?;
+    let expected = mandate_operator::policy::version(&good.spec);
+    ensure!(
+        status.version.as_deref() == Some(expected.as_str()),
+        "version {:?} != {expected}",
+        status.version
+    );
+    ensure!(
+        status.short_version.as_deref() == expected.get(7..19),
+        "{:?}",
+        status.short_version
+    );
+    ensure!(
+        condition(&got, "Ready").is_some_and(|(s, _, _)| s == "True"),
+        "{:?}",
+        got.status
+    );
+
+    // The same policy under another name has the same version; an edit changes it.
+    apply(&ns, &policy("same", GOOD)).await?;
+    let same = wait_compiled(&ns, "same", true).await?;
+    ensure!(
+        same.status.and_then(|s| s.version) == status.version,
+        "same source, different version"
+    );
+    apply(&ns, &policy("allow-get", &GOOD.replace("GET", "HEAD"))).await?;
+    let edited = ns
+        .wait(
+            "allow-get",
+            "the edit to be compiled",
+            secs(30),
+            |p: Option<&AgentPolicy>| match p {
+                Some(p) if p.status.as_ref().and_then(|s| s.observed_generation) == Some(2) => Check::Done,
+                other => Check::Pending(format!("{:?}", other.and_then(|p| p.status.clone()))),
+            },
+        )
+        .await?
+        .context("vanished")?;
+    ensure!(
+        edited.status.and_then(|s| s.version) != status.version,
+        "an edit kept the version"
+    );
+
+    // kubectl get shows the columns with the version.
+    let table = cluster
+        .kubectl(&["-n", ns.name(), "get", "agentpolicies", "allow-get"])
+        .await?;
+    ensure!(table.contains("True") && table.contains("Enforce"), "{table}");
+
+    let (_, metrics) = http_get(&format!("{}/metrics", op.admin)).await?;
+    ensure!(
+        metrics.contains(r#"mandate_operator_reconciles_total{kind="AgentPolicy",result="ok"}"#),
+        "{metrics}"
+    );
+    drop(op);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn a_broken_policy_says_where_and_keeps_the_last_good_version() -> Result<()> {
+    let (cluster, ns) = setup("op-broken").await?;
+    let op = Operator::start(&cluster, ns.name(), "solo").await?;
+
+    apply(&ns, &policy("p", BROKEN)).await?;
+    let got = wait_compiled(&ns, "p", false).await?;
+    let (_, reason, message) = condition(&got, "Compiled").context("no Compiled condition")?;
+    ensure!(reason == "RegoError", "{reason}");
+    ensure!(
+        message.starts_with("authz.rego:5:1:"),
+        "message lacks module:line:col: {message}"
+    );
+    ensure!(
+        got.status.as_ref().and_then(|s| s.version.clone()).is_none(),
+        "a broken policy got a version"
+    );
+
+    // A Warning event on the policy says the same.
+    let events: Api<Event> = ns.api();
+    let deadline = tokio::time::Instant::now() + secs(20);
+    loop {
+        let list = events
+            .list(&ListParams::default().fields("involvedObject.name=p"))
+            .await?;
+        if list.items.iter().any(|e| e.reason.as_deref() == Some("CompileFailed")) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no CompileFailed event: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Fixed, it becomes Ready; broken again, the last good version stays, and status says so.
+    apply(&ns, &policy("p", GOOD)).await?;
+    let fixed = wait_compiled(&ns, "p", true).await?;
+    let good_version = fixed.status.and_then(|s| s.version).context("no version")?;
+    apply(&ns, &policy("p", BROKEN)).await?;
+    let broken = wait_compiled(&ns, "p", false).await?;
+    ensure!(broken.status.as_ref().and_then(|s| s.version.clone()) == Some(good_version.clone()));
+    let (ready, _, why) = condition(&broken, "Ready").context("no Ready")?;
+    ensure!(
+        ready == "False" && why.contains(&good_version) && why.contains("stays in force"),
+        "{why}"
+    );
+    drop(op);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_condition_and_never_wedges_the_operator() -> Result<()> {
+    let (cluster, ns) = setup("op-bad").await?;
+    let op = Operator::start(&cluster, ns.name(), "solo").await?;
+    let api = ns.api::<AgentPolicy>();
+    let pp = PatchParams::apply("e2e").force();
+
+    let huge = format!("{GOOD}\n# {}\n", "x".repeat(600 * 1024));
+    let cases = [
+        (
+            "bad-data",
+            json!({"modules": [{"name": "a.rego", "rego": GOOD}], "data": {"k": 1}, "entrypoint": "data.mandate.authz.nope"}),
+            "InvalidEntrypoint",
+        ),
+        (
+            "bad-entry",
+            json!({"modules": [{"name": "a.rego", "rego": GOOD}], "entrypoint": "mandate authz"}),
+            "InvalidEntrypoint",
+        ),
+        ("no-modules", json!({"modules": []}), "InvalidModules"),
+        (
+            "dup-modules",
+            json!({"modules": [{"name": "a.rego", "rego": GOOD}, {"name": "a.rego", "rego": GOOD}]}),
+            "InvalidModules",
+        ),
+        (
+            "huge",
+            json!({"modules": [{"name": "a.rego", "rego": huge}]}),
+            "TooLarge",
+        ),
+        (
+            "rego-error",
+            json!({"modules": [{"name": "a.rego", "rego": BROKEN}]}),
+            "RegoError",
+        ),
+    ];
+    for (name, spec, _) in &cases {
+        let obj = json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": name}, "spec": spec});
+        api.patch(name, &pp, &Patch::Apply(&obj))
+            .await
+            .with_context(|| format!("applying {name}"))?;
+    }
+    for (name, _, reason) in &cases {
+        let got = wait_compiled(&ns, name, false).await?;
+        let (_, r, msg) = condition(&got, "Compiled").context("no condition")?;
+        ensure!(r == *reason, "{name}: reason {r} (want {reason}): {msg}");
+    }
+    // After all that, a good policy still reconciles, and the operator is alive.
+    apply(&ns, &policy("after", GOOD)).await?;
+    wait_compiled(&ns, "after", true).await?;
+    ensure!(
+        http_get(&format!("{}/livez", op.admin)).await?.0 == 200,
+        "operator not live"
+    );
+    drop(op);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn an_identity_resolves_and_counts_its_pods() -> Result<()> {
+    let (cluster, ns) = setup("op-identity").await?;
+    let op = Operator::start(&cluster, ns.name(), "solo").await?;
+    let ids = ns.api::<AgentIdentity>();
+    let id: AgentIdentity = serde_json::from_value(json!({
+        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": {"name": "researcher"},
+        "spec": {"selector": {"matchLabels": {"agent": "researcher"}}},
+    }))?;
+    ids.patch("researcher", &PatchParams::apply("e2e").force(), &Patch::Apply(&id))
+        .await?;
+    let want_id = format!("spiffe://example.org/ns/{}/agent/researcher", ns.name());
+    let count = |n: i32| {
+        let want_id = want_id.clone();
+        move |i: Option<&AgentIdentity>| match i.and_then(|i| i.status.as_ref()) {
+            Some(s) if s.bound_pods == n && s.spiffe_id.as_deref() == Some(want_id.as_str()) => Check::Done,
+            other => Check::Pending(format!("{other:?}")),
+        }
+    };
+    ns.wait("researcher", "0 bound pods", secs(30), count(0)).await?;
+
+    // Pods that match (and one that does not). On a control plane they stay
+    // Pending, which is enough: the count is of pods that are this agent.
+    let pods = ns.api::<Pod>();
+    for (name, agent) in [("r1", "researcher"), ("r2", "researcher"), ("other", "writer")] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"agent": agent}},
+            "spec": {"containers": [{"name": "c", "image": "mandate.local/busybox:1", "imagePullPolicy": "Never",
+                                     "command": ["/bin/sleep", "3600"]}]},
+        }))?;
+        ns.create(&pod).await?;
+    }
+    ns.wait("researcher", "2 bound pods", secs(30), count(2)).await?;
+    pods.delete(
+        "r1",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await?;
+    ns.wait("researcher", "1 bound pod", secs(60), count(1)).await?;
+
+    let table = cluster.kubectl(&["-n", ns.name(), "get", "agentidentities"]).await?;
+    ensure!(table.contains(&want_id), "{table}");
+    drop(op);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> Result<()> {
+    let (cluster, ns) = setup("op-leader").await?;
+    let a = Operator::start(&cluster, ns.name(), "replica-a").await?;
+    let b = Operator::start(&cluster, ns.name(), "replica-b").await?;
+    let leases = ns.api::<Lease>();
+    let holder = |want: Option<String>| {
+        move |l: Option<&Lease>| {
+            let h = l.and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.clone());
+            match (&h, &want) {
+                (Some(h), Some(w)) if h == w => Check::Done,
+                (Some(_), None) => Check::Done,
+                _ => Check::Pending(format!("holder {h:?}")),
+            }
+        }
+    };
+    let lease = ns
+        .wait("mandate-operator", "a leader", secs(30), holder(None))
+        .await?
+        .context("no lease")?;
+    let leader = lease.spec.and_then(|s| s.holder_identity).context("no holder")?;
+    let (mut leading, following) = if leader == a.identity { (a, b) } else { (b, a) };
+    ensure!(leading.identity == leader, "the lease names {leader}, neither replica");
+
+    // Exactly one replica runs the reconcilers.
+    ensure!(
+        leading.leader_gauge().await? == 1,
+        "the lease holder does not say it leads"
+    );
+    ensure!(following.leader_gauge().await? == 0, "both replicas lead");
+    apply(&ns, &policy("before", GOOD)).await?;
+    wait_compiled(&ns, "before", true).await?;
+
+    // Kill the leader outright (no lease release): the other takes over once it expires.
+    leading.child.kill().await?;
+    ns.wait(
+        "mandate-operator",
+        "the follower to take the lease",
+        secs(30),
+        holder(Some(following.identity.clone())),
+    )
+    .await?;
+    apply(&ns, &policy("after", GOOD)).await?;
+    wait_compiled(&ns, "after", true).await?;
+    ensure!(
+        following.leader_gauge().await? == 1,
+        "the new leader does not say it leads:\n{}",
+        following.logs()
+    );
+    let lease = leases.get("mandate-operator").await?;
+    ensure!(
+        lease.spec.and_then(|s| s.lease_transitions) >= Some(1),
+        "no lease transition recorded"
+    );
+    drop(following);
+    ns.delete().await
+}
