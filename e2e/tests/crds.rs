@@ -90,6 +90,8 @@ spec:
                     "spec.egress",
                 ),
                 (policy.replace("    rego: |", "    source: |"), "spec.modules"),
+                // data must be a JSON object (it is merged into `data` at the root)
+                (policy.replace("  modules:", "  data: [1, 2]\n  modules:"), "spec.data"),
             ] {
                 let bad = bad.replace("allow-get", "bad");
                 match cluster

@@ -273,7 +273,7 @@ async fn bad_input_gets_a_condition_and_never_wedges_the_operator() -> Result<()
     let huge = format!("{GOOD}\n# {}\n", "x".repeat(600 * 1024));
     let cases = [
         (
-            "bad-data",
+            "missing-entry",
             json!({"modules": [{"name": "a.rego", "rego": GOOD}], "data": {"k": 1}, "entrypoint": "data.mandate.authz.nope"}),
             "InvalidEntrypoint",
         ),
