@@ -20,6 +20,7 @@ use crate::admin::Metrics;
 use crate::conditions::{condition, is_true};
 use crate::crd::{AgentIdentity, AgentIdentityStatus, AgentPolicy, AgentPolicyStatus};
 use crate::error::{Error, Result};
+use crate::lenient::Lenient;
 use crate::{identity, policy};
 
 /// Field manager of the operator's server-side applies.
@@ -100,9 +101,12 @@ where
 // ---------------------------------------------------------------- AgentPolicy
 
 /// Compile the policy and write what came of it.
-pub async fn reconcile_policy(obj: Arc<AgentPolicy>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile_policy(obj: Arc<Lenient<AgentPolicy>>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_policy_inner(&obj, &ctx).await;
+    let result = match &obj.parsed {
+        Ok(policy) => reconcile_policy_inner(policy, &ctx).await,
+        Err(why) => unreadable(obj.as_ref(), why, &ctx).await,
+    };
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => e.metric_label(),
@@ -220,9 +224,12 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
 // ---------------------------------------------------------------- AgentIdentity
 
 /// Resolve the SPIFFE ID, count the bound pods, write what came of it.
-pub async fn reconcile_identity(obj: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile_identity(obj: Arc<Lenient<AgentIdentity>>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    let result = reconcile_identity_inner(&obj, &ctx).await;
+    let result = match &obj.parsed {
+        Ok(identity) => reconcile_identity_inner(identity, &ctx).await,
+        Err(why) => unreadable(obj.as_ref(), why, &ctx).await,
+    };
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => e.metric_label(),
@@ -282,18 +289,40 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
 }
 
 /// Identities in `pod`'s namespace whose selector matches its labels.
-fn identities_selecting(store: &[Arc<AgentIdentity>], pod: &Pod) -> Vec<ObjectRef<AgentIdentity>> {
+fn identities_selecting(store: &[Arc<Lenient<AgentIdentity>>], pod: &Pod) -> Vec<ObjectRef<Lenient<AgentIdentity>>> {
     let labels = pod.labels();
     store
         .iter()
         .filter(|i| i.namespace() == pod.namespace())
         .filter(|i| {
-            Selector::try_from(i.spec.selector.clone())
-                .map(|s| !s.selects_all() && s.matches(labels))
-                .unwrap_or(false)
+            i.parsed.as_ref().is_ok_and(|i| {
+                Selector::try_from(i.spec.selector.clone())
+                    .map(|s| !s.selects_all() && s.matches(labels))
+                    .unwrap_or(false)
+            })
         })
         .map(|i| ObjectRef::from_obj(i.as_ref()))
         .collect()
+}
+
+/// An object that does not parse: say so in the log and in an event, and
+/// leave it until it changes. Its kind's other objects reconcile as usual.
+async fn unreadable<K: Resource<DynamicType = ()>>(obj: &Lenient<K>, why: &str, ctx: &Context) -> Result<Action> {
+    tracing::error!(object = %key(obj), error = %why, "cannot read this object; skipping it until it changes");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Unreadable".into(),
+        note: Some(crate::conditions::truncate(
+            format!("the operator cannot read this object: {why}"),
+            1000,
+        )),
+        action: "Read".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::warn!(object = %key(obj), %err, "could not publish event");
+    }
+    Ok(Action::await_change())
 }
 
 // ---------------------------------------------------------------- running
@@ -308,7 +337,9 @@ fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Act
 /// one namespace (None: all).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + 'static) {
     let client = ctx.client.clone();
-    let (policies, identities, pods): (Api<AgentPolicy>, Api<AgentIdentity>, Api<Pod>) = match &namespace {
+    type Policies = Api<Lenient<AgentPolicy>>;
+    type Identities = Api<Lenient<AgentIdentity>>;
+    let (policies, identities, pods): (Policies, Identities, Api<Pod>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),

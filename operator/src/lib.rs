@@ -8,6 +8,7 @@ pub mod crd;
 pub mod error;
 pub mod identity;
 pub mod leader;
+pub mod lenient;
 pub mod policy;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -428,3 +428,75 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> Result<()>
     drop(following);
     ns.delete().await
 }
+
+#[tokio::test]
+async fn an_object_that_does_not_parse_is_reported_and_the_rest_reconcile() -> Result<()> {
+    let (cluster, ns) = setup("op-unreadable").await?;
+    let op = Operator::start(&cluster, ns.name(), "solo").await?;
+    let ids = ns.api::<AgentIdentity>();
+    let identity = |name: &str| -> Result<AgentIdentity> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"agent": name}}},
+        }))?)
+    };
+    let resolved = |i: Option<&AgentIdentity>| match i.and_then(|i| i.status.as_ref()).and_then(|s| s.spiffe_id.clone())
+    {
+        Some(_) => Check::Done,
+        None => Check::Pending("no SPIFFE ID yet".into()),
+    };
+    let pp = PatchParams::apply("e2e").force();
+    ids.patch("corrupt", &pp, &Patch::Apply(identity("corrupt")?)).await?;
+    ns.wait("corrupt", "corrupt to resolve", secs(30), resolved).await?;
+
+    // Another writer puts a status the apiserver stores but our types cannot
+    // read (boundPods beyond i32).
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        cluster.client(),
+        ns.name(),
+        &kube::api::ApiResource::erase::<AgentIdentity>(&()),
+    );
+    raw.patch_status(
+        "corrupt",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"boundPods": 99_999_999_999_i64}})),
+    )
+    .await
+    .context("writing an out-of-range status")?;
+    let stored = raw.get("corrupt").await?;
+    ensure!(
+        stored.data["status"]["boundPods"] == json!(99_999_999_999_i64),
+        "the apiserver did not keep the out-of-range value, so this test proves nothing: {:?}",
+        stored.data["status"]
+    );
+
+    // It is reported...
+    let events: Api<Event> = ns.api();
+    let deadline = tokio::time::Instant::now() + secs(20);
+    loop {
+        let list = events
+            .list(&ListParams::default().fields("involvedObject.name=corrupt"))
+            .await?;
+        if list.items.iter().any(|e| e.reason.as_deref() == Some("Unreadable")) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no Unreadable event:\n{}",
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...and every other identity still reconciles, also after a fresh list
+    // (a new operator lists them all, the unreadable one included).
+    ids.patch("fine", &pp, &Patch::Apply(identity("fine")?)).await?;
+    ns.wait("fine", "fine to resolve", secs(30), resolved).await?;
+    drop(op);
+    let op = Operator::start(&cluster, ns.name(), "second").await?;
+    ids.patch("later", &pp, &Patch::Apply(identity("later")?)).await?;
+    ns.wait("later", "later to resolve after a restart", secs(30), resolved)
+        .await?;
+    drop(op);
+    ns.delete().await
+}
