@@ -139,6 +139,12 @@ impl Elector {
                     tracing::debug!(%holder, "following");
                 }
                 Err(e) => {
+                    if matches!(&e, kube::Error::Api(s) if s.code == 404) {
+                        tracing::error!(
+                            namespace = %self.cfg.namespace,
+                            "cannot create the leader Lease: does the namespace exist? Set --lease-namespace to the operator's own namespace"
+                        );
+                    }
                     tracing::warn!(error = %e, "leader lease: API error");
                     if let Some(t) = last_renewal {
                         if t.elapsed() >= self.cfg.lease_duration {

@@ -22,7 +22,11 @@ use tokio::sync::watch;
 /// Mandate's operator: compiles and versions AgentPolicies, resolves
 /// AgentIdentities, and (as the leader of its replicas) writes their status.
 #[derive(Debug, Parser)]
-#[command(name = "mandate-operator", version, about)]
+#[command(
+    name = "mandate-operator",
+    version,
+    about = "Mandate's operator: compiles and versions AgentPolicies and resolves AgentIdentities; one replica, elected on a Lease, writes their status"
+)]
 struct Args {
     /// SPIFFE trust domain of this cluster's agents (`spiffe://<trust domain>/...`).
     #[arg(long, env = "MANDATE_TRUST_DOMAIN", default_value = "cluster.local")]
