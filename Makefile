@@ -1,5 +1,5 @@
 # The few commands a contributor needs. Cluster targets need root.
-.PHONY: deps test lint build cluster-up node-up cluster-down cluster-status
+.PHONY: deps test lint build crds cluster-up node-up cluster-down cluster-status
 
 ## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
 deps:
@@ -18,6 +18,10 @@ lint:
 
 build:
 	cargo build --workspace --all-targets
+
+## crds: regenerate crds/ from the Rust types (a test fails when they drift)
+crds:
+	cargo run -q -p mandate-operator --bin mandate-crdgen > crds/mandate.dev.yaml
 
 ## cluster-up: etcd + kube-apiserver on 127.0.0.1; node-up: a node where pods run
 cluster-up:
