@@ -1,24 +1,189 @@
-//! `mandate-sidecar`: the per-pod decision engine of Mandate.
+//! `mandate-sidecar`: serve Envoy's ext_authz Check from AgentPolicy files.
 //!
-//! Not built yet: the ext_authz Check service, the decision engine and the decision log
-//! arrive with issue 4. Until then this binary only parses its
-//! command line and refuses to run, so nobody mistakes it for a working sidecar.
+//! Standalone (the embedded default, no cluster needed):
+//!   mandate-sidecar --policy policies/ --listen 127.0.0.1:9191 --admin-listen 127.0.0.1:9902
 
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use clap::Parser;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use mandate_sidecar::decision_log::DecisionLog;
+use mandate_sidecar::engine::{PolicySet, SharedPolicies};
+use mandate_sidecar::input::{Agent, Limits};
+use mandate_sidecar::loader::Loader;
+use mandate_sidecar::metrics::{self, Metrics};
+use mandate_sidecar::server::Authz;
 
-/// Mandate's sidecar (not built yet; see README.md "Not built yet").
+/// Mandate's sidecar: decides each request Envoy sends to ext_authz against
+/// AgentPolicy files, denies on any doubt, and logs every decision (one JSON
+/// line each, hash-chained) on stdout. Diagnostics go to stderr.
 #[derive(Debug, Parser)]
-#[command(name = "mandate-sidecar", version, about)]
+#[command(name = "mandate-sidecar", version, about, long_about = None)]
 struct Args {
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// AgentPolicy YAML files or directories of them (the files you would
+    /// `kubectl apply`); re-read when they change.
+    #[arg(long = "policy", required = true, num_args = 1.., value_delimiter = ',', env = "MANDATE_POLICY")]
+    policies: Vec<PathBuf>,
+
+    /// gRPC address for Envoy's ext_authz (keep it on loopback).
+    #[arg(long, env = "MANDATE_LISTEN", default_value = "127.0.0.1:9191")]
+    listen: SocketAddr,
+
+    /// Also serve ext_authz on this unix socket.
+    #[arg(long, env = "MANDATE_LISTEN_UNIX")]
+    listen_unix: Option<PathBuf>,
+
+    /// HTTP address for /livez, /readyz and /metrics.
+    #[arg(long, env = "MANDATE_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
+    admin_listen: SocketAddr,
+
+    /// Longest a single policy evaluation may run; beyond it the request is denied.
+    #[arg(long, env = "MANDATE_EVAL_TIMEOUT_MS", default_value_t = 50)]
+    eval_timeout_ms: u64,
+
+    /// Largest request body policy may inspect; larger requests are denied.
+    #[arg(long, env = "MANDATE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+
+    /// More request headers to redact in the decision log (authorization,
+    /// cookie, proxy-authorization and set-cookie always are).
+    #[arg(long = "redact-header", env = "MANDATE_REDACT_HEADERS", value_delimiter = ',')]
+    redact_headers: Vec<String>,
+
+    /// How often to look for changed policy files, in milliseconds.
+    #[arg(long, env = "MANDATE_RELOAD_INTERVAL_MS", default_value_t = 1000)]
+    reload_interval_ms: u64,
+
+    /// The agent's SPIFFE ID, shown to policy as input.agent.spiffe_id.
+    #[arg(long, env = "MANDATE_AGENT_SPIFFE_ID")]
+    agent_spiffe_id: Option<String>,
+
+    /// The agent's AgentIdentity name, shown to policy as input.agent.identity.
+    #[arg(long, env = "MANDATE_AGENT_IDENTITY")]
+    agent_identity: Option<String>,
+
+    /// Diagnostics filter (tracing EnvFilter syntax), written to stderr.
     #[arg(long, env = "MANDATE_LOG", default_value = "info")]
     log: String,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .init();
-    anyhow::bail!("mandate-sidecar is not built yet: see README.md, \"Not built yet\"")
+
+    // One time limit for every evaluation (regorus' process-wide fallback,
+    // which compiled policies use).
+    let limit = Duration::from_millis(args.eval_timeout_ms.max(1));
+    regorus::utils::limits::set_fallback_execution_timer_config(Some(regorus::utils::limits::ExecutionTimerConfig {
+        limit,
+        check_interval: NonZeroU32::MIN,
+    }));
+
+    let metrics = Arc::new(Metrics::default());
+    let policies: SharedPolicies = Arc::new(arc_swap::ArcSwap::from_pointee(PolicySet::default()));
+    let mut loader = Loader::new(args.policies.clone());
+    reload(&mut loader, &policies, &metrics);
+    {
+        let policies = policies.clone();
+        let metrics = metrics.clone();
+        let every = Duration::from_millis(args.reload_interval_ms.max(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                reload(&mut loader, &policies, &metrics);
+            }
+        });
+    }
+
+    let authz = Authz {
+        policies,
+        log: Arc::new(DecisionLog::new(Box::new(std::io::stdout()), &args.redact_headers)),
+        metrics: metrics.clone(),
+        agent: Agent {
+            spiffe_id: args.agent_spiffe_id.clone(),
+            identity: args.agent_identity.clone(),
+            ..Agent::default()
+        },
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            ..Limits::default()
+        },
+    };
+
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
+    tracing::info!(addr = %args.admin_listen, "admin listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, metrics::router(metrics)).await {
+            tracing::error!(error = %e, "admin server stopped");
+        }
+    });
+
+    // Room for large requests, so that they are denied with a reason
+    // (the body limit) rather than failing at the gRPC layer.
+    let service = || AuthorizationServer::new(authz.clone()).max_decoding_message_size(64 * 1024 * 1024);
+    if let Some(path) = args.listen_unix.clone() {
+        let _ = std::fs::remove_file(&path);
+        let uds = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        let svc = service();
+        tracing::info!(path = %path.display(), "ext_authz listening on a unix socket");
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "unix socket server stopped");
+            }
+        });
+    }
+    tracing::info!(addr = %args.listen, "ext_authz listening");
+    tonic::transport::Server::builder()
+        .add_service(service())
+        .serve_with_shutdown(args.listen, shutdown())
+        .await
+        .with_context(|| format!("serving ext_authz on {}", args.listen))?;
+    Ok(())
+}
+
+fn reload(loader: &mut Loader, policies: &SharedPolicies, metrics: &Metrics) {
+    let (set, errors) = loader.reload();
+    for e in &errors {
+        metrics.load_errors.inc();
+        tracing::error!(file = %e.file.display(), error = %e.message, "policy file not loaded; what it held before stays in force");
+    }
+    if let Some(set) = set {
+        for p in &set.policies {
+            tracing::info!(policy = %p.name, version = %p.version, "policy in force");
+        }
+        metrics.policies_loaded(&set);
+        policies.store(Arc::new(set));
+    }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

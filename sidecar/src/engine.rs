@@ -1,0 +1,345 @@
+//! Policies compiled once per version, and the decision over all of them.
+//!
+//! Deny wins: every Enforce policy must allow. DryRun policies are evaluated
+//! and logged but never block. No policy, an undefined result, an error or a
+//! timeout is a deny with a reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mandate_operator::crd::{AgentPolicy, PolicyMode};
+use regorus::{CompiledPolicy, Engine};
+use serde_json::Value;
+
+/// One policy, compiled.
+#[derive(Clone)]
+pub struct LoadedPolicy {
+    /// `namespace/name` (standalone: the name, or `file:name` when unnamed).
+    pub name: String,
+    pub version: String,
+    pub mode: PolicyMode,
+    pub entrypoint: String,
+    compiled: CompiledPolicy,
+}
+
+impl std::fmt::Debug for LoadedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPolicy")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl LoadedPolicy {
+    /// Check the policy (the same checks the operator makes) and compile it
+    /// for its entrypoint.
+    pub fn compile(name: String, policy: &AgentPolicy) -> Result<Self, String> {
+        let spec = &policy.spec;
+        let checked = mandate_operator::policy::compile(spec).map_err(|e| e.to_string())?;
+        let mut engine = Engine::new();
+        for m in &spec.modules {
+            engine
+                .add_policy(m.name.clone(), m.rego.clone())
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(data) = &spec.data {
+            engine.add_data_json(&data.to_string()).map_err(|e| e.to_string())?;
+        }
+        let compiled = engine
+            .compile_with_entrypoint(&spec.entrypoint.trim().into())
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            name,
+            version: checked.version,
+            mode: spec.mode,
+            entrypoint: spec.entrypoint.trim().to_string(),
+            compiled,
+        })
+    }
+}
+
+/// The policies in force, swapped whole when any of them changes.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    pub policies: Vec<LoadedPolicy>,
+}
+
+/// What one policy said.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PolicyVerdict {
+    pub name: String,
+    pub version: String,
+    pub mode: &'static str,
+    /// allow | deny | error
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The decision over the whole set.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decision {
+    pub allow: bool,
+    pub escalate: bool,
+    pub reason: String,
+    /// The response a deny carries, if the deciding policy set one.
+    pub http_status: Option<u16>,
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+    pub verdicts: Vec<PolicyVerdict>,
+}
+
+/// One policy's result, interpreted.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Outcome {
+    allow: bool,
+    escalate: bool,
+    reason: Option<String>,
+    http_status: Option<u16>,
+    headers: BTreeMap<String, String>,
+    body: Option<String>,
+    error: bool,
+}
+
+/// Interpret a policy's value: `true`/`false`, or `{allow, escalate, reason,
+/// http_status, headers, body}`. Anything else denies.
+fn interpret(value: Result<regorus::Value, String>) -> Outcome {
+    let deny = |reason: String, error: bool| Outcome {
+        reason: Some(reason),
+        error,
+        ..Outcome::default()
+    };
+    let value = match value {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = if e.contains("time limit") || e.contains("execution timer") || e.contains("exceeded") {
+                format!("evaluation exceeded its time limit: {e}")
+            } else {
+                format!("evaluation failed: {e}")
+            };
+            return deny(reason, true);
+        }
+    };
+    if value == regorus::Value::Undefined {
+        return deny("the policy's decision is undefined for this request".into(), false);
+    }
+    let json: Value = match serde_json::to_value(&value) {
+        Ok(j) => j,
+        Err(e) => return deny(format!("the decision is not JSON: {e}"), true),
+    };
+    match json {
+        Value::Bool(true) => Outcome {
+            allow: true,
+            ..Outcome::default()
+        },
+        Value::Bool(false) => deny("denied by policy".into(), false),
+        Value::Object(o) => {
+            let allow = o.get("allow").and_then(Value::as_bool).unwrap_or(false);
+            let escalate = o.get("escalate").and_then(Value::as_bool).unwrap_or(false);
+            let reason = o.get("reason").and_then(|r| r.as_str().map(str::to_string));
+            let http_status = o
+                .get("http_status")
+                .and_then(Value::as_u64)
+                .and_then(|s| u16::try_from(s).ok())
+                .filter(|s| (200..600).contains(s));
+            let headers = o
+                .get("headers")
+                .and_then(Value::as_object)
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k.to_ascii_lowercase(), v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body = match o.get("body") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            };
+            let reason = reason.or_else(|| (!allow).then(|| "denied by policy".to_string()));
+            Outcome {
+                allow: allow && !escalate,
+                escalate,
+                reason,
+                http_status,
+                headers,
+                body,
+                error: false,
+            }
+        }
+        other => deny(
+            format!("the decision must be a boolean or an object, not {other}"),
+            true,
+        ),
+    }
+}
+
+impl PolicySet {
+    /// Decide: evaluate every policy on `input` (with `input.policy` set per policy).
+    pub fn decide(&self, input: &Value) -> Decision {
+        if self.policies.is_empty() {
+            return Decision {
+                reason: "no policy is loaded".into(),
+                ..Decision::default()
+            };
+        }
+        let mut decision = Decision {
+            allow: true,
+            ..Decision::default()
+        };
+        let mut enforced = 0usize;
+        for p in &self.policies {
+            let mut doc = input.clone();
+            if let Value::Object(m) = &mut doc {
+                m.insert(
+                    "policy".into(),
+                    serde_json::json!({"name": p.name, "version": p.version}),
+                );
+            }
+            let out = interpret(
+                p.compiled
+                    .eval_with_input(regorus::Value::from(doc))
+                    .map_err(|e| e.to_string()),
+            );
+            let mode = match p.mode {
+                PolicyMode::Enforce => "Enforce",
+                PolicyMode::DryRun => "DryRun",
+            };
+            decision.verdicts.push(PolicyVerdict {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                mode,
+                result: if out.error {
+                    "error"
+                } else if out.allow {
+                    "allow"
+                } else {
+                    "deny"
+                },
+                reason: out.reason.clone(),
+            });
+            if p.mode == PolicyMode::DryRun {
+                continue;
+            }
+            enforced += 1;
+            if !out.allow && decision.allow {
+                // The first Enforce policy that denies decides the response.
+                decision.allow = false;
+                decision.escalate = out.escalate;
+                decision.reason = match (out.escalate, out.reason) {
+                    (true, r) => format!(
+                        "{}: escalation to a human is required, and approvals are not available yet",
+                        r.unwrap_or_else(|| "escalated".into())
+                    ),
+                    (false, r) => format!("{}: {}", p.name, r.unwrap_or_else(|| "denied".into())),
+                };
+                decision.http_status = out.http_status;
+                decision.headers = out.headers;
+                decision.body = out.body;
+            } else if out.allow && decision.allow {
+                decision.headers.extend(out.headers);
+            }
+        }
+        if enforced == 0 {
+            // Only DryRun policies: their verdicts are logged, the request goes.
+            decision.allow = true;
+            decision.reason = "allowed: only DryRun policies apply".into();
+        } else if decision.allow {
+            decision.reason = "allowed by every policy".into();
+        }
+        decision
+    }
+}
+
+/// A shared, swappable policy set.
+pub type SharedPolicies = Arc<arc_swap::ArcSwap<PolicySet>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(name: &str, mode: &str, rego: &str) -> LoadedPolicy {
+        let p: AgentPolicy = serde_json::from_value(json!({
+            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": name},
+            "spec": {"mode": mode, "modules": [{"name": "p.rego", "rego": rego}]},
+        }))
+        .unwrap();
+        LoadedPolicy::compile(name.into(), &p).unwrap()
+    }
+
+    const GET_ONLY: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
+    const RICH: &str = "package mandate.authz\nimport rego.v1\ndecision := {\"allow\": false, \"reason\": \"no writes\", \"http_status\": 451, \"body\": {\"why\": \"no\"}, \"headers\": {\"X-Why\": \"policy\"}} if input.attributes.request.http.method != \"GET\"\ndecision := true if input.attributes.request.http.method == \"GET\"\n";
+    const UNDEFINED: &str = "package mandate.authz\nimport rego.v1\ndecision if false\n";
+
+    fn req(method: &str) -> Value {
+        json!({"attributes": {"request": {"http": {"method": method}}}})
+    }
+
+    #[test]
+    fn no_policy_denies() {
+        let d = PolicySet::default().decide(&req("GET"));
+        assert!(!d.allow);
+        assert!(d.reason.contains("no policy"));
+    }
+
+    #[test]
+    fn booleans_and_objects() {
+        let set = PolicySet {
+            policies: vec![policy("get-only", "Enforce", GET_ONLY)],
+        };
+        assert!(set.decide(&req("GET")).allow);
+        let d = set.decide(&req("DELETE"));
+        assert!(!d.allow && d.reason.contains("get-only"), "{d:?}");
+
+        let set = PolicySet {
+            policies: vec![policy("rich", "Enforce", RICH)],
+        };
+        let d = set.decide(&req("POST"));
+        assert!(!d.allow);
+        assert_eq!(d.http_status, Some(451));
+        assert_eq!(d.body.as_deref(), Some(r#"{"why":"no"}"#));
+        assert_eq!(d.headers.get("x-why").map(String::as_str), Some("policy"));
+        assert!(d.reason.contains("no writes"));
+    }
+
+    #[test]
+    fn undefined_denies_and_deny_wins() {
+        let set = PolicySet {
+            policies: vec![policy("undef", "Enforce", UNDEFINED)],
+        };
+        let d = set.decide(&req("GET"));
+        assert!(!d.allow && d.reason.contains("undefined"), "{d:?}");
+
+        let set = PolicySet {
+            policies: vec![policy("a", "Enforce", GET_ONLY), policy("b", "Enforce", UNDEFINED)],
+        };
+        assert!(!set.decide(&req("GET")).allow);
+    }
+
+    #[test]
+    fn dry_run_is_logged_but_never_blocks() {
+        let set = PolicySet {
+            policies: vec![policy("a", "Enforce", GET_ONLY), policy("shadow", "DryRun", UNDEFINED)],
+        };
+        let d = set.decide(&req("GET"));
+        assert!(d.allow);
+        assert_eq!(d.verdicts.len(), 2);
+        assert_eq!(d.verdicts[1].result, "deny");
+        let only_dry = PolicySet {
+            policies: vec![policy("shadow", "DryRun", UNDEFINED)],
+        };
+        assert!(only_dry.decide(&req("DELETE")).allow);
+    }
+
+    #[test]
+    fn the_policy_sees_its_own_name_and_version() {
+        let rego = "package mandate.authz\nimport rego.v1\ndecision if input.policy.name == \"me\"\n";
+        let set = PolicySet {
+            policies: vec![policy("me", "Enforce", rego)],
+        };
+        assert!(set.decide(&req("GET")).allow);
+    }
+}

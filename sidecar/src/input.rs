@@ -1,0 +1,447 @@
+//! The input document a policy sees, built from Envoy's CheckRequest.
+//!
+//! A superset of what the OPA-Envoy plugin gives (protojson field names under
+//! `attributes`, plus `parsed_path`, `parsed_query`, `parsed_body`,
+//! `truncated_body`, `version`), so OPA-Envoy policies run unchanged; and
+//! Mandate's own `agent` and `policy`.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{Address, Metadata, address};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use serde_json::{Map, Value, json};
+
+/// Limits on what is parsed out of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bodies longer than this are not parsed (`parsed_body` stays null) and
+    /// the request is denied: policy cannot see what it would allow.
+    pub max_body_bytes: usize,
+    /// JSON nested deeper than this is refused.
+    pub max_json_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_json_depth: 64,
+        }
+    }
+}
+
+/// Why a request cannot be turned into an input document: each is a deny.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InputError {
+    #[error("the CheckRequest has no HTTP request attributes")]
+    NoHttp,
+    #[error("the request body is {size} bytes, over the {limit}-byte limit policy may inspect")]
+    BodyTooLarge { size: usize, limit: usize },
+    #[error("the body claims to be JSON but does not parse: {0}")]
+    BadJson(String),
+    #[error("the JSON body nests deeper than {0} levels")]
+    TooDeep(usize),
+}
+
+/// Who is asking: what the sidecar knows of its agent (empty standalone
+/// unless configured).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Agent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+/// The parts of a request the decision log and responses need, without a
+/// second pass over the CheckRequest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub method: String,
+    pub host: String,
+    pub path: String,
+}
+
+/// Build the input document (without `policy`, which the engine adds per
+/// policy). Errors are reasons to deny.
+pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value, Summary), InputError> {
+    let attrs = req.attributes.as_ref();
+    let http = attrs
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .ok_or(InputError::NoHttp)?;
+
+    let body_bytes: &[u8] = if !http.raw_body.is_empty() {
+        &http.raw_body
+    } else {
+        http.body.as_bytes()
+    };
+    if body_bytes.len() > limits.max_body_bytes {
+        return Err(InputError::BodyTooLarge {
+            size: body_bytes.len(),
+            limit: limits.max_body_bytes,
+        });
+    }
+    let (path_only, query) = split_path(&http.path);
+    let content_type = http.headers.get("content-type").map(String::as_str).unwrap_or("");
+    // Envoy sets x-envoy-auth-partial-body when it cut the body at its own limit.
+    let truncated = http
+        .headers
+        .get("x-envoy-auth-partial-body")
+        .is_some_and(|v| v == "true");
+    let parsed_body = if truncated {
+        Value::Null
+    } else {
+        parse_body(content_type, body_bytes, limits)?
+    };
+
+    let mut attributes = Map::new();
+    if let Some(a) = attrs {
+        if let Some(p) = &a.source {
+            attributes.insert("source".into(), peer(p));
+        }
+        if let Some(p) = &a.destination {
+            attributes.insert("destination".into(), peer(p));
+        }
+        if let Some(r) = &a.request {
+            attributes.insert("request".into(), request(r));
+        }
+        if !a.context_extensions.is_empty() {
+            let ext: BTreeMap<_, _> = a.context_extensions.iter().collect();
+            attributes.insert("contextExtensions".into(), json!(ext));
+        }
+        attributes.insert(
+            "metadataContext".into(),
+            a.metadata_context.as_ref().map(metadata).unwrap_or_else(|| json!({})),
+        );
+    }
+
+    let input = json!({
+        "attributes": attributes,
+        "parsed_path": path_segments(path_only),
+        "parsed_query": parse_query(query),
+        "parsed_body": parsed_body,
+        "truncated_body": truncated,
+        "version": {"encoding": "protojson", "ext_authz": "v3"},
+        "agent": agent,
+    });
+    let summary = Summary {
+        method: http.method.clone(),
+        host: http.host.clone(),
+        path: path_only.to_string(),
+    };
+    Ok((input, summary))
+}
+
+fn split_path(path: &str) -> (&str, &str) {
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
+    path.split_once('?').unwrap_or((path, ""))
+}
+
+/// `/a/b%20c/` → `["a", "b c", ""]`, as OPA-Envoy splits it (leading `/` dropped).
+fn path_segments(path: &str) -> Value {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    if trimmed.is_empty() {
+        return json!([""]);
+    }
+    Value::Array(trimmed.split('/').map(|s| Value::String(percent_decode(s))).collect())
+}
+
+/// `a=1&a=2&b` → `{"a": ["1", "2"], "b": [""]}`.
+fn parse_query(query: &str) -> Value {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(form_decode(k))
+            .or_default()
+            .push(Value::String(form_decode(v)));
+    }
+    json!(out)
+}
+
+fn parse_body(content_type: &str, body: &[u8], limits: Limits) -> Result<Value, InputError> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime == "application/json" || mime.ends_with("+json") {
+        if json_depth_exceeds(body, limits.max_json_depth) {
+            return Err(InputError::TooDeep(limits.max_json_depth));
+        }
+        return serde_json::from_slice(body).map_err(|e| InputError::BadJson(e.to_string()));
+    }
+    if mime == "application/x-www-form-urlencoded" {
+        return Ok(parse_query(&String::from_utf8_lossy(body)));
+    }
+    Ok(Value::Null)
+}
+
+/// Whether `[`/`{` nest deeper than `max` (outside strings), checked before
+/// parsing so that a hostile body cannot exhaust the parser's stack.
+fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn form_decode(s: &str) -> String {
+    percent_decode(&s.replace('+', " "))
+}
+
+fn peer(p: &Peer) -> Value {
+    let mut m = Map::new();
+    if let Some(a) = &p.address {
+        m.insert("address".into(), address_json(a));
+    }
+    if !p.service.is_empty() {
+        m.insert("service".into(), json!(p.service));
+    }
+    if !p.labels.is_empty() {
+        let labels: BTreeMap<_, _> = p.labels.iter().collect();
+        m.insert("labels".into(), json!(labels));
+    }
+    if !p.principal.is_empty() {
+        m.insert("principal".into(), json!(p.principal));
+    }
+    if !p.certificate.is_empty() {
+        m.insert("certificate".into(), json!(p.certificate));
+    }
+    Value::Object(m)
+}
+
+fn address_json(a: &Address) -> Value {
+    match &a.address {
+        Some(address::Address::SocketAddress(s)) => {
+            let port = match &s.port_specifier {
+                Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => json!(p),
+                _ => Value::Null,
+            };
+            json!({"socketAddress": {"address": s.address, "portValue": port}})
+        }
+        Some(address::Address::Pipe(p)) => json!({"pipe": {"path": p.path}}),
+        _ => json!({}),
+    }
+}
+
+fn request(r: &Request) -> Value {
+    let mut m = Map::new();
+    if let Some(t) = &r.time {
+        m.insert("time".into(), json!(format_time(t.seconds, t.nanos)));
+    }
+    if let Some(h) = &r.http {
+        m.insert("http".into(), http_json(h));
+    }
+    Value::Object(m)
+}
+
+fn http_json(h: &HttpRequest) -> Value {
+    let headers: BTreeMap<_, _> = h.headers.iter().collect();
+    let mut m = Map::new();
+    let mut put = |k: &str, v: &str| {
+        if !v.is_empty() {
+            m.insert(k.into(), json!(v));
+        }
+    };
+    put("id", &h.id);
+    put("method", &h.method);
+    put("path", &h.path);
+    put("host", &h.host);
+    put("scheme", &h.scheme);
+    put("query", &h.query);
+    put("fragment", &h.fragment);
+    put("protocol", &h.protocol);
+    put("body", &h.body);
+    m.insert("headers".into(), json!(headers));
+    if h.size != 0 {
+        // protojson writes int64 as a string
+        m.insert("size".into(), json!(h.size.to_string()));
+    }
+    Value::Object(m)
+}
+
+fn metadata(md: &Metadata) -> Value {
+    let filter: BTreeMap<_, _> = md
+        .filter_metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), struct_json(v)))
+        .collect();
+    json!({"filterMetadata": filter})
+}
+
+fn struct_json(s: &envoy_types::pb::google::protobuf::Struct) -> Value {
+    Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect())
+}
+
+fn value_json(v: &envoy_types::pb::google::protobuf::Value) -> Value {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match &v.kind {
+        Some(Kind::NullValue(_)) | None => Value::Null,
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::StructValue(s)) => struct_json(s),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_json).collect()),
+    }
+}
+
+/// RFC 3339 in UTC, as protojson writes a Timestamp.
+fn format_time(seconds: i64, nanos: i32) -> String {
+    let ts = jiff::Timestamp::new(seconds, nanos).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    ts.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+
+    fn check(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    time: None,
+                    http: Some(HttpRequest {
+                        method: method.into(),
+                        path: path.into(),
+                        host: "api.example.com".into(),
+                        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                        body: body.into(),
+                        ..HttpRequest::default()
+                    }),
+                }),
+                ..AttributeContext::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn opa_envoy_fields_are_there() {
+        let req = check(
+            "POST",
+            "/v1/tools/run%20it?x=1&x=2&y=a+b",
+            &[("content-type", "application/json")],
+            r#"{"tool":"search"}"#,
+        );
+        let (input, summary) = build(&req, &Agent::default(), Limits::default()).unwrap();
+        assert_eq!(input["attributes"]["request"]["http"]["method"], "POST");
+        assert_eq!(
+            input["attributes"]["request"]["http"]["headers"]["content-type"],
+            "application/json"
+        );
+        assert_eq!(input["parsed_path"], json!(["v1", "tools", "run it"]));
+        assert_eq!(input["parsed_query"], json!({"x": ["1", "2"], "y": ["a b"]}));
+        assert_eq!(input["parsed_body"], json!({"tool": "search"}));
+        assert_eq!(input["truncated_body"], false);
+        assert_eq!(input["version"], json!({"encoding": "protojson", "ext_authz": "v3"}));
+        assert_eq!(
+            summary,
+            Summary {
+                method: "POST".into(),
+                host: "api.example.com".into(),
+                path: "/v1/tools/run%20it".into()
+            }
+        );
+    }
+
+    #[test]
+    fn form_bodies_are_parsed_and_others_are_not() {
+        let req = check(
+            "POST",
+            "/",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "a=1&b=two+words",
+        );
+        let (input, _) = build(&req, &Agent::default(), Limits::default()).unwrap();
+        assert_eq!(input["parsed_body"], json!({"a": ["1"], "b": ["two words"]}));
+        let req = check("POST", "/", &[("content-type", "text/plain")], "hello");
+        let (input, _) = build(&req, &Agent::default(), Limits::default()).unwrap();
+        assert_eq!(input["parsed_body"], Value::Null);
+    }
+
+    #[test]
+    fn bad_bodies_are_reasons_to_deny() {
+        let json_ct = [("content-type", "application/json")];
+        assert!(matches!(
+            build(
+                &check("POST", "/", &json_ct, "{not json"),
+                &Agent::default(),
+                Limits::default()
+            ),
+            Err(InputError::BadJson(_))
+        ));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(
+            build(
+                &check("POST", "/", &json_ct, &deep),
+                &Agent::default(),
+                Limits::default()
+            )
+            .unwrap_err(),
+            InputError::TooDeep(64)
+        );
+        let big = "x".repeat(2 * 1024 * 1024);
+        assert!(matches!(
+            build(&check("POST", "/", &[], &big), &Agent::default(), Limits::default()),
+            Err(InputError::BodyTooLarge { .. })
+        ));
+        assert_eq!(
+            build(&CheckRequest::default(), &Agent::default(), Limits::default()).unwrap_err(),
+            InputError::NoHttp
+        );
+    }
+
+    #[test]
+    fn paths_split_like_opa_envoy() {
+        assert_eq!(path_segments("/"), json!([""]));
+        assert_eq!(path_segments("/a/b/"), json!(["a", "b", ""]));
+        assert_eq!(split_path("/a?q=1#frag"), ("/a", "q=1"));
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+}

@@ -1,0 +1,12 @@
+//! `mandate-sidecar`: Envoy's ext_authz decision engine for one agent pod.
+//!
+//! Builds an OPA-Envoy-compatible input document from each CheckRequest,
+//! evaluates every bound AgentPolicy with regorus (compiled once per
+//! version), denies on any doubt, and writes a hash-chained decision log.
+
+pub mod decision_log;
+pub mod engine;
+pub mod input;
+pub mod loader;
+pub mod metrics;
+pub mod server;

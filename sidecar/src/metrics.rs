@@ -1,0 +1,141 @@
+//! The sidecar's metrics and admin endpoints (`/livez`, `/readyz`, `/metrics`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::engine::{Decision, PolicySet};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// One series per loaded policy (bounded by the policies loaded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+    pub version: String,
+    pub mode: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    decisions: Family<ResultLabels, Counter>,
+    latency: Histogram,
+    policy_info: Family<PolicyLabels, Gauge>,
+    pub load_errors: Counter,
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("mandate_sidecar");
+        let decisions = Family::<ResultLabels, Counter>::default();
+        registry.register("decisions", "Decisions by result (allow, deny)", decisions.clone());
+        let latency = Histogram::new(exponential_buckets(0.000_005, 2.0, 18));
+        registry.register(
+            "decision_duration_seconds",
+            "Time to build the input and evaluate every policy",
+            latency.clone(),
+        );
+        let policy_info = Family::<PolicyLabels, Gauge>::default();
+        registry.register("policy_info", "1 for each policy version in force", policy_info.clone());
+        let load_errors = Counter::default();
+        registry.register(
+            "policy_load_errors",
+            "Policy files that failed to load (the previous version stays)",
+            load_errors.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            latency,
+            policy_info,
+            load_errors,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, d: &Decision, latency: Duration) {
+        let result = if d.allow { "allow" } else { "deny" };
+        self.decisions.get_or_create(&ResultLabels { result }).inc();
+        self.latency.observe(latency.as_secs_f64());
+    }
+
+    /// Record the set in force; ready once it has a policy.
+    pub fn policies_loaded(&self, set: &PolicySet) {
+        self.policy_info.clear();
+        for p in &set.policies {
+            let mode = match p.mode {
+                mandate_operator::crd::PolicyMode::Enforce => "Enforce",
+                mandate_operator::crd::PolicyMode::DryRun => "DryRun",
+            };
+            self.policy_info
+                .get_or_create(&PolicyLabels {
+                    policy: p.name.clone(),
+                    version: p.version.clone(),
+                    mode,
+                })
+                .set(1);
+        }
+        self.ready.store(!set.policies.is_empty(), Ordering::Relaxed);
+    }
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no policy loaded (every request is denied)\n",
+        )
+    }
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &m.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "encoding failed\n".into(),
+        ),
+    }
+}
+
+/// The admin router.
+pub fn router(m: Arc<Metrics>) -> axum::Router {
+    axum::Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(m)
+}

@@ -1,0 +1,180 @@
+//! `envoy.service.auth.v3.Authorization/Check`: build the input, decide,
+//! record, answer. Every path out of here that is not an allow is a deny.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use rand::Rng;
+use serde_json::json;
+use tonic::{Request, Response, Status};
+
+use crate::decision_log::DecisionLog;
+use crate::engine::{Decision, SharedPolicies};
+use crate::input::{self, Agent, Limits, Summary};
+use crate::metrics::Metrics;
+
+/// Header carrying the decision id, to the upstream and back to the agent.
+pub const DECISION_HEADER: &str = "x-mandate-decision-id";
+
+/// The Check service.
+#[derive(Debug, Clone)]
+pub struct Authz {
+    pub policies: SharedPolicies,
+    pub log: Arc<DecisionLog>,
+    pub metrics: Arc<Metrics>,
+    pub agent: Agent,
+    pub limits: Limits,
+}
+
+fn decision_id() -> String {
+    let v: u128 = rand::rng().random();
+    format!("{v:032x}")
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..HeaderValue::default()
+        }),
+        ..HeaderValueOption::default()
+    }
+}
+
+impl Authz {
+    /// Decide one request (the whole Check, minus gRPC).
+    pub fn decide(&self, req: &CheckRequest) -> (String, Decision, CheckResponse) {
+        let started = Instant::now();
+        let id = decision_id();
+        let set = self.policies.load();
+        let http_headers = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .map(|h| &h.headers);
+        let (mut decision, summary) = match input::build(req, &self.agent, self.limits) {
+            Ok((doc, summary)) => (set.decide(&doc), summary),
+            Err(e) => {
+                let summary = http_summary(req);
+                (
+                    Decision {
+                        reason: format!("the request cannot be decided: {e}"),
+                        ..Decision::default()
+                    },
+                    summary,
+                )
+            }
+        };
+        let latency = started.elapsed();
+
+        let mut record = serde_json::Map::new();
+        record.insert("decision_id".into(), json!(id));
+        record.insert("time".into(), json!(jiff::Timestamp::now().to_string()));
+        record.insert("agent".into(), json!(self.agent));
+        let headers: BTreeMap<String, String> = http_headers
+            .map(|h| self.log.redact_headers(h.iter()))
+            .unwrap_or_default();
+        record.insert(
+            "request".into(),
+            json!({"method": summary.method, "host": summary.host, "path": summary.path, "headers": headers}),
+        );
+        record.insert("policies".into(), json!(decision.verdicts));
+        record.insert("result".into(), json!(if decision.allow { "allow" } else { "deny" }));
+        if decision.escalate {
+            record.insert("escalate".into(), json!(true));
+        }
+        record.insert("reason".into(), json!(decision.reason));
+        record.insert("latency_us".into(), json!(latency.as_micros() as u64));
+        if let Err(e) = self.log.write(record) {
+            // An action that cannot be recorded does not happen.
+            tracing::error!(error = %e, "cannot write the decision log; denying");
+            decision = Decision {
+                reason: format!("the decision could not be recorded: {e}"),
+                verdicts: decision.verdicts,
+                ..Decision::default()
+            };
+        }
+        self.metrics.observe(&decision, latency);
+        let resp = respond(&id, &decision);
+        (id, decision, resp)
+    }
+}
+
+fn http_summary(req: &CheckRequest) -> Summary {
+    let http = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref());
+    Summary {
+        method: http.map(|h| h.method.clone()).unwrap_or_default(),
+        host: http.map(|h| h.host.clone()).unwrap_or_default(),
+        path: http
+            .map(|h| h.path.split('?').next().unwrap_or("").to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// The CheckResponse for a decision.
+pub fn respond(id: &str, d: &Decision) -> CheckResponse {
+    if d.allow {
+        let mut headers: Vec<HeaderValueOption> = d.headers.iter().map(|(k, v)| header(k, v)).collect();
+        headers.push(header(DECISION_HEADER, id));
+        return CheckResponse {
+            status: Some(RpcStatus {
+                code: 0,
+                ..RpcStatus::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                response_headers_to_add: vec![header(DECISION_HEADER, id)],
+                ..OkHttpResponse::default()
+            })),
+            ..CheckResponse::default()
+        };
+    }
+    let mut headers: Vec<HeaderValueOption> = d.headers.iter().map(|(k, v)| header(k, v)).collect();
+    headers.push(header(DECISION_HEADER, id));
+    let body = match &d.body {
+        Some(b) => b.clone(),
+        None => {
+            if !d.headers.contains_key("content-type") {
+                headers.push(header("content-type", "application/json"));
+            }
+            json!({"allowed": false, "decision_id": id, "reason": d.reason}).to_string()
+        }
+    };
+    CheckResponse {
+        // PERMISSION_DENIED
+        status: Some(RpcStatus {
+            code: 7,
+            message: d.reason.clone(),
+            ..RpcStatus::default()
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(d.http_status.unwrap_or(403)),
+            }),
+            headers,
+            body,
+        })),
+        ..CheckResponse::default()
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for Authz {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let (_, _, resp) = self.decide(request.get_ref());
+        Ok(Response::new(resp))
+    }
+}
