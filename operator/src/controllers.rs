@@ -123,26 +123,89 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
     let name = obj.name_any();
     let generation = obj.metadata.generation;
     let previous = obj.status.clone().unwrap_or_default();
+    // Compile, then run the policy's tests: a version is Ready only when both pass.
     let compiled = policy::compile(&obj.spec);
+    let tested = match &compiled {
+        Ok(_) => policy::run_tests(&obj.spec).map(|report| {
+            if report.all_passed() {
+                Ok(report.summary())
+            } else {
+                Err(report.summary())
+            }
+        }),
+        Err(e) => Err(e.clone()),
+    };
+    let outcome: std::result::Result<&policy::Compiled, policy::PolicyError> = match (&compiled, &tested) {
+        (Ok(c), Ok(Ok(_))) => Ok(c),
+        (Err(e), _) => Err(e.clone()),
+        (Ok(_), Ok(Err(summary))) => Err(policy::PolicyError::TestsFailed(summary.clone())),
+        (Ok(_), Err(e)) => Err(e.clone()),
+    };
+    let compiled_cond = match &compiled {
+        Ok(c) => condition(
+            &previous.conditions,
+            "Compiled",
+            true,
+            "Compiled",
+            format!(
+                "{} module(s) compiled; packages: {}",
+                obj.spec.modules.len(),
+                c.packages.join(", ")
+            ),
+            generation,
+        ),
+        Err(e) => condition(
+            &previous.conditions,
+            "Compiled",
+            false,
+            e.reason(),
+            e.to_string(),
+            generation,
+        ),
+    };
+    let tested_cond = match (&compiled, &tested) {
+        (Err(_), _) => condition(
+            &previous.conditions,
+            "Tested",
+            false,
+            "NotCompiled",
+            "not run: the policy does not compile",
+            generation,
+        ),
+        (Ok(_), Ok(Ok(summary))) => condition(
+            &previous.conditions,
+            "Tested",
+            true,
+            "TestsPassed",
+            summary.clone(),
+            generation,
+        ),
+        (Ok(_), Ok(Err(summary))) => condition(
+            &previous.conditions,
+            "Tested",
+            false,
+            "TestsFailed",
+            summary.clone(),
+            generation,
+        ),
+        (Ok(_), Err(e)) => condition(
+            &previous.conditions,
+            "Tested",
+            false,
+            e.reason(),
+            e.to_string(),
+            generation,
+        ),
+    };
 
-    let status = match &compiled {
+    let status = match &outcome {
         Ok(c) => AgentPolicyStatus {
             observed_generation: generation,
             short_version: c.version.strip_prefix("sha256:").map(|h| h.chars().take(12).collect()),
             version: Some(c.version.clone()),
             conditions: vec![
-                condition(
-                    &previous.conditions,
-                    "Compiled",
-                    true,
-                    "Compiled",
-                    format!(
-                        "{} module(s) compiled; packages: {}",
-                        obj.spec.modules.len(),
-                        c.packages.join(", ")
-                    ),
-                    generation,
-                ),
+                compiled_cond,
+                tested_cond,
                 condition(
                     &previous.conditions,
                     "Ready",
@@ -157,37 +220,41 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
             // The last good version stays in force; status says why the new one is not.
             let kept = match &previous.version {
                 Some(v) => format!("the last good version {v} stays in force"),
-                None => "no version of this policy has compiled yet; the agents it binds are denied".to_string(),
+                None => "no version of this policy has been ready yet; the agents it binds are denied".to_string(),
+            };
+            let why = if matches!(e, policy::PolicyError::TestsFailed(_)) {
+                "fails its tests"
+            } else {
+                "does not compile"
             };
             AgentPolicyStatus {
                 observed_generation: generation,
                 version: previous.version.clone(),
                 short_version: previous.short_version.clone(),
                 conditions: vec![
-                    condition(
-                        &previous.conditions,
-                        "Compiled",
-                        false,
-                        e.reason(),
-                        e.to_string(),
-                        generation,
-                    ),
+                    compiled_cond,
+                    tested_cond,
                     condition(
                         &previous.conditions,
                         "Ready",
                         false,
-                        "CompileFailed",
-                        format!("generation {} does not compile; {kept}", generation.unwrap_or_default()),
+                        if matches!(e, policy::PolicyError::TestsFailed(_)) {
+                            "TestsFailed"
+                        } else {
+                            "CompileFailed"
+                        },
+                        format!("generation {} {why}; {kept}", generation.unwrap_or_default()),
                         generation,
                     ),
                 ],
             }
         }
     };
+    let compiled = outcome;
 
     // An event when the outcome for this generation is new, not on every resync.
     let changed = previous.observed_generation != generation
-        || is_true(&previous.conditions, "Compiled") != compiled.is_ok()
+        || is_true(&previous.conditions, "Ready") != compiled.is_ok()
         || previous.conditions.is_empty();
     if changed {
         let event = match &compiled {
@@ -200,7 +267,12 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
             },
             Err(e) => Event {
                 type_: EventType::Warning,
-                reason: "CompileFailed".into(),
+                reason: if matches!(e, policy::PolicyError::TestsFailed(_)) {
+                    "TestsFailed"
+                } else {
+                    "CompileFailed"
+                }
+                .into(),
                 note: Some(crate::conditions::truncate(e.to_string(), 1000)),
                 action: "Compile".into(),
                 secondary: None,
@@ -216,7 +288,7 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
     apply_status(&api, &name, serde_json::to_value(&status)?).await?;
     match &compiled {
         Ok(c) => tracing::info!(policy = %key(obj), version = %c.version, "policy ready"),
-        Err(e) => tracing::warn!(policy = %key(obj), reason = e.reason(), error = %e, "policy does not compile"),
+        Err(e) => tracing::warn!(policy = %key(obj), reason = e.reason(), error = %e, "policy not ready"),
     }
     Ok(Action::await_change())
 }

@@ -73,6 +73,13 @@ pub struct AgentPolicySpec {
     #[serde(default = "default_entrypoint")]
     pub entrypoint: String,
 
+    /// Rego test modules, like `opa test`'s: every rule whose name starts
+    /// with `test_` must be true. They see the policy's modules and data.
+    /// The operator runs them before a version is Ready; `mandate test` runs
+    /// them locally.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<RegoModule>,
+
     /// The destinations the agents may be steered to, with how Envoy reaches
     /// them. Requests to other hosts are still decided, on host and port only
     /// when they are encrypted end to end.
@@ -150,8 +157,8 @@ pub struct AgentPolicyStatus {
     /// The first 12 hex digits of `version`, for display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub short_version: Option<String>,
-    /// `Compiled` (the modules and data compile), `Ready` (this version can be
-    /// enforced).
+    /// `Compiled` (the modules and data compile), `Tested` (every test
+    /// passes), `Ready` (this version can be enforced).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -15,7 +15,7 @@ pub const MAX_POLICY_BYTES: usize = 512 * 1024;
 
 /// Why a policy does not compile. Messages are for the admin who wrote it:
 /// they name the module, line and column where there is one.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("the policy has no modules; add at least one under spec.modules")]
     NoModules,
@@ -35,6 +35,8 @@ pub enum PolicyError {
     Rego(String),
     #[error("entrypoint '{entrypoint}' is not defined by any module: {detail}")]
     MissingEntrypoint { entrypoint: String, detail: String },
+    #[error("{0}")]
+    TestsFailed(String),
 }
 
 impl PolicyError {
@@ -46,8 +48,142 @@ impl PolicyError {
             Self::DataNotObject(_) | Self::BadData(_) => "InvalidData",
             Self::BadEntrypoint(_) | Self::MissingEntrypoint { .. } => "InvalidEntrypoint",
             Self::Rego(_) => "RegoError",
+            Self::TestsFailed(_) => "TestsFailed",
         }
     }
+}
+
+/// Longest the tests of one policy may run, all together.
+pub const TEST_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One `test_` rule's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TestResult {
+    /// The test module's name.
+    pub module: String,
+    /// The rule's name (`test_...`).
+    pub name: String,
+    pub passed: bool,
+    /// Why it failed: `false`, `undefined`, or the error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// All of a policy's test results.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestReport {
+    pub results: Vec<TestResult>,
+}
+
+impl TestReport {
+    pub fn failures(&self) -> impl Iterator<Item = &TestResult> {
+        self.results.iter().filter(|r| !r.passed)
+    }
+
+    pub fn all_passed(&self) -> bool {
+        self.failures().next().is_none()
+    }
+
+    /// `2 of 5 tests failed: a.rego test_x (undefined); ...` or `5 tests passed`.
+    pub fn summary(&self) -> String {
+        let failed: Vec<String> = self
+            .failures()
+            .map(|r| format!("{} {} ({})", r.module, r.name, r.detail.as_deref().unwrap_or("failed")))
+            .collect();
+        if failed.is_empty() {
+            format!("{} test(s) passed", self.results.len())
+        } else {
+            format!(
+                "{} of {} test(s) failed: {}",
+                failed.len(),
+                self.results.len(),
+                failed.join("; ")
+            )
+        }
+    }
+}
+
+/// Run the policy's test modules: every rule named `test_*` must be `true`.
+/// The policy must compile first (the error is the compile error).
+pub fn run_tests(spec: &AgentPolicySpec) -> Result<TestReport, PolicyError> {
+    compile(spec)?;
+    if spec.tests.is_empty() {
+        return Ok(TestReport::default());
+    }
+    let mut engine = Engine::new();
+    engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+        limit: TEST_TIME_LIMIT,
+        check_interval: std::num::NonZeroU32::MIN,
+    });
+    let mut names: BTreeSet<&str> = spec.modules.iter().map(|m| m.name.as_str()).collect();
+    if let Some(dup) = spec.tests.iter().find(|t| !names.insert(t.name.as_str())) {
+        return Err(PolicyError::DuplicateModule(dup.name.clone()));
+    }
+    for m in spec.modules.iter().chain(&spec.tests) {
+        engine
+            .add_policy(m.name.clone(), m.rego.clone())
+            .map_err(|e| PolicyError::Rego(rego_message(&e.to_string())))?;
+    }
+    if let Some(data) = &spec.data {
+        engine
+            .add_data_json(&data.to_string())
+            .map_err(|e| PolicyError::BadData(e.to_string()))?;
+    }
+    let mut report = TestReport::default();
+    for t in &spec.tests {
+        let Some(package) = package_of(&t.rego) else {
+            return Err(PolicyError::Rego(format!("{}: no package declaration", t.name)));
+        };
+        let rules = test_rule_names(&t.rego);
+        if rules.is_empty() {
+            report.results.push(TestResult {
+                module: t.name.clone(),
+                name: "(none)".into(),
+                passed: false,
+                detail: Some("the module defines no test_ rules".into()),
+            });
+        }
+        for rule in rules {
+            let outcome = engine.eval_rule(format!("data.{package}.{rule}"));
+            let (passed, detail) = match outcome {
+                Ok(regorus::Value::Bool(true)) => (true, None),
+                Ok(regorus::Value::Undefined) => (false, Some("undefined".to_string())),
+                Ok(v) => (false, Some(format!("got {v}"))),
+                Err(e) => (false, Some(format!("error: {e}"))),
+            };
+            report.results.push(TestResult {
+                module: t.name.clone(),
+                name: rule,
+                passed,
+                detail,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// `package a.b` → `a.b`.
+fn package_of(rego: &str) -> Option<String> {
+    rego.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("package "))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+}
+
+/// Names of the rules a test module defines at the start of a line: `test_x if ...`,
+/// `test_x { ... }`, `test_x := ...`. Each once, in order.
+fn test_rule_names(rego: &str) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    rego.lines()
+        .filter_map(|l| {
+            let name: String = l
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (name.starts_with("test_") && seen.insert(name.clone())).then_some(name)
+        })
+        .collect()
 }
 
 /// A policy that compiled.
@@ -188,6 +324,7 @@ mod tests {
             data: None,
             entrypoint: DEFAULT_ENTRYPOINT.to_string(),
             egress: vec![],
+            tests: vec![],
         }
     }
 
@@ -278,6 +415,29 @@ mod tests {
         let mut s = spec(&[("authz.rego", GOOD)]);
         s.data = Some(serde_json::json!([1, 2]));
         assert_eq!(compile(&s).unwrap_err(), PolicyError::DataNotObject("an array"));
+    }
+
+    #[test]
+    fn tests_pass_fail_and_name_what_failed() {
+        let mut s = spec(&[("authz.rego", GOOD)]);
+        s.tests = vec![RegoModule {
+            name: "authz_test.rego".into(),
+            rego: "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\n\
+                   test_get_allowed if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"GET\"}}}}\n\
+                   test_delete_denied if not authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"DELETE\"}}}}\n\
+                   test_wrong if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"PUT\"}}}}\n"
+                .into(),
+        }];
+        let report = run_tests(&s).unwrap();
+        assert_eq!(report.results.len(), 3, "{report:?}");
+        let failed: Vec<_> = report.failures().map(|r| r.name.as_str()).collect();
+        assert_eq!(failed, ["test_wrong"]);
+        assert!(report.summary().contains("1 of 3"), "{}", report.summary());
+        assert!(
+            report.summary().contains("authz_test.rego test_wrong (undefined)"),
+            "{}",
+            report.summary()
+        );
     }
 
     #[test]

@@ -500,3 +500,74 @@ async fn an_object_that_does_not_parse_is_reported_and_the_rest_reconcile() -> R
     drop(op);
     ns.delete().await
 }
+
+#[tokio::test]
+async fn a_policy_whose_tests_fail_is_not_ready_and_keeps_the_last_good_version() -> Result<()> {
+    let (cluster, ns) = setup("op-tests").await?;
+    let op = Operator::start(&cluster, ns.name(), "solo").await?;
+    let with_tests = |expect_put: bool| -> AgentPolicy {
+        let test = format!(
+            "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\n\
+             test_get if authz.decision with input as {{\"attributes\": {{\"request\": {{\"http\": {{\"method\": \"GET\"}}}}}}}}\n\
+             test_put if {}authz.decision with input as {{\"attributes\": {{\"request\": {{\"http\": {{\"method\": \"PUT\"}}}}}}}}\n",
+            if expect_put { "" } else { "not " }
+        );
+        serde_json::from_value(json!({
+            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "tested"},
+            "spec": {"modules": [{"name": "authz.rego", "rego": GOOD}], "tests": [{"name": "authz_test.rego", "rego": test}]},
+        }))
+        .expect("a valid AgentPolicy")
+    };
+    apply(&ns, &with_tests(false)).await?;
+    let good = ns
+        .wait(
+            "tested",
+            "Tested=True and Ready",
+            secs(30),
+            |p: Option<&AgentPolicy>| match p {
+                Some(p)
+                    if condition(p, "Tested").is_some_and(|c| c.0 == "True")
+                        && condition(p, "Ready").is_some_and(|c| c.0 == "True") =>
+                {
+                    Check::Done
+                }
+                other => Check::Pending(format!("{:?}", other.and_then(|p| p.status.clone()))),
+            },
+        )
+        .await?
+        .context("vanished")?;
+    let version = good.status.and_then(|s| s.version).context("no version")?;
+
+    // A test that now fails (it expects PUT to be allowed): not Ready, and
+    // the status names the failing test; the last good version stays.
+    apply(&ns, &with_tests(true)).await?;
+    let bad = ns
+        .wait("tested", "Tested=False", secs(30), |p: Option<&AgentPolicy>| match p {
+            Some(p)
+                if p.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
+                    && condition(p, "Tested").is_some_and(|c| c.0 == "False") =>
+            {
+                Check::Done
+            }
+            other => Check::Pending(format!("{:?}", other.and_then(|p| p.status.clone()))),
+        })
+        .await?
+        .context("vanished")?;
+    let (_, reason, message) = condition(&bad, "Tested").context("no Tested")?;
+    ensure!(
+        reason == "TestsFailed" && message.contains("authz_test.rego test_put (undefined)"),
+        "{reason}: {message}"
+    );
+    ensure!(
+        condition(&bad, "Ready").is_some_and(|c| c.0 == "False"),
+        "{:?}",
+        bad.status
+    );
+    ensure!(
+        bad.status.and_then(|s| s.version) == Some(version),
+        "the version moved to one whose tests fail"
+    );
+    drop(op);
+    ns.delete().await
+}
