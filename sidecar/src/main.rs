@@ -90,8 +90,11 @@ async fn main() -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let policies: SharedPolicies = Arc::new(arc_swap::ArcSwap::from_pointee(PolicySet::default()));
+    // gRPC health: the Check service is SERVING only while a policy is loaded.
+    let (reporter, health) = tonic_health::server::health_reporter();
     let mut loader = Loader::new(args.policies.clone());
-    reload(&mut loader, &policies, &metrics);
+    let ready = reload(&mut loader, &policies, &metrics);
+    report_health(&reporter, ready).await;
     {
         let policies = policies.clone();
         let metrics = metrics.clone();
@@ -100,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                reload(&mut loader, &policies, &metrics);
+                let ready = reload(&mut loader, &policies, &metrics);
+                report_health(&reporter, ready).await;
             }
         });
     }
@@ -137,10 +141,12 @@ async fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&path);
         let uds = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         let svc = service();
+        let health = health.clone();
         tracing::info!(path = %path.display(), "ext_authz listening on a unix socket");
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
             if let Err(e) = tonic::transport::Server::builder()
+                .add_service(health)
                 .add_service(svc)
                 .serve_with_incoming(incoming)
                 .await
@@ -151,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(addr = %args.listen, "ext_authz listening");
     tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(service())
         .serve_with_shutdown(args.listen, shutdown())
         .await
@@ -158,7 +165,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(loader: &mut Loader, policies: &SharedPolicies, metrics: &Metrics) {
+/// The gRPC health service's view of the Check service.
+async fn report_health(reporter: &tonic_health::server::HealthReporter, ready: bool) {
+    use tonic_health::ServingStatus;
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in ["", "envoy.service.auth.v3.Authorization"] {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Re-read changed policy files; whether a policy is in force.
+fn reload(loader: &mut Loader, policies: &SharedPolicies, metrics: &Metrics) -> bool {
     let (set, errors) = loader.reload();
     for e in &errors {
         metrics.load_errors.inc();
@@ -171,6 +192,7 @@ fn reload(loader: &mut Loader, policies: &SharedPolicies, metrics: &Metrics) {
         metrics.policies_loaded(&set);
         policies.store(Arc::new(set));
     }
+    !policies.load().policies.is_empty()
 }
 
 async fn shutdown() {

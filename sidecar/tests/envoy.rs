@@ -466,3 +466,64 @@ async fn malformed_and_huge_check_requests_are_denied_with_a_reason() -> Result<
     );
     Ok(())
 }
+
+async fn health(port: u16) -> Result<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect()
+        .await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await?;
+    Ok(resp.into_inner().status)
+}
+
+#[tokio::test]
+async fn without_a_policy_the_sidecar_is_not_ready_and_denies() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("mandate-nopolicy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("broken.yaml"), "kind: AgentPolicy\nspec: [not, a, policy]\n")?;
+    let (grpc, admin) = (free_port(), free_port());
+    let _sidecar = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-sidecar"))
+        .arg("--policy")
+        .arg(&dir)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    until("the admin port", 30, async || {
+        http("GET", &readyz, None, vec![]).await.is_ok()
+    })
+    .await?;
+    ensure!(
+        http("GET", &readyz, None, vec![]).await?.status == 503,
+        "ready without a policy"
+    );
+    // NOT_SERVING = 2
+    until("gRPC health", 30, async || health(grpc).await.is_ok()).await?;
+    ensure!(health(grpc).await? == 2, "gRPC health says SERVING without a policy");
+    let resp = grpc_check(grpc, check("GET", "/", "text/plain", vec![])).await?;
+    ensure!(denied_with(&resp, "no policy"), "not denied without a policy: {resp:?}");
+
+    // A policy arrives: ready, SERVING (1), and it decides.
+    std::fs::write(dir.join("tools.yaml"), GET_ONLY)?;
+    until("readiness once a policy loads", 30, async || {
+        http("GET", &readyz, None, vec![]).await.is_ok_and(|r| r.status == 200)
+    })
+    .await?;
+    ensure!(health(grpc).await? == 1, "gRPC health not SERVING with a policy");
+    let (code, _) = grpc_check(grpc, check("GET", "/", "text/plain", vec![])).await?;
+    ensure!(code == 0, "GET not allowed once the policy loaded");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
