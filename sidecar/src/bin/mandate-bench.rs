@@ -1,0 +1,268 @@
+//! `mandate-bench`: the measurements behind the README's performance figures.
+//! `hack/bench.sh` runs them all, beside OPA and Envoy, and prints a table.
+//!
+//!   mandate-bench engine POLICY.yaml --input IN.json    per-decision evaluation time
+//!   mandate-bench grpc 127.0.0.1:9191 --rate 1000        Check latency at a fixed rate
+//!   mandate-bench grpc 127.0.0.1:9191 --max              Check throughput, closed loop
+//!   mandate-bench http http://127.0.0.1:15001/ --rate 1000   HTTP latency at a fixed rate
+//!   mandate-bench export POLICY.yaml DIR                 the policy as files for `opa bench`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use mandate_operator::crd::AgentPolicy;
+use mandate_sidecar::engine::{LoadedPolicy, PolicySet};
+
+#[derive(Debug, Parser)]
+#[command(name = "mandate-bench", about = "Benchmarks of Mandate's decision path")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Time one decision (input conversion + evaluation + interpretation) of a policy.
+    Engine {
+        policy: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+    /// Send Check requests over gRPC: at a fixed rate (latency), or as fast as possible (--max).
+    Grpc {
+        target: String,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Closed loop with this many requests in flight, for throughput.
+        #[arg(long)]
+        max: bool,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Write a policy's modules and data as files OPA loads; print its entrypoint.
+    Export { policy: PathBuf, dir: PathBuf },
+    /// Send HTTP GETs at a fixed rate and report latency.
+    Http {
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Engine { policy, input, seconds } => engine(&policy, &input, seconds),
+        Command::Grpc { target, rate, seconds, max, concurrency } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(grpc(target, rate, seconds, max, concurrency))
+        }
+        Command::Export { policy, dir } => {
+            let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(&policy)?)?;
+            std::fs::create_dir_all(&dir)?;
+            for m in &p.spec.modules {
+                std::fs::write(dir.join(&m.name), &m.rego)?;
+            }
+            if let Some(data) = &p.spec.data {
+                std::fs::write(dir.join("data.json"), data.to_string())?;
+            }
+            println!("{}", p.spec.entrypoint);
+            Ok(())
+        }
+        Command::Http { url, rate, seconds } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(http(url, rate, seconds))
+        }
+    }
+}
+
+fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
+    let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(policy)?)?;
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let set = PolicySet { policies: vec![LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?] };
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(input)?)?;
+    let allow = set.decide(&doc).allow;
+    for _ in 0..2000 {
+        std::hint::black_box(set.decide(std::hint::black_box(&doc)));
+    }
+    // Batches of 1000; the median batch is the figure (robust to noise).
+    let mut per_op = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline || per_op.len() < 5 {
+        let t = Instant::now();
+        for _ in 0..1000 {
+            std::hint::black_box(set.decide(std::hint::black_box(&doc)));
+        }
+        per_op.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    per_op.sort_by(f64::total_cmp);
+    let median = per_op.get(per_op.len() / 2).copied().unwrap_or_default();
+    println!("{{\"policy\":\"{name}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"batches\":{}}}", per_op.len());
+    Ok(())
+}
+
+fn check_request() -> CheckRequest {
+    let headers = [
+        (":authority", "api.search.example.com"),
+        (":method", "GET"),
+        (":path", "/v1/search?q=rust+policy&limit=10"),
+        (":scheme", "http"),
+        ("accept", "application/json"),
+        ("user-agent", "agent-runtime/1.0"),
+        ("x-request-id", "9f0b8c1e-6a5d-4c7e-9b1a-2f3e4d5c6b7a"),
+        ("x-forwarded-proto", "http"),
+        ("authorization", "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJib2IifQ."),
+    ];
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    id: "1".into(),
+                    method: "GET".into(),
+                    path: "/v1/search?q=rust+policy&limit=10".into(),
+                    host: "api.search.example.com".into(),
+                    scheme: "http".into(),
+                    protocol: "HTTP/1.1".into(),
+                    headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    ..HttpRequest::default()
+                }),
+            }),
+            ..AttributeContext::default()
+        }),
+    }
+}
+
+fn percentiles(mut lat: Vec<u64>) -> String {
+    if lat.is_empty() {
+        return "no samples".into();
+    }
+    lat.sort_unstable();
+    let at = |q: f64| {
+        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+        lat.get(i).copied().unwrap_or_default()
+    };
+    format!(
+        "\"n\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1}",
+        lat.len(),
+        at(0.5) as f64 / 1000.0,
+        at(0.99) as f64 / 1000.0,
+        at(0.999) as f64 / 1000.0,
+        at(1.0) as f64 / 1000.0
+    )
+}
+
+/// Open loop: send at `rate` per second, latency measured from the intended
+/// send time (so a stall is not hidden by coordinated omission).
+async fn open_loop<F, Fut>(rate: u64, seconds: u64, send: F) -> Result<Vec<u64>>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let send = Arc::new(send);
+    let total = rate * seconds;
+    let gap = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut handles = Vec::with_capacity(total as usize);
+    let failures = Arc::new(AtomicU64::new(0));
+    for i in 0..total {
+        let due = start + gap * u32::try_from(i).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(due).await;
+        let send = send.clone();
+        let failures = failures.clone();
+        handles.push(tokio::spawn(async move {
+            let ok = send().await;
+            if !ok {
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+            due.elapsed().as_nanos() as u64
+        }));
+    }
+    let mut lat = Vec::with_capacity(handles.len());
+    for h in handles {
+        lat.push(h.await?);
+    }
+    let failed = failures.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} of {total} requests failed");
+    }
+    Ok(lat)
+}
+
+async fn grpc(target: String, rate: u64, seconds: u64, max: bool, concurrency: usize) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    let client = AuthorizationClient::new(channel);
+    let req = check_request();
+    if max {
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let mut c = client.clone();
+            let req = req.clone();
+            let done = done.clone();
+            workers.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    if c.check(req.clone()).await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
+        let n = done.load(Ordering::Relaxed);
+        println!("{{\"mode\":\"max\",\"concurrency\":{concurrency},\"decisions\":{n},\"per_second\":{:.0}}}", n as f64 / seconds as f64);
+        return Ok(());
+    }
+    let lat = open_loop(rate, seconds, move || {
+        let mut c = client.clone();
+        let req = req.clone();
+        async move { c.check(req).await.is_ok() }
+    })
+    .await?;
+    println!("{{\"mode\":\"rate\",\"rate\":{rate},{}}}", percentiles(lat));
+    Ok(())
+}
+
+async fn http(url: String, rate: u64, seconds: u64) -> Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let client: hyper_util::client::legacy::Client<_, Empty<hyper::body::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let uri: hyper::Uri = url.parse()?;
+    let lat = open_loop(rate, seconds, move || {
+        let client = client.clone();
+        let uri = uri.clone();
+        async move {
+            match client.get(uri).await {
+                Ok(resp) => {
+                    let ok = resp.status().is_success();
+                    ok && resp.into_body().collect().await.is_ok()
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await?;
+    println!("{{\"mode\":\"http\",\"rate\":{rate},{}}}", percentiles(lat));
+    Ok(())
+}
