@@ -63,9 +63,15 @@ mod tests {
             Some(2),
         );
         assert_eq!(first.last_transition_time, again.last_transition_time);
-        let flipped = condition(std::slice::from_ref(&first), "Ready", false, "Broken", "no", Some(3));
+        // A flip gets a new time, even from a condition set long ago.
+        let mut old = first.clone();
+        old.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        let flipped = condition(std::slice::from_ref(&old), "Ready", false, "Broken", "no", Some(3));
         assert_eq!(flipped.status, "False");
-        assert!(flipped.last_transition_time.0 >= first.last_transition_time.0);
+        assert!(
+            flipped.last_transition_time.0 > old.last_transition_time.0,
+            "the time did not move on a flip"
+        );
     }
 
     #[test]

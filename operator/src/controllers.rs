@@ -23,6 +23,12 @@ use crate::error::{Error, Result};
 use crate::lenient::Lenient;
 use crate::{identity, policy};
 
+/// Longest compile + tests of one policy may take.
+pub const COMPILE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Identities are recounted at least this often, whatever pod events were missed.
+pub const RECOUNT_EVERY: Duration = Duration::from_secs(60);
+
 /// Field manager of the operator's server-side applies.
 pub const MANAGER: &str = "mandate-operator";
 
@@ -75,7 +81,7 @@ impl Context {
             }
             Err(_) => 8,
         };
-        Duration::from_secs(1u64 << n.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+        Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
     }
 }
 
@@ -124,16 +130,32 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
     let generation = obj.metadata.generation;
     let previous = obj.status.clone().unwrap_or_default();
     // Compile, then run the policy's tests: a version is Ready only when both pass.
-    let compiled = policy::compile(&obj.spec);
-    let tested = match &compiled {
-        Ok(_) => policy::run_tests(&obj.spec).map(|report| {
-            if report.all_passed() {
-                Ok(report.summary())
-            } else {
-                Err(report.summary())
-            }
-        }),
-        Err(e) => Err(e.clone()),
+    // Off the async workers (the compiler is CPU-bound), under one deadline.
+    let spec = obj.spec.clone();
+    let work = tokio::task::spawn_blocking(move || {
+        let compiled = policy::compile(&spec);
+        let tested = match &compiled {
+            Ok(_) => policy::run_tests(&spec).map(|report| {
+                if report.all_passed() {
+                    Ok(report.summary())
+                } else {
+                    Err(report.summary())
+                }
+            }),
+            Err(e) => Err(e.clone()),
+        };
+        (compiled, tested)
+    });
+    let (compiled, tested) = match tokio::time::timeout(COMPILE_DEADLINE, work).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(join)) => {
+            let e = policy::PolicyError::Rego(format!("the compiler failed: {join}"));
+            (Err(e.clone()), Err(e))
+        }
+        Err(_) => {
+            let e = policy::PolicyError::Rego(format!("compiling and testing took longer than {COMPILE_DEADLINE:?}"));
+            (Err(e.clone()), Err(e))
+        }
     };
     let outcome: std::result::Result<&policy::Compiled, policy::PolicyError> = match (&compiled, &tested) {
         (Ok(c), Ok(Ok(_))) => Ok(c),
@@ -357,7 +379,9 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
     };
     let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
     apply_status(&api, &name, serde_json::to_value(&status)?).await?;
-    Ok(Action::await_change())
+    // Pod events map a pod to the identities its *current* labels match; a
+    // pod relabelled away, or deleted during a watch gap, is caught here.
+    Ok(Action::requeue(RECOUNT_EVERY))
 }
 
 /// Identities in `pod`'s namespace whose selector matches its labels.
@@ -423,8 +447,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
             Api::all(client.clone()),
         ),
     };
-    // A CR that fails to deserialize is reported by the watcher as an error
-    // for that event; the controller logs it and carries on with the rest.
+    // Watched as Lenient<K>: an object that does not parse is one reconcile
+    // that reports it (see `unreadable`), not a failed list for every object.
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut stop_a = stop_tx.subscribe();
     let mut stop_b = stop_tx.subscribe();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::watch;
@@ -53,7 +53,10 @@ impl Elector {
     }
 
     /// Acquire, renew, or find that another replica holds the lease.
-    pub async fn try_acquire_or_renew(&self) -> Result<Attempt, kube::Error> {
+    /// `observed` is this replica's memory of the lease: another holder's
+    /// lease expires when it has not changed for its duration *by our own
+    /// clock* (the holder's timestamps are not compared with our clock).
+    pub async fn try_acquire_or_renew(&self, observed: &mut Observed) -> Result<Attempt, kube::Error> {
         let now = MicroTime(Timestamp::now());
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
             let lease = Lease {
@@ -81,7 +84,10 @@ impl Elector {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.cfg.identity;
-        if !ours && !holder.is_empty() && !expired(&spec, now.0) {
+        let ttl = Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
+        let key = format!("{holder}|{:?}|{:?}", spec.renew_time, lease.metadata.resource_version);
+        let stale = observed.stale(key, std::time::Instant::now(), ttl);
+        if !ours && !holder.is_empty() && !stale {
             return Ok(Attempt::Following { holder });
         }
         let mut new = spec.clone();
@@ -115,30 +121,40 @@ impl Elector {
     }
 
     /// Elect forever: publish `true` on `tx` while leading. Returns (an
-    /// error) when leadership, once held, could not be renewed within the
-    /// lease duration: the caller must stop writing, i.e. exit.
+    /// error) when leadership, once held, was lost or could not be renewed
+    /// within the renew deadline (2/3 of the lease, counted from the start of
+    /// the last successful renewal): the caller must stop writing, i.e. exit.
+    /// Others take the lease only after a whole lease of silence, so there is
+    /// a gap, never an overlap.
     pub async fn run(&self, tx: watch::Sender<bool>) -> anyhow::Result<()> {
         let renew_every = self.cfg.lease_duration / 3;
+        let attempt_timeout = self.cfg.lease_duration / 3;
+        let renew_deadline = self.cfg.lease_duration * 2 / 3;
         let retry_every = (self.cfg.lease_duration / 5).max(Duration::from_millis(200));
-        let mut last_renewal: Option<tokio::time::Instant> = None;
+        let mut observed = Observed::default();
+        let mut last_ok: Option<tokio::time::Instant> = None;
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(Attempt::Leading) => {
-                    if last_renewal.is_none() {
+            let started = tokio::time::Instant::now();
+            let attempt = tokio::time::timeout(attempt_timeout, self.try_acquire_or_renew(&mut observed)).await;
+            match attempt {
+                Ok(Ok(Attempt::Leading)) => {
+                    if last_ok.is_none() {
                         tracing::info!(identity = %self.cfg.identity, lease = %self.cfg.name, "became leader");
                     }
-                    last_renewal = Some(tokio::time::Instant::now());
+                    last_ok = Some(started);
                     let _ = tx.send(true);
                     tokio::time::sleep(renew_every).await;
                     continue;
                 }
-                Ok(Attempt::Following { holder }) => {
-                    if last_renewal.is_some() {
+                Ok(Ok(Attempt::Following { holder })) => {
+                    if last_ok.is_some() {
+                        let _ = tx.send(false);
                         anyhow::bail!("lost the leader lease to {holder}; stopping so that only one replica writes");
                     }
                     tracing::debug!(%holder, "following");
                 }
-                Err(e) => {
+                Err(_) => tracing::warn!(timeout = ?attempt_timeout, "leader lease: no answer from the API in time"),
+                Ok(Err(e)) => {
                     if matches!(&e, kube::Error::Api(s) if s.code == 404) {
                         tracing::error!(
                             namespace = %self.cfg.namespace,
@@ -146,14 +162,14 @@ impl Elector {
                         );
                     }
                     tracing::warn!(error = %e, "leader lease: API error");
-                    if let Some(t) = last_renewal {
-                        if t.elapsed() >= self.cfg.lease_duration {
-                            anyhow::bail!(
-                                "could not renew the leader lease for {:?}: {e}",
-                                self.cfg.lease_duration
-                            );
-                        }
-                    }
+                }
+            }
+            if let Some(t) = last_ok {
+                if t.elapsed() >= renew_deadline {
+                    let _ = tx.send(false);
+                    anyhow::bail!(
+                        "could not renew the leader lease within {renew_deadline:?}; stopping so that only one replica writes"
+                    );
                 }
             }
             tokio::time::sleep(retry_every).await;
@@ -161,16 +177,27 @@ impl Elector {
     }
 }
 
-fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let Some(renewed) = spec.renew_time.as_ref() else {
-        return true;
-    };
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    renewed
-        .0
-        .saturating_add(SignedDuration::from_secs(secs))
-        .map(|until| until < now)
-        .unwrap_or(true)
+/// This replica's view of another holder's lease: what it last looked like,
+/// and since when (by our monotonic clock).
+#[derive(Debug, Default)]
+pub struct Observed {
+    key: String,
+    since: Option<std::time::Instant>,
+}
+
+impl Observed {
+    /// Record how the lease looks at `now`; whether it has stood unchanged
+    /// for longer than `ttl` (its holder stopped renewing).
+    pub fn stale(&mut self, key: String, now: std::time::Instant, ttl: Duration) -> bool {
+        match self.since {
+            Some(since) if self.key == key => now.duration_since(since) > ttl,
+            _ => {
+                self.key = key;
+                self.since = Some(now);
+                false
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -178,15 +205,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lease_expires_after_its_duration() {
-        let now = Timestamp::now();
-        let spec = |ago: i64, dur: i32| LeaseSpec {
-            renew_time: Some(MicroTime(now - SignedDuration::from_secs(ago))),
-            lease_duration_seconds: Some(dur),
-            ..LeaseSpec::default()
-        };
-        assert!(!expired(&spec(5, 15), now));
-        assert!(expired(&spec(20, 15), now));
-        assert!(expired(&LeaseSpec::default(), now), "never renewed = free");
+    fn a_lease_is_stale_only_after_standing_still_for_its_duration() {
+        let t0 = std::time::Instant::now();
+        let ttl = Duration::from_secs(15);
+        let mut seen = Observed::default();
+        assert!(!seen.stale("a|1".into(), t0, ttl), "first sight is never stale");
+        assert!(!seen.stale("a|1".into(), t0 + Duration::from_secs(10), ttl));
+        assert!(
+            !seen.stale("a|2".into(), t0 + Duration::from_secs(20), ttl),
+            "a renewal resets the clock"
+        );
+        assert!(!seen.stale("a|2".into(), t0 + Duration::from_secs(30), ttl));
+        assert!(seen.stale("a|2".into(), t0 + Duration::from_secs(36), ttl));
     }
 }

@@ -2,7 +2,8 @@
 //! still fail to deserialize into our types (an older or newer schema, a
 //! status someone else wrote). Watched as [`Lenient`], such an object is one
 //! reconcile that logs and reports it, not a list that fails for every other
-//! object of its kind.
+//! object of its kind; and when only its status is unreadable, it is read
+//! without it, so that the reconcile writes a good one.
 
 use std::borrow::Cow;
 
@@ -26,7 +27,25 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
             Some(m) => ObjectMeta::deserialize(m).map_err(D::Error::custom)?,
             None => ObjectMeta::default(),
         };
-        let parsed = K::deserialize(value).map_err(|e| e.to_string());
+        let parsed = match K::deserialize(&value) {
+            Ok(k) => Ok(k),
+            // A status we cannot read is ours to rewrite: read the object
+            // without it, and the reconcile writes a fresh one.
+            Err(full) => {
+                let mut without_status = value;
+                let had_status = without_status
+                    .as_object_mut()
+                    .and_then(|o| o.remove("status"))
+                    .is_some();
+                match K::deserialize(without_status) {
+                    Ok(k) if had_status => {
+                        tracing::warn!(error = %full, "unreadable status dropped; it will be rewritten");
+                        Ok(k)
+                    }
+                    _ => Err(full.to_string()),
+                }
+            }
+        };
         Ok(Self { metadata, parsed })
     }
 }
@@ -61,17 +80,29 @@ mod tests {
     use crate::crd::AgentIdentity;
 
     #[test]
-    fn an_object_that_does_not_parse_keeps_its_metadata_and_the_reason() {
-        let bad = serde_json::json!({
+    fn an_unreadable_status_is_dropped_so_it_can_be_rewritten() {
+        let bad_status = serde_json::json!({
             "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
             "metadata": {"name": "x", "namespace": "ns"},
             "spec": {"selector": {}},
             "status": {"boundPods": 99_999_999_999_i64},
         });
+        let l: Lenient<AgentIdentity> = serde_json::from_value(bad_status).unwrap();
+        let parsed = l.parsed.unwrap();
+        assert!(parsed.status.is_none());
+    }
+
+    #[test]
+    fn an_object_that_does_not_parse_keeps_its_metadata_and_the_reason() {
+        let bad = serde_json::json!({
+            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
+            "metadata": {"name": "x", "namespace": "ns"},
+            "spec": {"selector": {}, "mayInvoke": 7},
+        });
         let l: Lenient<AgentIdentity> = serde_json::from_value(bad).unwrap();
         assert_eq!(l.metadata.name.as_deref(), Some("x"));
         let err = l.parsed.unwrap_err();
-        assert!(err.contains("invalid value") || err.contains("out of range"), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
         let good = serde_json::json!({
             "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
             "metadata": {"name": "y"}, "spec": {"selector": {}},

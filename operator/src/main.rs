@@ -106,43 +106,57 @@ async fn main() -> anyhow::Result<()> {
         },
     );
     let (tx, mut rx) = watch::channel(false);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // One shutdown signal, seen by whoever needs it (tokio wakes every
+    // listener of a signal, so there must be exactly one).
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let lead = async {
+        tokio::select! {
+            res = rx.wait_for(|leading| *leading) => { res.context("elector stopped")?; }
+            _ = stopped(stop_rx.clone()) => {
+                tracing::info!("shutting down before becoming leader");
+                return Ok::<bool, anyhow::Error>(false);
+            }
+        }
+        metrics.leader.set(1);
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            metrics.clone(),
+            args.trust_domain.clone(),
+            identity.clone(),
+        ));
+        // The controllers finish their in-flight reconciles and return once stopped.
+        controllers::run(ctx, args.watch_namespace.clone(), stopped(stop_rx.clone())).await;
+        if !*stop_rx.borrow() {
+            anyhow::bail!("the controllers stopped");
+        }
+        tracing::info!("shutting down");
+        Ok(true)
+    };
 
     tokio::select! {
         res = elector.run(tx) => {
             // Lost the lease: stop at once, before another replica starts writing.
             metrics.leader.set(0);
-            return res;
+            res
         }
         res = admin => {
-            return res.context("admin server task")?;
+            res.context("admin server task")?
         }
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down before becoming leader");
-            return Ok(());
-        }
-        res = async {
-            rx.wait_for(|leading| *leading).await.context("elector stopped")?;
-            metrics.leader.set(1);
-            let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), args.trust_domain.clone(), identity.clone()));
-            let mut stop = shutdown_rx.clone();
-            let run = controllers::run(ctx, args.watch_namespace.clone(), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            tokio::pin!(run);
-            tokio::select! {
-                _ = &mut run => anyhow::bail!("the controllers stopped"),
-                _ = shutdown_signal() => {
-                    tracing::info!("shutting down");
-                    let _ = shutdown_tx.send(true);
-                    let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
-                    Ok::<(), anyhow::Error>(())
-                }
-            }
-        } => {
+        res = lead => {
             metrics.leader.set(0);
-            elector.release().await;
-            res
+            if matches!(res, Ok(true)) {
+                // Hand over now rather than make the next leader wait for expiry.
+                elector.release().await;
+            }
+            res.map(|_| ())
         }
     }
 }

@@ -37,6 +37,15 @@ pub enum PolicyError {
     MissingEntrypoint { entrypoint: String, detail: String },
     #[error("{0}")]
     TestsFailed(String),
+    #[error("{module}:{line}:{col}: brackets nest deeper than {limit} levels")]
+    TooDeep {
+        module: String,
+        line: usize,
+        col: usize,
+        limit: usize,
+    },
+    #[error("entrypoint '{0}' names a function; name a rule whose value is the decision")]
+    EntrypointIsFunction(String),
 }
 
 impl PolicyError {
@@ -46,14 +55,61 @@ impl PolicyError {
             Self::NoModules | Self::DuplicateModule(_) | Self::EmptyModuleName { .. } => "InvalidModules",
             Self::TooLarge { .. } => "TooLarge",
             Self::DataNotObject(_) | Self::BadData(_) => "InvalidData",
-            Self::BadEntrypoint(_) | Self::MissingEntrypoint { .. } => "InvalidEntrypoint",
+            Self::BadEntrypoint(_) | Self::MissingEntrypoint { .. } | Self::EntrypointIsFunction(_) => {
+                "InvalidEntrypoint"
+            }
+            Self::TooDeep { .. } => "TooDeep",
             Self::Rego(_) => "RegoError",
             Self::TestsFailed(_) => "TestsFailed",
         }
     }
 }
 
-/// Longest the tests of one policy may run, all together.
+/// Deepest nesting of `[`, `{` and `(` accepted in a module.
+pub const MAX_NESTING: usize = 32;
+
+/// The first place where brackets nest deeper than `limit` (1-based line
+/// and column), outside strings and comments.
+fn nesting_too_deep(rego: &str, limit: usize) -> Option<(usize, usize)> {
+    let mut depth = 0usize;
+    let mut raw = false; // inside a `raw string`, which may span lines
+    for (n, line) in rego.lines().enumerate() {
+        let mut chars = line.char_indices();
+        let mut quoted = false;
+        while let Some((i, c)) = chars.next() {
+            if raw {
+                raw = c != '`';
+                continue;
+            }
+            if quoted {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '"' => quoted = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '#' => break,
+                '"' => quoted = true,
+                '`' => raw = true,
+                '[' | '{' | '(' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Some((n + 1, i + 1));
+                    }
+                }
+                ']' | '}' | ')' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// Longest one test rule may run.
 pub const TEST_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One `test_` rule's outcome.
@@ -178,6 +234,7 @@ fn test_rule_names(rego: &str) -> Vec<String> {
     rego.lines()
         .filter_map(|l| {
             let name: String = l
+                .trim_start()
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
@@ -203,10 +260,15 @@ pub fn version(spec: &AgentPolicySpec) -> String {
     modules.sort();
     // serde_json's Value keeps object keys sorted (no preserve_order), so
     // re-serializing the data canonicalizes it.
+    // An empty data object is no data; the entrypoint is compared trimmed, as compiled.
+    let data = spec
+        .data
+        .clone()
+        .filter(|d| d.as_object().is_none_or(|o| !o.is_empty()));
     let canonical = serde_json::json!({
-        "entrypoint": spec.entrypoint,
+        "entrypoint": spec.entrypoint.trim(),
         "modules": modules.iter().map(|(n, r)| serde_json::json!({"name": n, "rego": r})).collect::<Vec<_>>(),
-        "data": spec.data.clone().unwrap_or(serde_json::Value::Null),
+        "data": data.unwrap_or(serde_json::Value::Null),
     });
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     format!("sha256:{digest:x}")
@@ -243,6 +305,32 @@ pub fn compile(spec: &AgentPolicySpec) -> Result<Compiled, PolicyError> {
     if !is_rule_ref(rule) {
         return Err(PolicyError::BadEntrypoint(spec.entrypoint.clone()));
     }
+    // regorus parses deeply nested literals in exponential time (and can
+    // overflow its stack): refuse them before it sees them.
+    for m in &spec.modules {
+        if let Some((line, col)) = nesting_too_deep(&m.rego, MAX_NESTING) {
+            return Err(PolicyError::TooDeep {
+                module: m.name.clone(),
+                line,
+                col,
+                limit: MAX_NESTING,
+            });
+        }
+    }
+    if let Some((package, name)) = rule.rsplit_once('.') {
+        let package = package.strip_prefix("data.").unwrap_or(package);
+        let defines_function = spec.modules.iter().any(|m| {
+            package_of(&m.rego).as_deref() == Some(package)
+                && m.rego.lines().any(|l| {
+                    l.trim_start()
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with('('))
+                })
+        });
+        if defines_function {
+            return Err(PolicyError::EntrypointIsFunction(spec.entrypoint.trim().to_string()));
+        }
+    }
 
     let mut engine = Engine::new();
     for m in &spec.modules {
@@ -256,6 +344,21 @@ pub fn compile(spec: &AgentPolicySpec) -> Result<Compiled, PolicyError> {
             .map_err(|e| PolicyError::BadData(e.to_string()))?;
     }
     let packages = engine.get_packages().map_err(|e| PolicyError::Rego(e.to_string()))?;
+    // Data at a package's path would silently shadow its rules.
+    if let Some(data) = &spec.data {
+        for p in &packages {
+            let path = p.strip_prefix("data.").unwrap_or(p);
+            let mut at = Some(data);
+            for seg in path.split('.') {
+                at = at.and_then(|v| v.get(seg));
+            }
+            if at.is_some() {
+                return Err(PolicyError::BadData(format!(
+                    "spec.data has a value at {path}, the path of a package: it would hide the package's rules; move it elsewhere"
+                )));
+            }
+        }
+    }
     engine
         .compile_with_entrypoint(&rule.into())
         .map_err(|e| PolicyError::MissingEntrypoint {
@@ -438,6 +541,41 @@ mod tests {
             "{}",
             report.summary()
         );
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_before_regorus_sees_them() {
+        let deep = format!(
+            "package mandate.authz\nimport rego.v1\ndecision := {}1{}\n",
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let err = compile(&spec(&[("authz.rego", &deep)])).unwrap_err();
+        assert_eq!(err.reason(), "TooDeep", "{err}");
+        assert!(err.to_string().starts_with("authz.rego:3:"), "{err}");
+        // Brackets inside strings and comments do not count.
+        let fine = format!("{GOOD}# {}\nx := \"{}\"\n", "[".repeat(100), "{".repeat(100));
+        assert!(compile(&spec(&[("authz.rego", &fine)])).is_ok());
+
+        let func = "package mandate.authz\nimport rego.v1\ndecision(x) := true if x\n";
+        assert_eq!(
+            compile(&spec(&[("authz.rego", func)])).unwrap_err().reason(),
+            "InvalidEntrypoint"
+        );
+
+        let mut shadow = spec(&[("authz.rego", GOOD)]);
+        shadow.data = Some(serde_json::json!({"mandate": {"authz": {"decision": false}}}));
+        let err = compile(&shadow).unwrap_err();
+        assert!(err.to_string().contains("mandate.authz"), "{err}");
+    }
+
+    #[test]
+    fn trimmed_entrypoints_and_empty_data_do_not_change_the_version() {
+        let a = spec(&[("authz.rego", GOOD)]);
+        let mut b = a.clone();
+        b.entrypoint = format!("  {}  ", a.entrypoint);
+        b.data = Some(serde_json::json!({}));
+        assert_eq!(version(&a), version(&b));
     }
 
     #[test]

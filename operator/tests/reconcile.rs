@@ -191,6 +191,11 @@ async fn a_policy_compiles_to_a_stable_version_and_becomes_ready() -> Result<()>
         )
         .await?
         .context("vanished")?;
+    let edited_short = edited
+        .status
+        .as_ref()
+        .and_then(|s| s.short_version.clone())
+        .context("no short version")?;
     ensure!(
         edited.status.and_then(|s| s.version) != status.version,
         "an edit kept the version"
@@ -200,7 +205,10 @@ async fn a_policy_compiles_to_a_stable_version_and_becomes_ready() -> Result<()>
     let table = cluster
         .kubectl(&["-n", ns.name(), "get", "agentpolicies", "allow-get"])
         .await?;
-    ensure!(table.contains("True") && table.contains("Enforce"), "{table}");
+    ensure!(
+        table.contains("True") && table.contains("Enforce") && table.contains(&edited_short),
+        "no short version {edited_short} in:\n{table}"
+    );
 
     let (_, metrics) = http_get(&format!("{}/metrics", op.admin)).await?;
     ensure!(
@@ -430,7 +438,7 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> Result<()>
 }
 
 #[tokio::test]
-async fn an_object_that_does_not_parse_is_reported_and_the_rest_reconcile() -> Result<()> {
+async fn an_unreadable_status_is_rewritten_and_the_rest_reconcile() -> Result<()> {
     let (cluster, ns) = setup("op-unreadable").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
     let ids = ns.api::<AgentIdentity>();
@@ -471,19 +479,18 @@ async fn an_object_that_does_not_parse_is_reported_and_the_rest_reconcile() -> R
         stored.data["status"]
     );
 
-    // It is reported...
-    let events: Api<Event> = ns.api();
-    let deadline = tokio::time::Instant::now() + secs(20);
+    // The operator reads the object without the status it cannot parse and
+    // writes a good one back.
+    let deadline = tokio::time::Instant::now() + secs(30);
     loop {
-        let list = events
-            .list(&ListParams::default().fields("involvedObject.name=corrupt"))
-            .await?;
-        if list.items.iter().any(|e| e.reason.as_deref() == Some("Unreadable")) {
+        let now = raw.get("corrupt").await?;
+        if now.data["status"]["boundPods"] == json!(0) {
             break;
         }
         ensure!(
             tokio::time::Instant::now() < deadline,
-            "no Unreadable event:\n{}",
+            "status never repaired: {:?}\n{}",
+            now.data["status"],
             op.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -569,5 +576,44 @@ async fn a_policy_whose_tests_fail_is_not_ready_and_keeps_the_last_good_version(
         "the version moved to one whose tests fail"
     );
     drop(op);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn sigterm_releases_the_lease_for_a_fast_handover() -> Result<()> {
+    let (cluster, ns) = setup("op-sigterm").await?;
+    let mut a = Operator::start(&cluster, ns.name(), "replica-a").await?;
+    let leases = ns.api::<Lease>();
+    ns.wait(
+        "mandate-operator",
+        "replica-a to lead",
+        secs(30),
+        |l: Option<&Lease>| match l.and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.clone()) {
+            Some(h) if h == "replica-a" => Check::Done,
+            other => Check::Pending(format!("holder {other:?}")),
+        },
+    )
+    .await?;
+    let pid = a.child.id().context("no pid")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -TERM failed");
+    let exit = tokio::time::timeout(secs(20), a.child.wait())
+        .await
+        .context("the operator did not exit on SIGTERM")??;
+    ensure!(
+        exit.success(),
+        "the operator exited with {exit} on SIGTERM:\n{}",
+        a.logs()
+    );
+    // Released (no holder), not merely left to expire.
+    let lease = leases.get("mandate-operator").await?;
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    ensure!(
+        holder.is_none(),
+        "the lease still names {holder:?} after SIGTERM:\n{}",
+        a.logs()
+    );
     ns.delete().await
 }

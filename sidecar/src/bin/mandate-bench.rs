@@ -67,7 +67,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Engine { policy, input, seconds } => engine(&policy, &input, seconds),
-        Command::Grpc { target, rate, seconds, max, concurrency } => {
+        Command::Grpc {
+            target,
+            rate,
+            seconds,
+            max,
+            concurrency,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(grpc(target, rate, seconds, max, concurrency))
         }
@@ -93,7 +99,9 @@ fn main() -> Result<()> {
 fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
     let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(policy)?)?;
     let name = p.metadata.name.clone().unwrap_or_default();
-    let set = PolicySet { policies: vec![LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?] };
+    let set = PolicySet {
+        policies: vec![LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?],
+    };
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(input)?)?;
     let allow = set.decide(&doc).allow;
     for _ in 0..2000 {
@@ -111,7 +119,10 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
     }
     per_op.sort_by(f64::total_cmp);
     let median = per_op.get(per_op.len() / 2).copied().unwrap_or_default();
-    println!("{{\"policy\":\"{name}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"batches\":{}}}", per_op.len());
+    println!(
+        "{{\"policy\":\"{name}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"batches\":{}}}",
+        per_op.len()
+    );
     Ok(())
 }
 
@@ -231,7 +242,10 @@ async fn grpc(target: String, rate: u64, seconds: u64, max: bool, concurrency: u
             w.await?;
         }
         let n = done.load(Ordering::Relaxed);
-        println!("{{\"mode\":\"max\",\"concurrency\":{concurrency},\"decisions\":{n},\"per_second\":{:.0}}}", n as f64 / seconds as f64);
+        println!(
+            "{{\"mode\":\"max\",\"concurrency\":{concurrency},\"decisions\":{n},\"per_second\":{:.0}}}",
+            n as f64 / seconds as f64
+        );
         return Ok(());
     }
     let lat = open_loop(rate, seconds, move || {
