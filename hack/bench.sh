@@ -76,10 +76,10 @@ pids+=($!)
 wait_for "Envoy" 30 ready "http://127.0.0.1:$eadmin/ready" || die "Envoy did not start: $(tail "$tmp/envoy.log")"
 wait_for "the upstream via Envoy" 30 ready "http://127.0.0.1:$without/v1/search" || die "no upstream"
 for port in "$with" "$without"; do
-  taskset -c 1 "$B/mandate-bench" http "http://127.0.0.1:$port/v1/search" --rate 1000 --seconds 3 >/dev/null # warm-up
+  taskset -c 1 "$B/mandate-bench" http "http://127.0.0.1:$port/v1/search" --host api.search.example.com --rate 1000 --seconds 3 >/dev/null # warm-up
 done
-a="$(taskset -c 1 "$B/mandate-bench" http "http://127.0.0.1:$with/v1/search" --rate 1000 --seconds 10)"
-b="$(taskset -c 1 "$B/mandate-bench" http "http://127.0.0.1:$without/v1/search" --rate 1000 --seconds 10)"
+a="$(taskset -c 1 "$B/mandate-bench" http "http://127.0.0.1:$with/v1/search" --host api.search.example.com --rate 1000 --seconds 10)"
+b="$(taskset -c 1 "$B/mandate-bench" http "http://127.0.0.1:$without/v1/search" --host api.search.example.com --rate 1000 --seconds 10)"
 echo "envoy + sidecar: $a"
 echo "envoy alone:     $b"
 python3 - "$a" "$b" <<'PY'

@@ -20,6 +20,8 @@ pub struct LoadedPolicy {
     pub mode: PolicyMode,
     pub entrypoint: String,
     compiled: CompiledPolicy,
+    /// `input.policy` for this policy, built once.
+    policy_value: regorus::Value,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -49,7 +51,9 @@ impl LoadedPolicy {
         let compiled = engine
             .compile_with_entrypoint(&spec.entrypoint.trim().into())
             .map_err(|e| e.to_string())?;
+        let policy_value = regorus::Value::from(serde_json::json!({"name": name, "version": checked.version}));
         Ok(Self {
+            policy_value,
             name,
             version: checked.version,
             mode: spec.mode,
@@ -189,19 +193,15 @@ impl PolicySet {
             ..Decision::default()
         };
         let mut enforced = 0usize;
+        // Converted once; each policy gets a cheap copy with its own `policy`.
+        let base = regorus::Value::from(input.clone());
+        let policy_key = regorus::Value::from("policy");
         for p in &self.policies {
-            let mut doc = input.clone();
-            if let Value::Object(m) = &mut doc {
-                m.insert(
-                    "policy".into(),
-                    serde_json::json!({"name": p.name, "version": p.version}),
-                );
+            let mut doc = base.clone();
+            if let Ok(m) = doc.as_object_mut() {
+                m.insert(policy_key.clone(), p.policy_value.clone());
             }
-            let out = interpret(
-                p.compiled
-                    .eval_with_input(regorus::Value::from(doc))
-                    .map_err(|e| e.to_string()),
-            );
+            let out = interpret(p.compiled.eval_with_input(doc).map_err(|e| e.to_string()));
             let mode = match p.mode {
                 PolicyMode::Enforce => "Enforce",
                 PolicyMode::DryRun => "DryRun",
