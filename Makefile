@@ -1,10 +1,18 @@
 # The few commands a contributor needs. Cluster targets need root.
-.PHONY: deps test lint build crds cluster-up node-up cluster-down cluster-status
+.PHONY: deps demo test bench lint build crds cluster-up node-up cluster-down cluster-status
 
 ## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
 deps:
 	hack/install-deps.sh
 	hack/build-k8s.sh >/dev/null
+
+## demo: an agent's calls through a real Envoy + mandate-sidecar with the example policies (no cluster)
+demo:
+	hack/demo.sh
+
+## bench: the performance figures, beside OPA and Envoy alone (release build)
+bench:
+	hack/bench.sh
 
 ## test: lint, cluster lifecycle checks, then every cargo test against a real node
 test:

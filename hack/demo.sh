@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The demo, standalone (no cluster): an "agent" (curl) calls tools through a
+# real Envoy whose ext_authz is mandate-sidecar, deciding with three of the
+# example AgentPolicies in policies/ — the very files you would kubectl apply.
+# Shows each decision, the decision log, and that its hash chain verifies.
+# Everything listens on 127.0.0.1 and stops by itself.
+#
+#   make demo        (after make deps)
+# shellcheck source=hack/lib.sh
+source "$(dirname "$0")/lib.sh"
+cd "$MANDATE_ROOT"
+[ -x "$ENVOY_BIN" ] || die "no Envoy at $ENVOY_BIN; run make deps"
+need_cmd curl curl
+
+log "building"
+cargo build -q -p mandate-sidecar -p mandate-e2e --bins
+B="$MANDATE_ROOT/target/debug"
+tmp="$(mktemp -d)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+ready() { curl -sf "$1" >/dev/null; }
+
+grpc=$(free_port) admin=$(free_port) front=$(free_port) nocheck=$(free_port) up=$(free_port) eadmin=$(free_port)
+"$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name tool-api >/dev/null 2>&1 &
+pids+=($!)
+# Three of the examples together: every policy must allow (deny wins).
+policies="policies/tool-allowlist.yaml,policies/read-only-data-api.yaml,policies/no-destructive-methods.yaml"
+"$B/mandate-sidecar" --policy "$policies" --listen "127.0.0.1:$grpc" --admin-listen "127.0.0.1:$admin" \
+  --agent-identity researcher >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
+pids+=($!)
+sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$front/; s/WITHOUT_AUTHZ/$nocheck/; s/SIDECAR/$grpc/; s/UPSTREAM/$up/g" \
+  hack/bench-envoy.yaml >"$tmp/envoy.yaml"
+"$ENVOY_BIN" -c "$tmp/envoy.yaml" --log-level error --use-dynamic-base-id >"$tmp/envoy.log" 2>&1 &
+pids+=($!)
+wait_for "the sidecar" 30 ready "http://127.0.0.1:$admin/readyz" || die "sidecar: $(cat "$tmp/sidecar.err")"
+wait_for "Envoy" 30 ready "http://127.0.0.1:$eadmin/ready" || die "Envoy: $(cat "$tmp/envoy.log")"
+
+echo
+echo "Policies in force (mandate-sidecar --policy $policies), agent identity 'researcher':"
+curl -s "http://127.0.0.1:$admin/metrics" | sed -n 's/^mandate_sidecar_policy_info{policy="\([^"]*\)",version="sha256:\(.\{12\}\).*/  \1  \2/p'
+echo
+call() { # METHOD HOST PATH [BODY]
+  local out
+  out="$(curl -s -o "$tmp/body" -w '%{http_code}' -X "$1" -H "Host: $2" ${4:+-H 'content-type: application/json' -d "$4"} \
+    "http://127.0.0.1:$front$3")"
+  printf '  %-6s %-28s %-22s -> %s %s\n' "$1" "$2" "$3" "$out" "$(head -c 110 "$tmp/body" | tr -d '\n')"
+}
+echo "The agent's calls, through Envoy (ext_authz -> mandate-sidecar):"
+call GET api.search.example.com /v1/search?q=rust
+call POST api.tickets.example.com /v2/tickets '{"title":"bug"}'
+call DELETE api.tickets.example.com /v2/tickets/7
+call GET data.internal.example /datasets/sales
+call PUT data.internal.example /datasets/sales '{"rows":[]}'
+call GET evil.example.net /exfiltrate
+echo
+echo "The decision log (one JSON line per decision, hash-chained; first record):"
+head -n1 "$tmp/decisions.log" | python3 -m json.tool | sed 's/^/  /' | head -40
+echo
+echo "Verifying the chain, then again after editing one record:"
+"$B/mandate" verify-log "$tmp/decisions.log" | sed 's/^/  /'
+sed '3s/"result":"deny"/"result":"allow"/' "$tmp/decisions.log" >"$tmp/tampered.log"
+"$B/mandate" verify-log "$tmp/tampered.log" | sed 's/^/  /' || true
+echo
+echo "Stopping the sidecar: Envoy now denies everything (failure_mode_allow: false):"
+kill "${pids[1]}" 2>/dev/null || true
+wait "${pids[1]}" 2>/dev/null || true
+call GET api.search.example.com /v1/search?q=rust
+echo
+echo "Run the example policies' own tests: $B/mandate test policies/"
+"$B/mandate" test policies/ | sed 's/^/  /'
