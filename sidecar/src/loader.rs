@@ -42,38 +42,8 @@ impl Loader {
         }
     }
 
-    /// The YAML files under the roots (a root may be a file or a directory).
     fn list(&self) -> (Vec<PathBuf>, Vec<LoadError>) {
-        let mut out = Vec::new();
-        let mut errors = Vec::new();
-        for root in &self.roots {
-            if root.is_dir() {
-                match std::fs::read_dir(root) {
-                    Ok(entries) => {
-                        let mut v: Vec<PathBuf> = entries
-                            .filter_map(|e| e.ok().map(|e| e.path()))
-                            .filter(|p| {
-                                p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-                            })
-                            .collect();
-                        v.sort();
-                        out.extend(v);
-                    }
-                    Err(e) => errors.push(LoadError {
-                        file: root.clone(),
-                        message: format!("cannot read directory: {e}"),
-                    }),
-                }
-            } else if root.is_file() {
-                out.push(root.clone());
-            } else {
-                errors.push(LoadError {
-                    file: root.clone(),
-                    message: "no such file or directory".into(),
-                });
-            }
-        }
-        (out, errors)
+        yaml_files(&self.roots)
     }
 
     /// Re-read what changed. Returns the new set when anything in force
@@ -125,6 +95,16 @@ impl Loader {
 /// Parse and compile every AgentPolicy in one YAML file (documents of other
 /// kinds are an error: a typo in `kind` must not silently drop a policy).
 pub fn load_file(path: &Path) -> Result<Vec<LoadedPolicy>, String> {
+    parse_file(path)?
+        .into_iter()
+        .map(|(name, policy)| LoadedPolicy::compile(name.clone(), &policy).map_err(|e| format!("policy {name}: {e}")))
+        .collect()
+}
+
+/// The AgentPolicies in one YAML file (several documents allowed), each with
+/// its name (`namespace/name`, or `name`). A document of another kind is an
+/// error, as is a file without any AgentPolicy.
+pub fn parse_file(path: &Path) -> Result<Vec<(String, AgentPolicy)>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
@@ -143,13 +123,46 @@ pub fn load_file(path: &Path) -> Result<Vec<LoadedPolicy>, String> {
             (None, Some(n)) => n.clone(),
             (_, None) => return Err(format!("document {}: metadata.name is missing", i + 1)),
         };
-        let loaded = LoadedPolicy::compile(name.clone(), &policy).map_err(|e| format!("policy {name}: {e}"))?;
-        out.push(loaded);
+        out.push((name, policy));
     }
     if out.is_empty() {
         return Err("no AgentPolicy in the file".into());
     }
     Ok(out)
+}
+
+/// The YAML files under `roots` (each a file or a directory), sorted per directory.
+pub fn yaml_files(roots: &[PathBuf]) -> (Vec<PathBuf>, Vec<LoadError>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for root in roots {
+        if root.is_dir() {
+            match std::fs::read_dir(root) {
+                Ok(entries) => {
+                    let mut v: Vec<PathBuf> = entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| {
+                            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                        })
+                        .collect();
+                    v.sort();
+                    out.extend(v);
+                }
+                Err(e) => errors.push(LoadError {
+                    file: root.clone(),
+                    message: format!("cannot read directory: {e}"),
+                }),
+            }
+        } else if root.is_file() {
+            out.push(root.clone());
+        } else {
+            errors.push(LoadError {
+                file: root.clone(),
+                message: "no such file or directory".into(),
+            });
+        }
+    }
+    (out, errors)
 }
 
 #[cfg(test)]

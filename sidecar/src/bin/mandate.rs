@@ -15,7 +15,7 @@ use mandate_operator::crd::AgentPolicy;
 use mandate_operator::policy;
 use mandate_sidecar::decision_log;
 use mandate_sidecar::engine::{LoadedPolicy, PolicySet};
-use serde::Deserialize;
+use mandate_sidecar::loader;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,44 +96,16 @@ fn read(path: &Path) -> Result<String> {
 
 /// YAML files under the paths (a path may be a file or a directory).
 fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-                .collect();
-            v.sort();
-            out.extend(v);
-        } else if p.is_file() {
-            out.push(p.clone());
-        } else {
-            bail!("{}: no such file or directory", p.display());
-        }
+    let (files, errors) = loader::yaml_files(paths);
+    if let Some(e) = errors.first() {
+        bail!("{}: {}", e.file.display(), e.message);
     }
-    Ok(out)
+    Ok(files)
 }
 
 /// Every AgentPolicy in a YAML file, with its display name.
 fn policies_in(path: &Path) -> Result<Vec<(String, AgentPolicy)>> {
-    let text = read(path)?;
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .with_context(|| format!("{}: document {}: not YAML", path.display(), i + 1))?;
-        if value.is_null() {
-            continue;
-        }
-        if value.get("kind").and_then(|k| k.as_str()) != Some("AgentPolicy") {
-            continue;
-        }
-        let p: AgentPolicy = serde_yaml::from_value(value)
-            .with_context(|| format!("{}: document {}: not a valid AgentPolicy", path.display(), i + 1))?;
-        let name = p.metadata.name.clone().unwrap_or_else(|| format!("document {}", i + 1));
-        out.push((name, p));
-    }
-    Ok(out)
+    loader::parse_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn test(paths: &[PathBuf], verbose: bool) -> Result<bool> {
