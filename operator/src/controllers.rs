@@ -89,6 +89,27 @@ fn key<K: Resource>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
+/// Run one reconcile: count it by outcome, time it, and reset the object's
+/// backoff when it succeeds.
+async fn measured<K: Resource>(
+    kind: &'static str,
+    obj: &K,
+    ctx: &Context,
+    work: impl std::future::Future<Output = Result<Action>>,
+) -> Result<Action> {
+    let started = Instant::now();
+    let result = work.await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.observe(kind, outcome, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key(obj));
+    }
+    result
+}
+
 /// Server-side apply of `status` to the object `name` of kind `K`.
 async fn apply_status<K>(api: &Api<K>, name: &str, status: serde_json::Value) -> Result<()>
 where
@@ -108,20 +129,13 @@ where
 
 /// Compile the policy and write what came of it.
 pub async fn reconcile_policy(obj: Arc<Lenient<AgentPolicy>>, ctx: Arc<Context>) -> Result<Action> {
-    let started = Instant::now();
-    let result = match &obj.parsed {
-        Ok(policy) => reconcile_policy_inner(policy, &ctx).await,
-        Err(why) => unreadable(obj.as_ref(), why, &ctx).await,
+    let work = async {
+        match &obj.parsed {
+            Ok(policy) => reconcile_policy_inner(policy, &ctx).await,
+            Err(why) => unreadable(obj.as_ref(), why, &ctx).await,
+        }
     };
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.metric_label(),
-    };
-    ctx.metrics.observe("AgentPolicy", outcome, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&key(obj.as_ref()));
-    }
-    result
+    measured("AgentPolicy", obj.as_ref(), &ctx, work).await
 }
 
 async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Action> {
@@ -319,20 +333,13 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
 
 /// Resolve the SPIFFE ID, count the bound pods, write what came of it.
 pub async fn reconcile_identity(obj: Arc<Lenient<AgentIdentity>>, ctx: Arc<Context>) -> Result<Action> {
-    let started = Instant::now();
-    let result = match &obj.parsed {
-        Ok(identity) => reconcile_identity_inner(identity, &ctx).await,
-        Err(why) => unreadable(obj.as_ref(), why, &ctx).await,
+    let work = async {
+        match &obj.parsed {
+            Ok(identity) => reconcile_identity_inner(identity, &ctx).await,
+            Err(why) => unreadable(obj.as_ref(), why, &ctx).await,
+        }
     };
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.metric_label(),
-    };
-    ctx.metrics.observe("AgentIdentity", outcome, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&key(obj.as_ref()));
-    }
-    result
+    measured("AgentIdentity", obj.as_ref(), &ctx, work).await
 }
 
 async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<Action> {
