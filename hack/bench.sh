@@ -63,6 +63,12 @@ taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$grpc" --rate 1000 --seconds 10 
 echo "at 1000/s:  $(taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$grpc" --rate 1000 --seconds 10)"
 echo "max:        $(taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$grpc" --max --seconds 5 --concurrency 32)"
 "$B/mandate" verify-log "$tmp/decisions.log" | sed 's/^/decision log: /'
+python3 - "$tmp/decisions.log" <<'PY'
+import json, sys
+lat = sorted(json.loads(l)["latency_us"] for l in open(sys.argv[1]) if l.startswith("{"))
+pick = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))]
+print(f"inside the handler (input + evaluation, from the log): p50 {pick(0.5)} us, p99 {pick(0.99)} us over {len(lat)} decisions")
+PY
 
 echo
 echo "== 3. Envoy + sidecar vs Envoy alone, HTTP at 1000 requests/s (Envoy --concurrency 1)"
