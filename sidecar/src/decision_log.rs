@@ -80,11 +80,15 @@ impl DecisionLog {
             .map_err(|_| std::io::Error::other("decision log lock poisoned"))?;
         record.insert("seq".into(), json!(chain.seq));
         record.insert("prev_hash".into(), json!(chain.prev));
-        let hash = hash_of(&chain.prev, &Value::Object(record.clone()));
-        record.insert("hash".into(), json!(hash));
-        let line = Value::Object(record).to_string();
+        // Serialized once (keys sorted): hashed as is, then written with the
+        // hash appended as the last key. Verifiers re-serialize without it.
+        let mut line = Value::Object(record).to_string();
+        let hash = hash_str(&chain.prev, &line);
+        line.pop(); // the closing brace
+        line.push_str(",\"hash\":\"");
+        line.push_str(&hash);
+        line.push_str("\"}\n");
         chain.out.write_all(line.as_bytes())?;
-        chain.out.write_all(b"\n")?;
         chain.out.flush()?;
         chain.prev = hash;
         chain.seq += 1;
@@ -93,10 +97,14 @@ impl DecisionLog {
 }
 
 fn hash_of(prev: &str, body: &Value) -> String {
+    hash_str(prev, &body.to_string())
+}
+
+fn hash_str(prev: &str, body: &str) -> String {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(b"\n");
-    h.update(body.to_string().as_bytes());
+    h.update(body.as_bytes());
     format!("sha256:{:x}", h.finalize())
 }
 

@@ -182,6 +182,12 @@ fn interpret(value: Result<regorus::Value, String>) -> Outcome {
 impl PolicySet {
     /// Decide: evaluate every policy on `input` (with `input.policy` set per policy).
     pub fn decide(&self, input: &Value) -> Decision {
+        // Converted once; each policy gets a cheap copy with its own `policy`.
+        self.decide_prepared(regorus::Value::from(input.clone()))
+    }
+
+    /// [`PolicySet::decide`] on an input already converted to a regorus value.
+    pub fn decide_prepared(&self, base: regorus::Value) -> Decision {
         if self.policies.is_empty() {
             return Decision {
                 reason: "no policy is loaded".into(),
@@ -193,8 +199,6 @@ impl PolicySet {
             ..Decision::default()
         };
         let mut enforced = 0usize;
-        // Converted once; each policy gets a cheap copy with its own `policy`.
-        let base = regorus::Value::from(input.clone());
         let policy_key = regorus::Value::from("policy");
         for p in &self.policies {
             let mut doc = base.clone();

@@ -51,6 +51,9 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// Serve a Check that allows everything at once: the transport's floor, to
+    /// compare the sidecar with.
+    ServeNoop { listen: std::net::SocketAddr },
     /// Write a policy's modules and data as files OPA loads; print its entrypoint.
     Export { policy: PathBuf, dir: PathBuf },
     /// Send HTTP GETs at a fixed rate and report latency.
@@ -80,6 +83,18 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(grpc(target, rate, seconds, max, concurrency))
         }
+        Command::ServeNoop { listen } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                tonic::transport::Server::builder()
+                    .add_service(
+                        envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer::new(Noop),
+                    )
+                    .serve(listen)
+                    .await
+            })?;
+            Ok(())
+        }
         Command::Export { policy, dir } => {
             let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(&policy)?)?;
             std::fs::create_dir_all(&dir)?;
@@ -101,6 +116,26 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(http(url, host, rate, seconds))
         }
+    }
+}
+
+/// Allows everything, doing nothing: the gRPC floor.
+#[derive(Debug)]
+struct Noop;
+
+#[tonic::async_trait]
+impl envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization for Noop {
+    async fn check(
+        &self,
+        _: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<envoy_types::pb::envoy::service::auth::v3::CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(mandate_sidecar::server::respond(
+            "noop",
+            &mandate_sidecar::engine::Decision {
+                allow: true,
+                ..Default::default()
+            },
+        )))
     }
 }
 
@@ -127,8 +162,20 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
     }
     per_op.sort_by(f64::total_cmp);
     let median = per_op.get(per_op.len() / 2).copied().unwrap_or_default();
+    // The same with the input already a regorus value (as `opa bench` has it parsed).
+    let prepared = regorus::Value::from(doc.clone());
+    let mut eval_only = Vec::new();
+    for _ in 0..per_op.len() {
+        let t = Instant::now();
+        for _ in 0..1000 {
+            std::hint::black_box(set.decide_prepared(std::hint::black_box(prepared.clone())));
+        }
+        eval_only.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    eval_only.sort_by(f64::total_cmp);
+    let eval_median = eval_only.get(eval_only.len() / 2).copied().unwrap_or_default();
     println!(
-        "{{\"policy\":\"{name}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"batches\":{}}}",
+        "{{\"policy\":\"{name}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"eval_ns_per_op\":{eval_median:.0},\"batches\":{}}}",
         per_op.len()
     );
     Ok(())
