@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::api::ListParams;
 use kube::{Api, Client};
-use mandate_operator::admin::{self, AdminState, Metrics};
+use mandate_operator::admin::{self, AdminState, Metrics, shutdown_signal};
 use mandate_operator::controllers::{self, Context};
 use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use mandate_operator::leader::{self, Elector};
@@ -178,20 +178,5 @@ async fn wait_for_crds(client: &Client, ns: &Option<String>) {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

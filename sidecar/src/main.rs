@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(service())
-        .serve_with_shutdown(args.listen, shutdown())
+        .serve_with_shutdown(args.listen, mandate_operator::admin::shutdown_signal())
         .await
         .with_context(|| format!("serving ext_authz on {}", args.listen))?;
     Ok(())
@@ -193,19 +193,4 @@ fn reload(loader: &mut Loader, policies: &SharedPolicies, metrics: &Metrics) -> 
         policies.store(Arc::new(set));
     }
     !policies.load().policies.is_empty()
-}
-
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
