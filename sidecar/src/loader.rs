@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use mandate_operator::crd::AgentPolicy;
 use serde::Deserialize;
 
-use crate::engine::{LoadedPolicy, PolicySet};
+use crate::engine::{EngineKind, LoadedPolicy, PolicySet};
 
 /// One file's last good content.
 #[derive(Debug, Clone)]
@@ -32,6 +32,7 @@ pub struct LoadError {
 pub struct Loader {
     roots: Vec<PathBuf>,
     files: BTreeMap<PathBuf, FileState>,
+    engine: EngineKind,
 }
 
 impl Loader {
@@ -39,7 +40,14 @@ impl Loader {
         Self {
             roots,
             files: BTreeMap::new(),
+            engine: EngineKind::Auto,
         }
+    }
+
+    /// Choose the evaluator for the policies loaded from now on.
+    pub fn with_engine(mut self, engine: EngineKind) -> Self {
+        self.engine = engine;
+        self
     }
 
     fn list(&self) -> (Vec<PathBuf>, Vec<LoadError>) {
@@ -68,7 +76,7 @@ impl Loader {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            match load_file(&path) {
+            match load_file_for(&path, self.engine) {
                 Ok(policies) => {
                     self.files.insert(path, FileState { stamp, policies });
                     changed = true;
@@ -95,9 +103,16 @@ impl Loader {
 /// Parse and compile every AgentPolicy in one YAML file (documents of other
 /// kinds are an error: a typo in `kind` must not silently drop a policy).
 pub fn load_file(path: &Path) -> Result<Vec<LoadedPolicy>, String> {
+    load_file_for(path, EngineKind::Auto)
+}
+
+/// [`load_file`], choosing the evaluator.
+pub fn load_file_for(path: &Path, engine: EngineKind) -> Result<Vec<LoadedPolicy>, String> {
     parse_file(path)?
         .into_iter()
-        .map(|(name, policy)| LoadedPolicy::compile(name.clone(), &policy).map_err(|e| format!("policy {name}: {e}")))
+        .map(|(name, policy)| {
+            LoadedPolicy::compile_for(name.clone(), &policy, engine).map_err(|e| format!("policy {name}: {e}"))
+        })
         .collect()
 }
 

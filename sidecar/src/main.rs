@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use mandate_sidecar::decision_log::DecisionLog;
-use mandate_sidecar::engine::{PolicySet, SharedPolicies};
+use mandate_sidecar::engine::{EngineKind, PolicySet, SharedPolicies};
 use mandate_sidecar::input::{Agent, Limits};
 use mandate_sidecar::loader::Loader;
 use mandate_sidecar::metrics::{self, Metrics};
@@ -37,6 +37,16 @@ struct Args {
     /// Also serve ext_authz on this unix socket.
     #[arg(long, env = "MANDATE_LISTEN_UNIX")]
     listen_unix: Option<PathBuf>,
+
+    /// Serve ext_authz on the unix socket only, with no TCP listener.
+    #[arg(long, env = "MANDATE_NO_TCP", requires = "listen_unix")]
+    no_tcp: bool,
+
+    /// Which evaluator runs policies: `auto` uses regorus' bytecode VM for
+    /// every policy it can compile and the interpreter for the rest;
+    /// `interpreter` always uses the interpreter.
+    #[arg(long, env = "MANDATE_ENGINE", value_enum, default_value_t = EngineKind::Auto)]
+    engine: EngineKind,
 
     /// HTTP address for /livez, /readyz and /metrics.
     #[arg(long, env = "MANDATE_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
@@ -85,14 +95,15 @@ async fn main() -> anyhow::Result<()> {
     let limit = Duration::from_millis(args.eval_timeout_ms.max(1));
     regorus::utils::limits::set_fallback_execution_timer_config(Some(regorus::utils::limits::ExecutionTimerConfig {
         limit,
-        check_interval: NonZeroU32::MIN,
+        // The clock is read every this many steps (each well under a microsecond).
+        check_interval: NonZeroU32::new(32).unwrap_or(NonZeroU32::MIN),
     }));
 
     let metrics = Arc::new(Metrics::default());
     let policies: SharedPolicies = Arc::new(arc_swap::ArcSwap::from_pointee(PolicySet::default()));
     // gRPC health: the Check service is SERVING only while a policy is loaded.
     let (reporter, health) = tonic_health::server::health_reporter();
-    let mut loader = Loader::new(args.policies.clone());
+    let mut loader = Loader::new(args.policies.clone()).with_engine(args.engine);
     let ready = reload(&mut loader, &policies, &metrics);
     report_health(&reporter, ready).await;
     {
@@ -137,31 +148,39 @@ async fn main() -> anyhow::Result<()> {
     // Room for large requests, so that they are denied with a reason
     // (the body limit) rather than failing at the gRPC layer.
     let service = || AuthorizationServer::new(authz.clone()).max_decoding_message_size(64 * 1024 * 1024);
+    let mut servers = tokio::task::JoinSet::new();
     if let Some(path) = args.listen_unix.clone() {
         let _ = std::fs::remove_file(&path);
         let uds = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         let svc = service();
         let health = health.clone();
         tracing::info!(path = %path.display(), "ext_authz listening on a unix socket");
-        tokio::spawn(async move {
+        servers.spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
-            if let Err(e) = tonic::transport::Server::builder()
+            tonic::transport::Server::builder()
                 .add_service(health)
                 .add_service(svc)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, mandate_operator::admin::shutdown_signal())
                 .await
-            {
-                tracing::error!(error = %e, "unix socket server stopped");
-            }
+                .with_context(|| format!("serving ext_authz on {}", path.display()))
         });
     }
-    tracing::info!(addr = %args.listen, "ext_authz listening");
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(service())
-        .serve_with_shutdown(args.listen, mandate_operator::admin::shutdown_signal())
-        .await
-        .with_context(|| format!("serving ext_authz on {}", args.listen))?;
+    if !args.no_tcp {
+        let addr = args.listen;
+        let svc = service();
+        tracing::info!(%addr, "ext_authz listening");
+        servers.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(svc)
+                .serve_with_shutdown(addr, mandate_operator::admin::shutdown_signal())
+                .await
+                .with_context(|| format!("serving ext_authz on {addr}"))
+        });
+    }
+    while let Some(done) = servers.join_next().await {
+        done.context("an ext_authz server task failed")??;
+    }
     Ok(())
 }
 

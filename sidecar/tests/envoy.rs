@@ -95,6 +95,8 @@ struct Stack {
     grpc: u16,
     admin: u16,
     front: u16,
+    /// Serve ext_authz on a unix socket only (`--listen-unix --no-tcp`).
+    unix: bool,
 }
 
 const GET_ONLY: &str = r#"apiVersion: mandate.dev/v1alpha1
@@ -126,6 +128,10 @@ spec:
 
 impl Stack {
     async fn start(name: &str) -> Result<Self> {
+        Self::start_with(name, false).await
+    }
+
+    async fn start_with(name: &str, unix: bool) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("mandate-envoy-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("policies"))?;
@@ -138,7 +144,14 @@ impl Stack {
         let envoy_cfg = ENVOY_CONFIG
             .replace("ENVOY_ADMIN", &envoy_admin.to_string())
             .replace("FRONT", &front.to_string())
-            .replace("SIDECAR", &grpc.to_string())
+            .replace(
+                "SIDECAR_ADDRESS",
+                &if unix {
+                    format!("{{pipe: {{path: {}}}}}", dir.join("authz.sock").display())
+                } else {
+                    format!("{{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}")
+                },
+            )
             .replace("UPSTREAM", &upstream.to_string());
         std::fs::write(dir.join("envoy.yaml"), envoy_cfg)?;
         let envoy = tokio::process::Command::new(envoy_bin())
@@ -163,6 +176,7 @@ impl Stack {
             grpc,
             admin,
             front,
+            unix,
         };
         stack.start_sidecar().await?;
         let envoy_ready = format!("http://127.0.0.1:{envoy_admin}/ready");
@@ -181,7 +195,13 @@ impl Stack {
     }
 
     async fn start_sidecar(&mut self) -> Result<()> {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-sidecar"))
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-sidecar"));
+        if self.unix {
+            cmd.arg("--listen-unix")
+                .arg(self.dir.join("authz.sock"))
+                .arg("--no-tcp");
+        }
+        let child = cmd
             .arg("--policy")
             .arg(self.dir.join("policies"))
             .args(["--listen", &format!("127.0.0.1:{}", self.grpc)])
@@ -274,7 +294,7 @@ static_resources:
         explicit_http_config: {http2_protocol_options: {}}
     load_assignment:
       cluster_name: mandate
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: SIDECAR}}}}]}]
+      endpoints: [{lb_endpoints: [{endpoint: {address: SIDECAR_ADDRESS}}]}]
   - name: upstream
     type: STATIC
     connect_timeout: 1s
@@ -282,6 +302,22 @@ static_resources:
       cluster_name: upstream
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: UPSTREAM}}}}]}]
 "#;
+
+#[tokio::test]
+async fn envoy_reaches_a_sidecar_on_a_unix_socket_only() -> Result<()> {
+    let s = Stack::start_with("unix", true).await?;
+    // No TCP listener: the port stays free.
+    ensure!(
+        TcpListener::bind(("127.0.0.1", s.grpc)).is_ok(),
+        "the sidecar listens on TCP despite --no-tcp"
+    );
+    let r = http("GET", &s.url("/v1/search"), None, vec![]).await?;
+    ensure!(r.status == 200, "GET over the unix socket: {} {}", r.status, r.body);
+    let r = http("DELETE", &s.url("/v1/items/7"), None, vec![]).await?;
+    ensure!(r.status == 403, "DELETE over the unix socket: {} {}", r.status, r.body);
+    ensure!(s.decisions().lines().count() >= 2, "{}", s.decisions());
+    Ok(())
+}
 
 #[tokio::test]
 async fn envoy_enforces_the_sidecars_decisions() -> Result<()> {

@@ -1,6 +1,8 @@
 //! The example policies in policies/ decide the same under OPA 0.70 as under
 //! Mandate's engine, for the same inputs; and their Rego tests pass under
-//! `opa test` as under `mandate test`.
+//! `opa test` as under `mandate test`. Mandate's two evaluators (regorus' VM,
+//! which decides requests, and its interpreter, which runs tests and the
+//! policies the VM cannot compile) give the same whole decision.
 //!
 //! OPA: `$MANDATE_OPA`, else where `make deps` installs it.
 
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use mandate_operator::crd::AgentPolicy;
-use mandate_sidecar::engine::{LoadedPolicy, PolicySet};
+use mandate_sidecar::engine::{EngineKind, LoadedPolicy, PolicySet};
 use serde_json::{Value, json};
 
 fn opa() -> PathBuf {
@@ -143,7 +145,14 @@ fn example_policies_decide_alike_under_opa_and_mandate() -> Result<()> {
     for (path, p) in policies()? {
         let name = p.metadata.name.clone().unwrap_or_default();
         let loaded = LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?;
+        // Every example runs on the VM (the performance figures assume it).
+        ensure!(loaded.evaluator() == "vm", "{name} does not compile for regorus' VM");
         let set = PolicySet { policies: vec![loaded] };
+        let interpreted = PolicySet {
+            policies: vec![
+                LoadedPolicy::compile_for(name.clone(), &p, EngineKind::Interpreter).map_err(anyhow::Error::msg)?,
+            ],
+        };
         let dir = bundle(&p, false)?;
         let (mut allows, mut denies) = (0, 0);
         for (i, input) in inputs.iter().enumerate() {
@@ -169,6 +178,11 @@ fn example_policies_decide_alike_under_opa_and_mandate() -> Result<()> {
             let opa_value = result["result"][0]["expressions"][0]["value"].clone();
             let opa_allows = allowed(&opa_value);
             let ours = set.decide(input);
+            let theirs = interpreted.decide(input);
+            ensure!(
+                ours == theirs,
+                "{name}: input {i}: the VM decided {ours:?}, the interpreter {theirs:?}"
+            );
             ensure!(
                 ours.allow == opa_allows,
                 "{name}: input {i} ({} {}{} as {}): OPA says {opa_value}, Mandate says allow={} ({})",

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use mandate_operator::crd::AgentPolicy;
-use mandate_sidecar::engine::{LoadedPolicy, PolicySet};
+use mandate_sidecar::engine::{EngineKind, LoadedPolicy, PolicySet};
 
 #[derive(Debug, Parser)]
 #[command(name = "mandate-bench", about = "Benchmarks of Mandate's decision path")]
@@ -174,8 +174,25 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
     }
     eval_only.sort_by(f64::total_cmp);
     let eval_median = eval_only.get(eval_only.len() / 2).copied().unwrap_or_default();
+    // The same, on regorus' tree-walking interpreter (what `--engine interpreter` runs).
+    let interp = PolicySet {
+        policies: vec![
+            LoadedPolicy::compile_for(name.clone(), &p, EngineKind::Interpreter).map_err(anyhow::Error::msg)?,
+        ],
+    };
+    let mut interp_only = Vec::new();
+    for _ in 0..per_op.len() {
+        let t = Instant::now();
+        for _ in 0..1000 {
+            std::hint::black_box(interp.decide_prepared(std::hint::black_box(prepared.clone())));
+        }
+        interp_only.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    interp_only.sort_by(f64::total_cmp);
+    let interp_median = interp_only.get(interp_only.len() / 2).copied().unwrap_or_default();
+    let evaluator = set.policies.first().map(LoadedPolicy::evaluator).unwrap_or_default();
     println!(
-        "{{\"policy\":\"{name}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"eval_ns_per_op\":{eval_median:.0},\"batches\":{}}}",
+        "{{\"policy\":\"{name}\",\"evaluator\":\"{evaluator}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"eval_ns_per_op\":{eval_median:.0},\"interpreter_ns_per_op\":{interp_median:.0},\"batches\":{}}}",
         per_op.len()
     );
     Ok(())
