@@ -20,6 +20,9 @@ use serde_json::Value;
 /// that walks a few thousand items of data).
 pub const MAX_INSTRUCTIONS: usize = 100_000_000;
 
+/// Idle VMs kept per policy (one per concurrent evaluation is enough).
+const VM_POOL: usize = 16;
+
 /// Which evaluator runs a policy's decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum EngineKind {
@@ -45,6 +48,10 @@ pub struct LoadedPolicy {
     program: Option<Arc<Program>>,
     /// `data` for the VM.
     data: regorus::Value,
+    /// VMs with this policy loaded, reused across evaluations (each
+    /// execution starts from a clean state: regorus clears every cache and
+    /// register of the previous one).
+    vms: Arc<std::sync::Mutex<Vec<RegoVM>>>,
     /// `input.policy` for this policy, built once.
     policy_value: regorus::Value,
 }
@@ -103,6 +110,7 @@ impl LoadedPolicy {
             policy_value,
             program,
             data,
+            vms: Arc::default(),
             name,
             version: checked.version,
             mode: spec.mode,
@@ -116,17 +124,33 @@ impl LoadedPolicy {
         if self.program.is_some() { "vm" } else { "interpreter" }
     }
 
-    /// Evaluate the entrypoint on one input. A VM is made per evaluation
-    /// (about a microsecond), so nothing of one decision can reach another.
+    /// Evaluate the entrypoint on one input.
     pub fn evaluate(&self, input: regorus::Value) -> Result<regorus::Value, String> {
         match &self.program {
             Some(program) => {
-                let mut vm = RegoVM::new_with_policy(self.compiled.clone());
-                vm.load_program(program.clone());
-                vm.set_max_instructions(MAX_INSTRUCTIONS);
-                vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
+                // A poisoned pool (a panic elsewhere while it was held) only
+                // costs the reuse: a fresh VM is made.
+                let pooled = self.vms.lock().ok().and_then(|mut p| p.pop());
+                let mut vm = match pooled {
+                    Some(vm) => vm,
+                    None => {
+                        let mut vm = RegoVM::new_with_policy(self.compiled.clone());
+                        vm.load_program(program.clone());
+                        vm.set_max_instructions(MAX_INSTRUCTIONS);
+                        vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
+                        vm
+                    }
+                };
                 vm.set_input(input);
-                vm.execute().map_err(|e| e.to_string())
+                let out = vm.execute().map_err(|e| e.to_string());
+                // Drop the input now rather than keep it alive in the pool.
+                vm.set_input(regorus::Value::Null);
+                if let Ok(mut pool) = self.vms.lock()
+                    && pool.len() < VM_POOL
+                {
+                    pool.push(vm);
+                }
+                out
             }
             None => self.compiled.eval_with_input(input).map_err(|e| e.to_string()),
         }
