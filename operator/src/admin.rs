@@ -29,6 +29,19 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Labels of admission metrics: which webhook, and allowed | patched | denied.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub webhook: &'static str,
+    pub result: &'static str,
+}
+
+/// Labels of the admission latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub webhook: &'static str,
+}
+
 /// The operator's metrics. Labels never carry object names (unbounded series).
 #[derive(Debug)]
 pub struct Metrics {
@@ -36,6 +49,8 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_seconds: Family<KindLabels, Histogram>,
     pub leader: Gauge,
+    pub admissions: Family<AdmissionLabels, Counter>,
+    pub admission_seconds: Family<WebhookLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -61,16 +76,41 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease and runs the reconcilers",
             leader.clone(),
         );
+        let admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "admissions",
+            "Admission requests answered, by webhook and result (allowed, patched, denied)",
+            admissions.clone(),
+        );
+        let admission_seconds = Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one admission request",
+            admission_seconds.clone(),
+        );
         Self {
             registry,
             reconciles,
             reconcile_seconds,
             leader,
+            admissions,
+            admission_seconds,
         }
     }
 }
 
 impl Metrics {
+    pub fn observe_admission(&self, webhook: &'static str, result: &'static str, elapsed: Duration) {
+        self.admissions
+            .get_or_create(&AdmissionLabels { webhook, result })
+            .inc();
+        self.admission_seconds
+            .get_or_create(&WebhookLabels { webhook })
+            .observe(elapsed.as_secs_f64());
+    }
+
     pub fn observe(&self, kind: &'static str, result: &'static str, elapsed: Duration) {
         self.reconciles.get_or_create(&ReconcileLabels { kind, result }).inc();
         self.reconcile_seconds

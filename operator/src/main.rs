@@ -1,10 +1,11 @@
 //! `mandate-operator`: reconciles Mandate's custom resources.
 //!
-//! Every replica serves the admin port; one, elected on a Lease, runs the
-//! reconcilers. (Admission webhooks, the SPIFFE CA and policy distribution
-//! arrive with later issues.)
+//! Every replica serves the admin port and the admission webhooks; one,
+//! elected on a Lease, runs the reconcilers. (The SPIFFE CA and policy
+//! distribution arrive with later issues.)
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use mandate_operator::admin::{self, AdminState, Metrics, shutdown_signal};
 use mandate_operator::controllers::{self, Context};
 use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use mandate_operator::leader::{self, Elector};
+use mandate_operator::webhook::{self, WebhookState, inject::InjectConfig, tls};
 use tokio::sync::watch;
 
 /// Mandate's operator: compiles and versions AgentPolicies, resolves
@@ -64,6 +66,91 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "MANDATE_LOG_JSON")]
     log_json: bool,
+
+    /// The operator's own namespace: its generated webhook certificate lives
+    /// here, and its pods are never injected.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mandate-system")]
+    operator_namespace: String,
+
+    /// The operator's Kubernetes user (the only one that may expire
+    /// approvals). Default: its service account `mandate-operator`.
+    #[arg(long, env = "MANDATE_OPERATOR_USER")]
+    operator_user: Option<String>,
+
+    /// Address of the admission webhooks (HTTPS).
+    #[arg(long, env = "MANDATE_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+
+    /// Serve no admission webhooks from this process.
+    #[arg(long, env = "MANDATE_NO_WEBHOOKS")]
+    no_webhooks: bool,
+
+    /// Serve this certificate (a directory with tls.crt, tls.key and
+    /// optionally ca.crt, e.g. a mounted cert-manager Secret), re-read when
+    /// it changes, instead of generating one.
+    #[arg(long, env = "MANDATE_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+
+    /// Secret (in the operator's namespace) holding the generated webhook CA
+    /// and serving certificate, shared by the replicas.
+    #[arg(long, env = "MANDATE_WEBHOOK_SECRET", default_value = "mandate-webhook-tls")]
+    webhook_secret: String,
+
+    /// DNS names and IP addresses of the generated certificate (default: the
+    /// `mandate-webhook` Service's names in the operator's namespace).
+    #[arg(long = "webhook-san", env = "MANDATE_WEBHOOK_SANS", value_delimiter = ',')]
+    webhook_sans: Vec<String>,
+
+    /// MutatingWebhookConfigurations whose caBundle the operator keeps current.
+    #[arg(
+        long = "mutating-webhook-configuration",
+        env = "MANDATE_MUTATING_WEBHOOK_CONFIGURATIONS",
+        value_delimiter = ',',
+        default_value = "mandate"
+    )]
+    mutating_configurations: Vec<String>,
+
+    /// ValidatingWebhookConfigurations whose caBundle the operator keeps current.
+    #[arg(
+        long = "validating-webhook-configuration",
+        env = "MANDATE_VALIDATING_WEBHOOK_CONFIGURATIONS",
+        value_delimiter = ',',
+        default_value = "mandate"
+    )]
+    validating_configurations: Vec<String>,
+
+    /// Leave caBundle alone (cert-manager's CA injector writes it).
+    #[arg(long, env = "MANDATE_NO_CA_BUNDLE_PATCH")]
+    no_ca_bundle_patch: bool,
+
+    /// How often to look for a new certificate and repair caBundles, in seconds.
+    #[arg(long, env = "MANDATE_WEBHOOK_CERT_RELOAD_SECONDS", default_value_t = 10)]
+    webhook_cert_reload_seconds: u64,
+
+    /// YAML file of injection settings (images, ports, resources...); see
+    /// InjectConfig. Flags below override it.
+    #[arg(long, env = "MANDATE_INJECT_CONFIG")]
+    inject_config: Option<PathBuf>,
+
+    /// Envoy image injected into agent pods.
+    #[arg(long, env = "MANDATE_ENVOY_IMAGE")]
+    envoy_image: Option<String>,
+
+    /// mandate-sidecar image injected into agent pods.
+    #[arg(long, env = "MANDATE_SIDECAR_IMAGE")]
+    sidecar_image: Option<String>,
+
+    /// Inject native sidecars (restartable init containers): `auto` when the
+    /// cluster is Kubernetes 1.29 or later.
+    #[arg(long, env = "MANDATE_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
+    native_sidecars: NativeSidecars,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NativeSidecars {
+    Auto,
+    Always,
+    Never,
 }
 
 #[tokio::main]
@@ -93,7 +180,19 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+
+    let webhooks_synced = if args.no_webhooks {
+        None
+    } else {
+        Some(start_webhooks(&args, &client, metrics.clone()).await?)
+    };
     wait_for_crds(&client, &args.watch_namespace).await;
+    if let Some(synced) = &webhooks_synced {
+        // Ready only once the webhooks can tell agent pods from others.
+        while !synced.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     state.ready.store(true, Ordering::Relaxed);
 
     let elector = Elector::new(
@@ -159,6 +258,109 @@ async fn main() -> anyhow::Result<()> {
             res.map(|_| ())
         }
     }
+}
+
+/// Serve the admission webhooks (every replica does), with their certificate
+/// kept current. Returns the flag that turns true once they can decide.
+async fn start_webhooks(
+    args: &Args,
+    client: &Client,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<std::sync::atomic::AtomicBool>> {
+    let mut inject = match &args.inject_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_yaml::from_str::<InjectConfig>(&text)
+                .with_context(|| format!("{} is not a valid injection config", path.display()))?
+        }
+        None => InjectConfig::default(),
+    };
+    if let Some(i) = &args.envoy_image {
+        inject.envoy_image = i.clone();
+    }
+    if let Some(i) = &args.sidecar_image {
+        inject.sidecar_image = i.clone();
+    }
+    let native_sidecars = match args.native_sidecars {
+        NativeSidecars::Always => true,
+        NativeSidecars::Never => false,
+        NativeSidecars::Auto => {
+            let v = client
+                .apiserver_version()
+                .await
+                .context("asking the apiserver for its version")?;
+            let minor: u32 = v
+                .minor
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap_or(0);
+            v.major == "1" && minor >= 29
+        }
+    };
+    tracing::info!(native_sidecars, "sidecar injection mode");
+
+    let source = match &args.webhook_cert_dir {
+        Some(dir) => tls::Source::Files(dir.clone()),
+        None => {
+            let sans = if args.webhook_sans.is_empty() {
+                let ns = &args.operator_namespace;
+                vec![
+                    format!("mandate-webhook.{ns}.svc"),
+                    format!("mandate-webhook.{ns}.svc.cluster.local"),
+                ]
+            } else {
+                args.webhook_sans.clone()
+            };
+            tls::Source::Generated {
+                namespace: args.operator_namespace.clone(),
+                secret: args.webhook_secret.clone(),
+                sans,
+            }
+        }
+    };
+    let material = source
+        .load(client)
+        .await
+        .context("obtaining the webhook serving certificate")?;
+    let certs = Arc::new(tls::CertStore::new(material).context("the webhook serving certificate")?);
+    let ca_bundles = (!args.no_ca_bundle_patch).then(|| {
+        (
+            args.mutating_configurations.clone(),
+            args.validating_configurations.clone(),
+        )
+    });
+    tokio::spawn(tls::keep_current(
+        client.clone(),
+        source,
+        certs.clone(),
+        Duration::from_secs(args.webhook_cert_reload_seconds.max(1)),
+        ca_bundles,
+    ));
+
+    let (identities, namespaces, synced) = webhook::stores(client);
+    let state = WebhookState {
+        inject: Arc::new(inject),
+        trust_domain: args.trust_domain.clone(),
+        operator_namespace: args.operator_namespace.clone(),
+        operator_user: args
+            .operator_user
+            .clone()
+            .unwrap_or_else(|| format!("system:serviceaccount:{}:mandate-operator", args.operator_namespace)),
+        native_sidecars,
+        identities,
+        namespaces,
+        synced: synced.clone(),
+        metrics,
+    };
+    let app = webhook::router(state);
+    let addr = args.webhook_addr;
+    tokio::spawn(async move {
+        if let Err(e) = webhook::serve(addr, certs, app, std::future::pending()).await {
+            tracing::error!(error = %e, "the webhook server stopped");
+            std::process::exit(1);
+        }
+    });
+    Ok(synced)
 }
 
 /// Wait (logging, with growing pauses) until the API answers for Mandate's CRDs.

@@ -54,6 +54,8 @@ pub struct LoadedPolicy {
     vms: Arc<std::sync::Mutex<Vec<RegoVM>>>,
     /// `input.policy` for this policy, built once.
     policy_value: regorus::Value,
+    /// Hosts declared in `egress` with `tls: true` (exact, or `*.suffix`).
+    pub tls_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -106,8 +108,15 @@ impl LoadedPolicy {
             .map(|d| regorus::Value::from(d.clone()))
             .unwrap_or_else(regorus::Value::new_object);
         let policy_value = regorus::Value::from(serde_json::json!({"name": name, "version": checked.version}));
+        let tls_hosts = spec
+            .egress
+            .iter()
+            .filter(|e| e.tls)
+            .map(|e| e.host.to_ascii_lowercase())
+            .collect();
         Ok(Self {
             policy_value,
+            tls_hosts,
             program,
             data,
             vms: Arc::default(),
@@ -349,6 +358,25 @@ impl PolicySet {
             decision.reason = "allowed by every policy".into();
         }
         decision
+    }
+}
+
+impl PolicySet {
+    /// Whether a policy in force declares `host` (an authority, port or not)
+    /// as an egress destination Envoy reaches over TLS.
+    pub fn originates_tls(&self, authority: &str) -> bool {
+        let host = match authority.rsplit_once(':') {
+            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => authority,
+        }
+        .to_ascii_lowercase();
+        self.policies
+            .iter()
+            .flat_map(|p| &p.tls_hosts)
+            .any(|pattern| match pattern.strip_prefix("*.") {
+                Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+                None => *pattern == host,
+            })
     }
 }
 

@@ -27,7 +27,7 @@ use mandate_sidecar::server::Authz;
 struct Args {
     /// AgentPolicy YAML files or directories of them (the files you would
     /// `kubectl apply`); re-read when they change.
-    #[arg(long = "policy", required = true, num_args = 1.., value_delimiter = ',', env = "MANDATE_POLICY")]
+    #[arg(long = "policy", required_unless_present = "wait_ready", num_args = 1.., value_delimiter = ',', env = "MANDATE_POLICY")]
     policies: Vec<PathBuf>,
 
     /// gRPC address for Envoy's ext_authz (keep it on loopback).
@@ -39,7 +39,7 @@ struct Args {
     listen_unix: Option<PathBuf>,
 
     /// Serve ext_authz on the unix socket only, with no TCP listener.
-    #[arg(long, env = "MANDATE_NO_TCP", requires = "listen_unix")]
+    #[arg(long, env = "MANDATE_NO_TCP")]
     no_tcp: bool,
 
     /// Which evaluator runs policies: `auto` uses regorus' bytecode VM for
@@ -77,6 +77,29 @@ struct Args {
     #[arg(long, env = "MANDATE_AGENT_IDENTITY")]
     agent_identity: Option<String>,
 
+    /// The agent pod's namespace (input.agent.namespace).
+    #[arg(long, env = "MANDATE_AGENT_NAMESPACE")]
+    agent_namespace: Option<String>,
+
+    /// The agent pod's name (input.agent.pod).
+    #[arg(long, env = "MANDATE_AGENT_POD")]
+    agent_pod: Option<String>,
+
+    /// The agent pod's service account (input.agent.service_account).
+    #[arg(long, env = "MANDATE_AGENT_SERVICE_ACCOUNT")]
+    agent_service_account: Option<String>,
+
+    /// Do not serve: wait until every one of these URLs answers 200 (e.g.
+    /// this sidecar's /readyz and Envoy's readiness), then exit 0; exit 1
+    /// after --wait-timeout-seconds. The injected postStart hook uses it so
+    /// the agent starts only behind a ready proxy.
+    #[arg(long, value_delimiter = ',')]
+    wait_ready: Vec<String>,
+
+    /// How long --wait-ready waits.
+    #[arg(long, default_value_t = 120)]
+    wait_timeout_seconds: u64,
+
     /// Diagnostics filter (tracing EnvFilter syntax), written to stderr.
     #[arg(long, env = "MANDATE_LOG", default_value = "info")]
     log: String,
@@ -85,6 +108,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.wait_ready.is_empty() {
+        return wait_ready(&args.wait_ready, Duration::from_secs(args.wait_timeout_seconds)).await;
+    }
+    if args.no_tcp && args.listen_unix.is_none() {
+        anyhow::bail!("--no-tcp needs --listen-unix: ext_authz must be served somewhere");
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
@@ -127,7 +156,9 @@ async fn main() -> anyhow::Result<()> {
         agent: Agent {
             spiffe_id: args.agent_spiffe_id.clone(),
             identity: args.agent_identity.clone(),
-            ..Agent::default()
+            namespace: args.agent_namespace.clone(),
+            pod: args.agent_pod.clone(),
+            service_account: args.agent_service_account.clone(),
         },
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
@@ -180,6 +211,30 @@ async fn main() -> anyhow::Result<()> {
     }
     while let Some(done) = servers.join_next().await {
         done.context("an ext_authz server task failed")??;
+    }
+    Ok(())
+}
+
+/// Poll plain-HTTP `urls` until each answers 200, or fail at `timeout`.
+async fn wait_ready(urls: &[String], timeout: Duration) -> anyhow::Result<()> {
+    use http_body_util::Empty;
+    let client: hyper_util::client::legacy::Client<_, Empty<hyper::body::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let deadline = tokio::time::Instant::now() + timeout;
+    for url in urls {
+        let uri: hyper::Uri = url.parse().with_context(|| format!("--wait-ready: bad URL {url}"))?;
+        loop {
+            let ok = tokio::time::timeout(Duration::from_secs(1), client.get(uri.clone()))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|r| r.status() == hyper::StatusCode::OK));
+            if ok {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("{url} did not answer 200 within {}s", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -22,6 +23,11 @@ use crate::metrics::Metrics;
 
 /// Header carrying the decision id, to the upstream and back to the agent.
 pub const DECISION_HEADER: &str = "x-mandate-decision-id";
+
+/// Header telling Envoy's route table (as Mandate injects it) to originate
+/// TLS to the upstream: set, always overwriting what the agent sent, on
+/// every allowed request.
+pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";
 
 /// The Check service.
 #[derive(Debug, Clone)]
@@ -104,7 +110,17 @@ impl Authz {
             };
         }
         self.metrics.observe(&decision, latency);
-        let resp = respond(&id, &decision);
+        let tls =
+            decision.allow && !summary.method.eq_ignore_ascii_case("CONNECT") && set.originates_tls(&summary.host);
+        let mut resp = respond(&id, &decision);
+        if decision.allow
+            && let Some(HttpResponse::OkResponse(ok)) = resp.http_response.as_mut()
+        {
+            ok.headers.push(HeaderValueOption {
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..header(UPSTREAM_TLS_HEADER, if tls { "true" } else { "false" })
+            });
+        }
         (id, decision, resp)
     }
 }

@@ -1,0 +1,730 @@
+//! What the pod webhook adds to an agent pod: Envoy as the agent's egress
+//! proxy, mandate-sidecar as Envoy's ext_authz, their volumes, and the proxy
+//! environment on the agent's containers. Pure functions of the pod and the
+//! configuration, so the same pod always gets the same patch.
+
+use std::collections::BTreeMap;
+
+use json_patch::{AddOperation, PatchOperation};
+use jsonptr::PointerBuf;
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Names of what Mandate injects; a pod may not use them for its own containers.
+pub const ENVOY_CONTAINER: &str = "mandate-envoy";
+pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
+pub const RUN_VOLUME: &str = "mandate-run";
+pub const POLICY_VOLUME: &str = "mandate-policies";
+/// Annotation marking a pod as injected (its value: the injection's digest).
+pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";
+/// Annotation naming the AgentIdentity the pod was injected as.
+pub const IDENTITY_ANNOTATION: &str = "mandate.dev/identity";
+/// Annotation listing proxy variables the pod set itself and kept.
+pub const PROXY_WARNING_ANNOTATION: &str = "mandate.dev/proxy-env-warning";
+/// Annotation choosing the ConfigMap of policy files the sidecar reads
+/// (until the operator pushes policies).
+pub const POLICY_CONFIGMAP_ANNOTATION: &str = "mandate.dev/policy-configmap";
+/// Label opting a pod in without an AgentIdentity selecting it.
+pub const INJECT_LABEL: &str = "mandate.dev/inject";
+
+/// The proxy variables set on the agent's containers (both spellings: tools
+/// differ in which they read).
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+];
+
+/// How pods are injected. Loaded from `--inject-config` (YAML); every field
+/// has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct InjectConfig {
+    pub envoy_image: String,
+    pub sidecar_image: String,
+    pub image_pull_policy: String,
+    /// Path of the Envoy binary in its image.
+    pub envoy_command: String,
+    /// Path of mandate-sidecar in its image.
+    pub sidecar_command: String,
+    /// Envoy's egress (forward proxy) listener, on loopback.
+    pub proxy_port: u16,
+    /// Envoy's admin, on loopback.
+    pub envoy_admin_port: u16,
+    /// Envoy's readiness listener, on the pod IP (for kubelet's probes).
+    pub envoy_health_port: u16,
+    /// mandate-sidecar's /livez, /readyz and /metrics, on the pod IP.
+    pub sidecar_admin_port: u16,
+    /// Longest one policy evaluation may run.
+    pub eval_timeout_ms: u64,
+    /// How long Envoy waits for a decision before denying.
+    pub authz_timeout_ms: u64,
+    /// Largest request body Envoy buffers for policy to inspect.
+    pub max_request_bytes: u32,
+    /// CA certificates Envoy verifies TLS-originated upstreams against.
+    pub upstream_ca_file: String,
+    /// ConfigMap (in the pod's namespace) of AgentPolicy files the sidecar
+    /// reads, unless the pod's `mandate.dev/policy-configmap` names another.
+    pub policy_configmap: String,
+    pub envoy_resources: ResourceRequirements,
+    pub sidecar_resources: ResourceRequirements,
+    /// UID the injected containers run as.
+    pub run_as_user: i64,
+}
+
+fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.into())),
+            ("memory".to_string(), Quantity(memory.into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity(memory_limit.into()))])),
+        ..ResourceRequirements::default()
+    }
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            envoy_image: "mandate.local/envoy:1.40.0".into(),
+            sidecar_image: "mandate.local/sidecar:dev".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            envoy_command: "/usr/local/bin/envoy".into(),
+            sidecar_command: "/usr/local/bin/mandate-sidecar".into(),
+            proxy_port: 15001,
+            envoy_admin_port: 15000,
+            envoy_health_port: 15021,
+            sidecar_admin_port: 15020,
+            eval_timeout_ms: 50,
+            authz_timeout_ms: 1000,
+            max_request_bytes: 1024 * 1024,
+            upstream_ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
+            policy_configmap: "mandate-policies".into(),
+            envoy_resources: resources("50m", "64Mi", "256Mi"),
+            sidecar_resources: resources("20m", "32Mi", "128Mi"),
+            run_as_user: 65532,
+        }
+    }
+}
+
+/// Who the pod is, as far as injection is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRef {
+    /// The AgentIdentity selecting the pod, if any (opt-in pods may have none).
+    pub identity: Option<String>,
+    /// Its resolved SPIFFE ID.
+    pub spiffe_id: Option<String>,
+}
+
+/// Why a pod cannot be injected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InjectError {
+    #[error("the pod has no containers")]
+    NoContainers,
+    #[error(
+        "the pod uses hostNetwork; Mandate's proxy listens on the pod's loopback and cannot mediate a pod on the node's network"
+    )]
+    HostNetwork,
+    #[error("container name '{0}' is reserved for what Mandate injects; rename the pod's container")]
+    ReservedName(String),
+    #[error("volume name '{0}' is reserved for what Mandate injects; rename the pod's volume")]
+    ReservedVolume(String),
+    #[error(
+        "the pod carries {INJECTED_ANNOTATION} but its Mandate containers are not the ones Mandate injects; remove them and the annotation and let the webhook inject"
+    )]
+    Forged,
+    #[error("cannot build the patch: {0}")]
+    Patch(String),
+}
+
+/// The result of injecting a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    pub patch: Vec<PatchOperation>,
+    /// Proxy variables the pod set itself (kept, not overridden).
+    pub warnings: Vec<String>,
+}
+
+/// Whether `pod` already holds Mandate's containers (by name).
+fn has_our_containers(pod: &Pod) -> Vec<String> {
+    let Some(spec) = &pod.spec else { return vec![] };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .map(|c| c.name.clone())
+        .filter(|n| n == ENVOY_CONTAINER || n == SIDECAR_CONTAINER)
+        .collect()
+}
+
+/// The two containers and the digest that marks them, for this pod.
+pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidecars: bool) -> (Container, Container) {
+    let security = SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(cfg.run_as_user),
+        run_as_group: Some(cfg.run_as_user),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    };
+    let http_probe = |path: &str, port: u16, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(port)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Probe::default()
+    };
+    let run_mount = VolumeMount {
+        name: RUN_VOLUME.into(),
+        mount_path: "/var/run/mandate".into(),
+        ..VolumeMount::default()
+    };
+    let field = |path: &str| EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.into(),
+            api_version: None,
+        }),
+        ..EnvVarSource::default()
+    };
+    let env = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    };
+
+    let mut envoy = Container {
+        name: ENVOY_CONTAINER.into(),
+        image: Some(cfg.envoy_image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        command: Some(vec![cfg.envoy_command.clone()]),
+        args: Some(vec![
+            "--config-yaml".into(),
+            envoy_bootstrap(cfg),
+            "--log-level".into(),
+            "warn".into(),
+            "--disable-hot-restart".into(),
+            "--concurrency".into(),
+            "2".into(),
+        ]),
+        ports: None,
+        readiness_probe: Some(http_probe("/healthz/ready", cfg.envoy_health_port, 2, 3)),
+        resources: Some(cfg.envoy_resources.clone()),
+        security_context: Some(security.clone()),
+        volume_mounts: Some(vec![run_mount.clone()]),
+        ..Container::default()
+    };
+    let mut sidecar_env = vec![
+        env("MANDATE_POLICY", "/etc/mandate/policies"),
+        env("MANDATE_LISTEN_UNIX", AUTHZ_SOCKET),
+        env("MANDATE_NO_TCP", "true"),
+        env("MANDATE_ADMIN_LISTEN", &format!("0.0.0.0:{}", cfg.sidecar_admin_port)),
+        env("MANDATE_EVAL_TIMEOUT_MS", &cfg.eval_timeout_ms.to_string()),
+        env("MANDATE_MAX_BODY_BYTES", &cfg.max_request_bytes.to_string()),
+        EnvVar {
+            name: "MANDATE_AGENT_NAMESPACE".into(),
+            value: None,
+            value_from: Some(field("metadata.namespace")),
+        },
+        EnvVar {
+            name: "MANDATE_AGENT_POD".into(),
+            value: None,
+            value_from: Some(field("metadata.name")),
+        },
+        EnvVar {
+            name: "MANDATE_AGENT_SERVICE_ACCOUNT".into(),
+            value: None,
+            value_from: Some(field("spec.serviceAccountName")),
+        },
+    ];
+    if let Some(id) = &agent.identity {
+        sidecar_env.push(env("MANDATE_AGENT_IDENTITY", id));
+    }
+    if let Some(id) = &agent.spiffe_id {
+        sidecar_env.push(env("MANDATE_AGENT_SPIFFE_ID", id));
+    }
+    let mut sidecar = Container {
+        name: SIDECAR_CONTAINER.into(),
+        image: Some(cfg.sidecar_image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        command: Some(vec![cfg.sidecar_command.clone()]),
+        env: Some(sidecar_env),
+        readiness_probe: Some(http_probe("/readyz", cfg.sidecar_admin_port, 2, 3)),
+        liveness_probe: Some(http_probe("/livez", cfg.sidecar_admin_port, 10, 3)),
+        resources: Some(cfg.sidecar_resources.clone()),
+        security_context: Some(security),
+        volume_mounts: Some(vec![
+            run_mount,
+            VolumeMount {
+                name: POLICY_VOLUME.into(),
+                mount_path: "/etc/mandate/policies".into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    if native_sidecars {
+        // Native sidecars (Kubernetes >= 1.29): restartable init containers;
+        // kubelet starts the next container only once this one's startup
+        // probe passes, so the agent starts behind a ready proxy.
+        for (c, probe) in [
+            (&mut envoy, http_probe("/healthz/ready", cfg.envoy_health_port, 1, 60)),
+            (&mut sidecar, http_probe("/readyz", cfg.sidecar_admin_port, 1, 60)),
+        ] {
+            c.restart_policy = Some("Always".into());
+            c.startup_probe = Some(probe);
+        }
+    } else {
+        // Older clusters: ordinary containers, first in the list. kubelet
+        // starts containers in order and waits for a postStart hook before
+        // the next one, so the agent's containers start only once the
+        // sidecar (and, through it, Envoy) answer ready.
+        sidecar.lifecycle = Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        cfg.sidecar_command.clone(),
+                        "--wait-ready".into(),
+                        format!(
+                            "http://127.0.0.1:{}/readyz,http://127.0.0.1:{}/healthz/ready",
+                            cfg.sidecar_admin_port, cfg.envoy_health_port
+                        ),
+                    ]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        });
+    }
+    (envoy, sidecar)
+}
+
+fn policy_configmap(pod: &Pod, cfg: &InjectConfig) -> String {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POLICY_CONFIGMAP_ANNOTATION))
+        .cloned()
+        .unwrap_or_else(|| cfg.policy_configmap.clone())
+}
+
+fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: RUN_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("16Mi".into())),
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: POLICY_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: policy_configmap(pod, cfg),
+                // A missing ConfigMap leaves the sidecar without policy: not
+                // Ready, and every request denied.
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ]
+}
+
+/// Envoy's bootstrap: an HTTP forward proxy on loopback whose every request
+/// (CONNECT included) is decided by the sidecar over its unix socket, with
+/// `failure_mode_allow: false`. The sidecar's answer steers the request to
+/// a plain, a TLS-originating or a tunnelling upstream, so the bootstrap
+/// never changes when policies do.
+pub fn envoy_bootstrap(cfg: &InjectConfig) -> String {
+    envoy_bootstrap_at(cfg, AUTHZ_SOCKET, "0.0.0.0")
+}
+
+/// Where the sidecar serves ext_authz in an injected pod.
+pub const AUTHZ_SOCKET: &str = "/var/run/mandate/authz.sock";
+
+/// [`envoy_bootstrap`] with the ext_authz socket and the readiness
+/// listener's address chosen (tests run it outside a pod).
+pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address: &str) -> String {
+    let dfp_cache = json!({
+        "name": "egress_dns",
+        "dns_lookup_family": "V4_PREFERRED",
+        "max_hosts": 4096,
+    });
+    let dfp_cluster = |name: &str, tls: bool| {
+        let mut c = json!({
+            "name": name,
+            "connect_timeout": "5s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                    "dns_cache_config": dfp_cache,
+                },
+            },
+        });
+        if tls && let Some(m) = c.as_object_mut() {
+            m.insert(
+                "transport_socket".into(),
+                json!({
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "common_tls_context": {
+                            "validation_context": {"trusted_ca": {"filename": cfg.upstream_ca_file}},
+                        },
+                    },
+                }),
+            );
+            m.insert(
+                "typed_extension_protocol_options".into(),
+                json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                        "explicit_http_config": {"http_protocol_options": {}},
+                    },
+                }),
+            );
+        }
+        c
+    };
+    let bootstrap = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy_admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "egress",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.proxy_port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "egress",
+                            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                            "route_config": {
+                                "name": "egress",
+                                "virtual_hosts": [{
+                                    "name": "egress",
+                                    "domains": ["*"],
+                                    "routes": [
+                                        {"match": {"connect_matcher": {}},
+                                         "route": {"cluster": "egress_tunnel",
+                                                   "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+                                         // A tunnel's stream never ends: decide on
+                                         // host and port without waiting for a body.
+                                         "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+                                             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                                             "check_settings": {"disable_request_body_buffering": true}}}},
+                                        {"match": {"prefix": "/", "headers": [
+                                            {"name": crate::webhook::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
+                                         "route": {"cluster": "egress_tls", "timeout": "60s"}},
+                                        {"match": {"prefix": "/"},
+                                         "route": {"cluster": "egress_plain", "timeout": "60s"}},
+                                    ],
+                                }],
+                            },
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.ext_authz",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                                        "transport_api_version": "V3",
+                                        "failure_mode_allow": false,
+                                        "clear_route_cache": true,
+                                        "status_on_error": {"code": 403},
+                                        "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
+                                        "grpc_service": {
+                                            "envoy_grpc": {"cluster_name": "mandate_authz"},
+                                            "timeout": format!("{}s", cfg.authz_timeout_ms as f64 / 1000.0),
+                                        },
+                                    },
+                                },
+                                {
+                                    "name": "envoy.filters.http.dynamic_forward_proxy",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                                        "dns_cache_config": dfp_cache,
+                                    },
+                                },
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                                },
+                            ],
+                        },
+                    }]}],
+                },
+                {
+                    // Readiness for kubelet, answered by Envoy's own /ready;
+                    // nothing else is reachable here.
+                    "name": "health",
+                    "address": {"socket_address": {"address": health_address, "port_value": cfg.envoy_health_port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "health",
+                            "route_config": {"virtual_hosts": [{
+                                "name": "health",
+                                "domains": ["*"],
+                                "routes": [{"match": {"path": "/healthz/ready"},
+                                            "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}}],
+                            }]},
+                            "http_filters": [{
+                                "name": "envoy.filters.http.router",
+                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                            }],
+                        },
+                    }]}],
+                },
+            ],
+            "clusters": [
+                {
+                    "name": "mandate_authz",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        },
+                    },
+                    "load_assignment": {"cluster_name": "mandate_authz", "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"pipe": {"path": authz_socket}}}}]}]},
+                },
+                {
+                    "name": "envoy_admin",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy_admin_port}}}}]}]},
+                },
+                dfp_cluster("egress_plain", false),
+                dfp_cluster("egress_tls", true),
+                dfp_cluster("egress_tunnel", false),
+            ],
+        },
+    });
+    bootstrap.to_string()
+}
+
+/// A digest of what is injected for this pod, so a re-invocation (or an
+/// already injected pod) is recognised and a forged one is not.
+pub fn digest(envoy: &Container, sidecar: &Container, volumes: &[Volume]) -> String {
+    use sha2::Digest as _;
+    let canonical = json!([envoy, sidecar, volumes]).to_string();
+    let hash = sha2::Sha256::digest(canonical.as_bytes());
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn reserved_volume(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .find(|n| n == RUN_VOLUME || n == POLICY_VOLUME)
+}
+
+/// Whether the pod holds exactly what Mandate injects for it now (its
+/// marker, both containers as generated, its volumes). Used for re-invoked
+/// and already-injected pods, and by the admission guard.
+pub fn injected_as_expected(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidecars: bool) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
+    let find = |name: &str| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == name)
+    };
+    // The apiserver defaults fields we leave unset (terminationMessagePath,
+    // probe thresholds...), so compare what we set, field by field.
+    let same = |ours: &Container, theirs: Option<&Container>| {
+        theirs.is_some_and(|t| {
+            t.image == ours.image
+                && t.command == ours.command
+                && t.args == ours.args
+                && t.env == ours.env
+                && t.volume_mounts == ours.volume_mounts
+                && t.security_context == ours.security_context
+                && t.restart_policy == ours.restart_policy
+                && t.lifecycle.as_ref().map(|l| &l.post_start) == ours.lifecycle.as_ref().map(|l| &l.post_start)
+        })
+    };
+    let marker = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INJECTED_ANNOTATION));
+    let want = digest(&envoy, &sidecar, &volumes(pod, cfg));
+    marker == Some(&want) && same(&envoy, find(ENVOY_CONTAINER)) && same(&sidecar, find(SIDECAR_CONTAINER))
+}
+
+fn add(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation { path, value })
+}
+
+fn ptr(tokens: &[&str]) -> PointerBuf {
+    PointerBuf::from_tokens(tokens.iter().copied())
+}
+
+/// The patch that injects `pod`; `Ok(None)` when it already is injected as
+/// it would be now (re-invocation, or a pod created twice from one spec).
+pub fn inject(
+    pod: &Pod,
+    cfg: &InjectConfig,
+    agent: &AgentRef,
+    native_sidecars: bool,
+) -> Result<Option<Injection>, InjectError> {
+    let spec = pod.spec.as_ref().ok_or(InjectError::NoContainers)?;
+    if spec.containers.is_empty() {
+        return Err(InjectError::NoContainers);
+    }
+    if spec.host_network == Some(true) {
+        return Err(InjectError::HostNetwork);
+    }
+    let ours = has_our_containers(pod);
+    let marked = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+    if marked || !ours.is_empty() {
+        if injected_as_expected(pod, cfg, agent, native_sidecars) {
+            return Ok(None);
+        }
+        return Err(match ours.into_iter().next() {
+            Some(name) if !marked => InjectError::ReservedName(name),
+            _ => InjectError::Forged,
+        });
+    }
+    if let Some(v) = reserved_volume(pod) {
+        return Err(InjectError::ReservedVolume(v));
+    }
+
+    let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
+    let vols = volumes(pod, cfg);
+    let to_value = |v: &dyn erased::Ser| v.value().map_err(|e| InjectError::Patch(e.to_string()));
+    let mut patch = Vec::new();
+    let mut warnings = Vec::new();
+
+    // 1. Proxy variables on the agent's containers (indices before ours are
+    //    prepended). A value the pod set itself is kept, with a warning.
+    let proxy = format!("http://127.0.0.1:{}", cfg.proxy_port);
+    let no_proxy = "localhost,127.0.0.1,::1".to_string();
+    for (i, c) in spec.containers.iter().enumerate() {
+        let idx = i.to_string();
+        let mut missing = Vec::new();
+        for var in PROXY_VARS {
+            let value = if var.eq_ignore_ascii_case("NO_PROXY") {
+                no_proxy.clone()
+            } else {
+                proxy.clone()
+            };
+            if c.env.iter().flatten().any(|e| e.name == var) {
+                warnings.push(format!(
+                    "container {} sets {var} itself; Mandate kept its value, so its traffic may not pass through Mandate's proxy",
+                    c.name
+                ));
+            } else {
+                missing.push(EnvVar {
+                    name: var.into(),
+                    value: Some(value),
+                    value_from: None,
+                });
+            }
+        }
+        if c.env.is_none() {
+            patch.push(add(ptr(&["spec", "containers", &idx, "env"]), to_value(&missing)?));
+        } else {
+            for e in missing {
+                patch.push(add(ptr(&["spec", "containers", &idx, "env", "-"]), to_value(&e)?));
+            }
+        }
+    }
+
+    // 2. Our containers, first: as native sidecars, or at the head of the
+    //    containers list.
+    let list = if native_sidecars {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    let existing = if native_sidecars {
+        spec.init_containers.as_ref()
+    } else {
+        Some(&spec.containers)
+    };
+    if existing.is_none() {
+        patch.push(add(ptr(&["spec", list]), to_value(&vec![&envoy, &sidecar])?));
+    } else {
+        patch.push(add(ptr(&["spec", list, "0"]), to_value(&envoy)?));
+        patch.push(add(ptr(&["spec", list, "1"]), to_value(&sidecar)?));
+    }
+
+    // 3. Volumes.
+    if spec.volumes.is_none() {
+        patch.push(add(ptr(&["spec", "volumes"]), to_value(&vols)?));
+    } else {
+        for v in &vols {
+            patch.push(add(ptr(&["spec", "volumes", "-"]), to_value(v)?));
+        }
+    }
+
+    // 4. The marker, the identity, and any warning, as annotations.
+    let mut notes = BTreeMap::new();
+    notes.insert(INJECTED_ANNOTATION.to_string(), digest(&envoy, &sidecar, &vols));
+    if let Some(id) = &agent.identity {
+        notes.insert(IDENTITY_ANNOTATION.to_string(), id.clone());
+    }
+    if !warnings.is_empty() {
+        notes.insert(PROXY_WARNING_ANNOTATION.to_string(), warnings.join("; "));
+    }
+    if pod.metadata.annotations.is_none() {
+        patch.push(add(ptr(&["metadata", "annotations"]), to_value(&notes)?));
+    } else {
+        for (k, v) in notes {
+            patch.push(add(ptr(&["metadata", "annotations", &k]), Value::String(v)));
+        }
+    }
+    Ok(Some(Injection { patch, warnings }))
+}
+
+/// Serialising a patch value without naming its type at each call site.
+mod erased {
+    pub trait Ser {
+        fn value(&self) -> Result<serde_json::Value, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
+            serde_json::to_value(self)
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! Admission webhooks, served over TLS by every operator replica:
+//!
+//! - `/mutate/pods`: inject Envoy + mandate-sidecar into agent pods;
+//! - `/validate/pods`: refuse an agent pod without (or with altered) injection;
+//! - `/validate/agentpolicies`: refuse a policy that does not compile or whose tests fail;
+//! - `/validate/agentidentities`: refuse a malformed or overlapping identity;
+//! - `/mutate/agentapprovals`, `/validate/agentapprovals`: only the decision
+//!   changes, and the approver is recorded from the request's user.
+//!
+//! A body that is not an AdmissionReview gets HTTP 400 with the reason (the
+//! apiserver then applies the webhook's failure policy: Fail). Everything
+//! else gets an AdmissionReview answer, allowed or denied with a message.
+
+pub mod inject;
+pub mod tls;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::{DynamicObject, Selector, SelectorExt};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use crate::admin::Metrics;
+use crate::crd::{AgentApproval, AgentIdentity, AgentPolicy, ApprovalPhase};
+use crate::lenient::Lenient;
+use inject::{AgentRef, INJECT_LABEL, InjectConfig};
+
+/// Header the sidecar sets on an allowed request to a destination declared
+/// with `tls: true`: Envoy's route table then sends it through the
+/// TLS-originating cluster.
+pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";
+
+/// The label that opts a namespace into Mandate.
+pub const ENFORCE_LABEL: &str = "mandate.dev/enforce";
+
+/// Longest a policy may take to compile and test inside an admission
+/// request (the apiserver's own timeout is the webhook's `timeoutSeconds`).
+pub const POLICY_DEADLINE: Duration = Duration::from_secs(8);
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct WebhookState {
+    pub inject: Arc<InjectConfig>,
+    pub trust_domain: String,
+    /// The operator's own namespace (never injected).
+    pub operator_namespace: String,
+    /// The operator's own user name, the only one that may expire approvals.
+    pub operator_user: String,
+    /// Inject native sidecars (Kubernetes >= 1.29).
+    pub native_sidecars: bool,
+    pub identities: Store<Lenient<AgentIdentity>>,
+    pub namespaces: Store<Namespace>,
+    /// Both stores have listed once (set by [`stores`]' watcher task).
+    pub synced: Arc<std::sync::atomic::AtomicBool>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for WebhookState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookState")
+            .field("operator_namespace", &self.operator_namespace)
+            .field("native_sidecars", &self.native_sidecars)
+            .finish()
+    }
+}
+
+/// The stores the webhooks read, and whether both have listed once.
+pub type Stores = (
+    Store<Lenient<AgentIdentity>>,
+    Store<Namespace>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+/// Start the watches the webhooks read (identities, namespaces); the stores
+/// fill in the background, and the flag turns true once both have listed.
+pub fn stores(client: &Client) -> Stores {
+    let (ids, ids_writer) = reflector::store();
+    let identities: Api<Lenient<AgentIdentity>> = Api::all(client.clone());
+    tokio::spawn(
+        reflector::reflector(
+            ids_writer,
+            watcher(identities, watcher::Config::default()).default_backoff(),
+        )
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                tracing::warn!(error = %e, "AgentIdentity watch failed; retrying");
+            }
+        }),
+    );
+    let (nss, ns_writer) = reflector::store();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    tokio::spawn(
+        reflector::reflector(
+            ns_writer,
+            watcher(namespaces, watcher::Config::default()).default_backoff(),
+        )
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                tracing::warn!(error = %e, "Namespace watch failed; retrying");
+            }
+        }),
+    );
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (ids, nss, synced) = (ids.clone(), nss.clone(), synced.clone());
+        tokio::spawn(async move {
+            if ids.wait_until_ready().await.is_ok() && nss.wait_until_ready().await.is_ok() {
+                synced.store(true, std::sync::atomic::Ordering::Release);
+                tracing::info!("webhooks: identities and namespaces loaded");
+            }
+        });
+    }
+    (ids, nss, synced)
+}
+
+/// The webhook routes.
+pub fn router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/mutate/pods", post(mutate_pod))
+        .route("/validate/pods", post(validate_pod))
+        .route("/validate/agentpolicies", post(validate_policy))
+        .route("/validate/agentidentities", post(validate_identity))
+        .route("/mutate/agentapprovals", post(mutate_approval))
+        .route("/validate/agentapprovals", post(validate_approval))
+        .with_state(state)
+}
+
+/// Serve `app` over TLS on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    certs: Arc<tls::CertStore>,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(certs.server_config()?));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the webhook address {addr}"))?;
+    tracing::info!(%addr, "admission webhooks listening (TLS)");
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a webhook connection");
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+            }
+        });
+    }
+}
+
+// ------------------------------------------------------------------ plumbing
+
+/// Parse the body as an AdmissionReview of `K`, or say why not.
+fn review<K>(body: &Bytes) -> Result<AdmissionRequest<K>, String>
+where
+    K: kube::Resource + DeserializeOwned,
+{
+    let review: AdmissionReview<K> = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not an AdmissionReview this webhook reads: {e}"))?;
+    review
+        .try_into()
+        .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| {
+            format!("the AdmissionReview has no request: {e}")
+        })
+}
+
+/// HTTP 400 with the reason: what a body that is not an AdmissionReview gets.
+fn bad_request(why: String) -> Response {
+    (StatusCode::BAD_REQUEST, why).into_response()
+}
+
+fn answer(resp: AdmissionResponse) -> Response {
+    axum::Json(resp.into_review()).into_response()
+}
+
+/// A denial with a message and HTTP-like code 403 in its status.
+fn deny<K: kube::Resource>(req: &AdmissionRequest<K>, message: impl ToString) -> AdmissionResponse {
+    let mut resp = AdmissionResponse::from(req).deny(message);
+    resp.result.code = 403;
+    resp.result.reason = "Forbidden".into();
+    resp
+}
+
+impl WebhookState {
+    fn observe(&self, webhook: &'static str, resp: &AdmissionResponse, started: Instant) {
+        let result = if !resp.allowed {
+            "denied"
+        } else if resp.patch.is_some() {
+            "patched"
+        } else {
+            "allowed"
+        };
+        self.metrics.observe_admission(webhook, result, started.elapsed());
+    }
+
+    /// Whether pods in `ns` are Mandate's to decide: labelled for enforcement,
+    /// and neither kube-system nor the operator's own namespace. `None` when
+    /// the namespace is not known (yet).
+    fn enforced(&self, ns: &str) -> Option<bool> {
+        if ns == "kube-system" || ns == self.operator_namespace {
+            return Some(false);
+        }
+        let key = reflector::ObjectRef::<Namespace>::new(ns);
+        self.namespaces
+            .get(&key)
+            .map(|n| n.labels().get(ENFORCE_LABEL).map(String::as_str) == Some("true"))
+    }
+
+    /// The identity this pod is an agent of: `Ok(None)` when it is not
+    /// selected (and not opted in), an error when more than one selects it.
+    fn agent_of(&self, pod: &Pod, ns: &str) -> Result<Option<AgentRef>, String> {
+        let labels = pod.labels();
+        let mut matching: Vec<(String, AgentIdentity)> = self
+            .identities
+            .state()
+            .iter()
+            .filter(|i| i.metadata.namespace.as_deref() == Some(ns))
+            .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.clone())))
+            .filter(|(_, i)| {
+                Selector::try_from(i.spec.selector.clone())
+                    .map(|s| !s.selects_all() && s.matches(labels))
+                    .unwrap_or(false)
+            })
+            .collect();
+        matching.sort_by(|a, b| a.0.cmp(&b.0));
+        match matching.as_slice() {
+            [] if labels.get(INJECT_LABEL).map(String::as_str) == Some("true") => Ok(Some(AgentRef::default())),
+            [] => Ok(None),
+            [(name, id)] => Ok(Some(AgentRef {
+                identity: Some(name.clone()),
+                spiffe_id: crate::identity::spiffe_id(
+                    id.spec.spiffe_id_template.as_deref(),
+                    &self.trust_domain,
+                    ns,
+                    name,
+                )
+                .ok(),
+            })),
+            many => Err(format!(
+                "the pod is selected by more than one AgentIdentity ({}); an agent has exactly one identity",
+                many.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    /// Both watches have listed at least once.
+    fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+// ------------------------------------------------------------------ pods
+
+/// What the pod webhooks make of one pod: not ours, or an agent (or an error).
+enum PodScope {
+    NotOurs,
+    Agent(AgentRef),
+    Refuse(String),
+}
+
+fn pod_scope(state: &WebhookState, req: &AdmissionRequest<Pod>, pod: &Pod) -> PodScope {
+    let ns = req.namespace.clone().or_else(|| pod.namespace()).unwrap_or_default();
+    if !state.synced() {
+        return PodScope::Refuse(
+            "Mandate's operator has not loaded namespaces and identities yet; retry shortly".into(),
+        );
+    }
+    match state.enforced(&ns) {
+        Some(true) => {}
+        Some(false) => return PodScope::NotOurs,
+        None => {
+            return PodScope::Refuse(format!(
+                "Mandate's operator does not know namespace {ns} yet; retry shortly"
+            ));
+        }
+    }
+    match state.agent_of(pod, &ns) {
+        Ok(Some(agent)) => PodScope::Agent(agent),
+        Ok(None) => PodScope::NotOurs,
+        Err(e) => PodScope::Refuse(e),
+    }
+}
+
+async fn mutate_pod(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<Pod> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = mutate_pod_inner(&state, &req);
+    state.observe("mutate-pods", &resp, started);
+    answer(resp)
+}
+
+fn mutate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+    if req.operation != Operation::Create {
+        return AdmissionResponse::from(req);
+    }
+    let Some(pod) = &req.object else {
+        return deny(req, "the request carries no pod");
+    };
+    let agent = match pod_scope(state, req, pod) {
+        PodScope::NotOurs => return AdmissionResponse::from(req),
+        PodScope::Refuse(why) => return deny(req, why),
+        PodScope::Agent(a) => a,
+    };
+    match inject::inject(pod, &state.inject, &agent, state.native_sidecars) {
+        Ok(None) => AdmissionResponse::from(req),
+        Ok(Some(injection)) => {
+            let mut resp = match AdmissionResponse::from(req).with_patch(json_patch::Patch(injection.patch)) {
+                Ok(r) => r,
+                Err(e) => return deny(req, format!("Mandate could not encode its patch: {e}")),
+            };
+            if !injection.warnings.is_empty() {
+                resp.warnings = Some(injection.warnings);
+            }
+            tracing::info!(
+                namespace = req.namespace.as_deref().unwrap_or(""),
+                pod = %pod.name_any(),
+                identity = agent.identity.as_deref().unwrap_or("(opt-in)"),
+                "injecting Envoy and mandate-sidecar"
+            );
+            resp
+        }
+        Err(e) => deny(req, format!("Mandate cannot inject this agent pod: {e}")),
+    }
+}
+
+async fn validate_pod(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<Pod> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = validate_pod_inner(&state, &req);
+    state.observe("validate-pods", &resp, started);
+    answer(resp)
+}
+
+fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+    let Some(pod) = &req.object else {
+        return AdmissionResponse::from(req); // DELETE
+    };
+    let agent = match pod_scope(state, req, pod) {
+        PodScope::NotOurs => return AdmissionResponse::from(req),
+        PodScope::Refuse(why) => return deny(req, why),
+        PodScope::Agent(a) => a,
+    };
+    let ours = |p: &Pod| inject::injected_as_expected(p, &state.inject, &agent, state.native_sidecars);
+    match req.operation {
+        Operation::Create if ours(pod) => AdmissionResponse::from(req),
+        Operation::Create => deny(
+            req,
+            "this pod is an agent in a namespace Mandate enforces, but it does not carry Mandate's injected proxy and sidecar as Mandate injects them (is the mutating webhook configured?)",
+        ),
+        Operation::Update => {
+            // The injected containers must survive any update unchanged.
+            let names = [inject::ENVOY_CONTAINER, inject::SIDECAR_CONTAINER];
+            let containers = |p: &Pod| {
+                p.spec
+                    .as_ref()
+                    .map(|s| {
+                        s.containers
+                            .iter()
+                            .chain(s.init_containers.iter().flatten())
+                            .filter(|c| names.contains(&c.name.as_str()))
+                            .map(|c| (c.name.clone(), c.image.clone(), c.command.clone(), c.args.clone()))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            };
+            let before = req.old_object.as_ref().map(containers).unwrap_or_default();
+            let after = containers(pod);
+            let marker = |p: &Pod| p.annotations().get(inject::INJECTED_ANNOTATION).cloned();
+            if after.len() == names.len() && before == after && req.old_object.as_ref().map(marker) == Some(marker(pod))
+            {
+                AdmissionResponse::from(req)
+            } else {
+                deny(
+                    req,
+                    "this agent pod's Mandate proxy and sidecar (or their marker) would be removed or changed by this update; that is not allowed in a namespace Mandate enforces",
+                )
+            }
+        }
+        _ => AdmissionResponse::from(req),
+    }
+}
+
+// ------------------------------------------------------------------ policies and identities
+
+async fn validate_policy(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<DynamicObject> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = match (&req.operation, &req.object) {
+        (Operation::Create | Operation::Update, Some(obj)) => {
+            match serde_json::to_value(obj).and_then(serde_json::from_value::<AgentPolicy>) {
+                Err(e) => deny(&req, format!("this is not a valid AgentPolicy: {e}")),
+                Ok(p) => {
+                    let spec = p.spec;
+                    let work = tokio::task::spawn_blocking(move || validate::policy(&spec));
+                    match tokio::time::timeout(POLICY_DEADLINE, work).await {
+                        Ok(Ok(Ok(()))) => AdmissionResponse::from(&req),
+                        Ok(Ok(Err(why))) => deny(&req, why),
+                        Ok(Err(e)) => deny(&req, format!("checking the policy failed: {e}")),
+                        Err(_) => deny(
+                            &req,
+                            format!(
+                                "compiling and testing the policy took longer than {}s; make it smaller or its tests cheaper",
+                                POLICY_DEADLINE.as_secs()
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+        _ => AdmissionResponse::from(&req),
+    };
+    state.observe("validate-agentpolicies", &resp, started);
+    answer(resp)
+}
+
+async fn validate_identity(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<DynamicObject> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = match (&req.operation, &req.object) {
+        (Operation::Create | Operation::Update, Some(obj)) => {
+            match serde_json::to_value(obj).and_then(serde_json::from_value::<AgentIdentity>) {
+                Err(e) => deny(&req, format!("this is not a valid AgentIdentity: {e}")),
+                Ok(id) => {
+                    let ns = req.namespace.clone().unwrap_or_default();
+                    let name = id.name_any();
+                    let others: Vec<_> = state
+                        .identities
+                        .state()
+                        .iter()
+                        .filter(|i| i.metadata.namespace.as_deref() == Some(ns.as_str()))
+                        .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.spec.selector.clone())))
+                        .collect();
+                    match validate::identity(&name, &ns, &id.spec, &state.trust_domain, &others) {
+                        Ok(()) => AdmissionResponse::from(&req),
+                        Err(why) => deny(&req, why),
+                    }
+                }
+            }
+        }
+        _ => AdmissionResponse::from(&req),
+    };
+    state.observe("validate-agentidentities", &resp, started);
+    answer(resp)
+}
+
+// ------------------------------------------------------------------ approvals
+
+fn approvals(req: &AdmissionRequest<DynamicObject>) -> Result<(AgentApproval, AgentApproval), String> {
+    let parse = |o: &DynamicObject| {
+        serde_json::to_value(o)
+            .and_then(serde_json::from_value::<AgentApproval>)
+            .map_err(|e| format!("this is not a valid AgentApproval: {e}"))
+    };
+    match (&req.old_object, &req.object) {
+        (Some(old), Some(new)) => Ok((parse(old)?, parse(new)?)),
+        _ => Err("an update without both objects".into()),
+    }
+}
+
+async fn mutate_approval(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<DynamicObject> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = match req.operation {
+        Operation::Update => match approvals(&req) {
+            Err(why) => deny(&req, why),
+            Ok((old, new)) => {
+                let (o, n) = (old.status.unwrap_or_default(), new.status.unwrap_or_default());
+                if o.phase == ApprovalPhase::Pending
+                    && matches!(n.phase, ApprovalPhase::Approved | ApprovalPhase::Denied)
+                {
+                    // Record who decided, from the authenticated request,
+                    // whatever the object claimed.
+                    let user = req.user_info.username.clone().unwrap_or_default();
+                    let now = jiff::Timestamp::now().to_string();
+                    let patch = vec![
+                        json_patch::PatchOperation::Add(json_patch::AddOperation {
+                            path: jsonptr::PointerBuf::from_tokens(["status", "decidedBy"]),
+                            value: serde_json::Value::String(user),
+                        }),
+                        json_patch::PatchOperation::Add(json_patch::AddOperation {
+                            path: jsonptr::PointerBuf::from_tokens(["status", "decidedAt"]),
+                            value: serde_json::Value::String(now),
+                        }),
+                    ];
+                    AdmissionResponse::from(&req)
+                        .with_patch(json_patch::Patch(patch))
+                        .unwrap_or_else(|e| deny(&req, format!("Mandate could not encode its patch: {e}")))
+                } else {
+                    AdmissionResponse::from(&req)
+                }
+            }
+        },
+        _ => AdmissionResponse::from(&req),
+    };
+    state.observe("mutate-agentapprovals", &resp, started);
+    answer(resp)
+}
+
+async fn validate_approval(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<DynamicObject> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = match req.operation {
+        Operation::Update => match approvals(&req) {
+            Err(why) => deny(&req, why),
+            Ok((old, new)) => {
+                let user = req.user_info.username.clone().unwrap_or_default();
+                match validate::approval_update(&old, &new, &user, &state.operator_user) {
+                    Ok(()) => AdmissionResponse::from(&req),
+                    Err(why) => deny(&req, why),
+                }
+            }
+        },
+        _ => AdmissionResponse::from(&req),
+    };
+    state.observe("validate-agentapprovals", &resp, started);
+    answer(resp)
+}
