@@ -140,9 +140,9 @@ pub enum InjectError {
     #[error("volume name '{0}' is reserved for what Mandate injects; rename the pod's volume")]
     ReservedVolume(String),
     #[error(
-        "the pod carries {INJECTED_ANNOTATION} but its Mandate containers are not the ones Mandate injects; remove them and the annotation and let the webhook inject"
+        "the pod carries {INJECTED_ANNOTATION} but its Mandate containers are not the ones Mandate injects ({0}); remove them and the annotation and let the webhook inject"
     )]
-    Forged,
+    Forged(String),
     #[error("cannot build the patch: {0}")]
     Patch(String),
 }
@@ -202,9 +202,10 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
         ..VolumeMount::default()
     };
     let field = |path: &str| EnvVarSource {
+        // As the apiserver defaults it, so the injected pod compares equal.
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
-            api_version: None,
+            api_version: Some("v1".into()),
         }),
         ..EnvVarSource::default()
     };
@@ -556,7 +557,14 @@ fn reserved_volume(pod: &Pod) -> Option<String> {
 /// marker, both containers as generated, its volumes). Used for re-invoked
 /// and already-injected pods, and by the admission guard.
 pub fn injected_as_expected(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidecars: bool) -> bool {
-    let Some(spec) = &pod.spec else { return false };
+    injection_difference(pod, cfg, agent, native_sidecars).is_none()
+}
+
+/// What differs between the pod and what Mandate injects for it now, if anything.
+pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidecars: bool) -> Option<String> {
+    let Some(spec) = &pod.spec else {
+        return Some("the pod has no spec".into());
+    };
     let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
     let find = |name: &str| {
         spec.containers
@@ -564,27 +572,56 @@ pub fn injected_as_expected(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
             .chain(spec.init_containers.iter().flatten())
             .find(|c| c.name == name)
     };
-    // The apiserver defaults fields we leave unset (terminationMessagePath,
-    // probe thresholds...), so compare what we set, field by field.
-    let same = |ours: &Container, theirs: Option<&Container>| {
-        theirs.is_some_and(|t| {
-            t.image == ours.image
-                && t.command == ours.command
-                && t.args == ours.args
-                && t.env == ours.env
-                && t.volume_mounts == ours.volume_mounts
-                && t.security_context == ours.security_context
-                && t.restart_policy == ours.restart_policy
-                && t.lifecycle.as_ref().map(|l| &l.post_start) == ours.lifecycle.as_ref().map(|l| &l.post_start)
-        })
-    };
     let marker = pod
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(INJECTED_ANNOTATION));
     let want = digest(&envoy, &sidecar, &volumes(pod, cfg));
-    marker == Some(&want) && same(&envoy, find(ENVOY_CONTAINER)) && same(&sidecar, find(SIDECAR_CONTAINER))
+    if marker != Some(&want) {
+        return Some(format!(
+            "its {INJECTED_ANNOTATION} is {marker:?}, not {want} (injected by another version or configuration of Mandate?)"
+        ));
+    }
+    // The apiserver defaults fields we leave unset (terminationMessagePath,
+    // probe thresholds...), so compare what we set, field by field.
+    for ours in [&envoy, &sidecar] {
+        let Some(t) = find(&ours.name) else {
+            return Some(format!("container {} is missing", ours.name));
+        };
+        let differs = [
+            ("image", t.image != ours.image),
+            ("command", t.command != ours.command),
+            ("args", t.args != ours.args),
+            ("env", t.env != ours.env),
+            (
+                "volumeMounts",
+                !same_mounts(t.volume_mounts.as_deref(), ours.volume_mounts.as_deref()),
+            ),
+            ("securityContext", t.security_context != ours.security_context),
+            ("restartPolicy", t.restart_policy != ours.restart_policy),
+            (
+                "lifecycle",
+                t.lifecycle.as_ref().map(|l| &l.post_start) != ours.lifecycle.as_ref().map(|l| &l.post_start),
+            ),
+        ];
+        if let Some((field, _)) = differs.iter().find(|(_, d)| *d) {
+            return Some(format!("container {}'s {field} differs", ours.name));
+        }
+    }
+    None
+}
+
+/// Our mounts, plus at most what the apiserver adds itself (the
+/// ServiceAccount admission plugin mounts the token into every container,
+/// including ours, when it re-runs after the webhook).
+fn same_mounts(theirs: Option<&[VolumeMount]>, ours: Option<&[VolumeMount]>) -> bool {
+    let (theirs, ours) = (theirs.unwrap_or_default(), ours.unwrap_or_default());
+    ours.iter().all(|m| theirs.contains(m))
+        && theirs
+            .iter()
+            .filter(|m| !ours.contains(m))
+            .all(|m| m.mount_path.starts_with("/var/run/secrets/") && m.read_only == Some(true))
 }
 
 fn add(path: PointerBuf, value: Value) -> PatchOperation {
@@ -617,12 +654,12 @@ pub fn inject(
         .as_ref()
         .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
     if marked || !ours.is_empty() {
-        if injected_as_expected(pod, cfg, agent, native_sidecars) {
+        let Some(difference) = injection_difference(pod, cfg, agent, native_sidecars) else {
             return Ok(None);
-        }
+        };
         return Err(match ours.into_iter().next() {
             Some(name) if !marked => InjectError::ReservedName(name),
-            _ => InjectError::Forged,
+            _ => InjectError::Forged(difference),
         });
     }
     if let Some(v) = reserved_volume(pod) {
@@ -726,5 +763,138 @@ mod erased {
         fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
             serde_json::to_value(self)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(extra: Value) -> Pod {
+        let mut p = json!({
+            "metadata": {"name": "a", "namespace": "ns", "labels": {"agent": "x"}},
+            "spec": {"containers": [{"name": "agent", "image": "agent:1"}, {"name": "helper", "image": "h:1",
+                     "env": [{"name": "NO_PROXY", "value": "*"}]}]},
+        });
+        if let (Some(p), Value::Object(e)) = (p.as_object_mut(), extra) {
+            for (k, v) in e {
+                p.insert(k, v);
+            }
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    fn apply(p: &Pod, inj: &Injection) -> Pod {
+        let mut v = serde_json::to_value(p).unwrap();
+        json_patch::patch(&mut v, &inj.patch).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn agent() -> AgentRef {
+        AgentRef {
+            identity: Some("x".into()),
+            spiffe_id: Some("spiffe://example.org/ns/ns/agent/x".into()),
+        }
+    }
+
+    #[test]
+    fn injects_before_the_agent_and_is_idempotent() {
+        let cfg = InjectConfig::default();
+        let p = pod(json!({}));
+        let inj = inject(&p, &cfg, &agent(), false).unwrap().unwrap();
+        let out = apply(&p, &inj);
+        let spec = out.spec.as_ref().unwrap();
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [ENVOY_CONTAINER, SIDECAR_CONTAINER, "agent", "helper"]);
+        let env = |c: usize, n: &str| {
+            spec.containers[c]
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(env(2, "HTTP_PROXY").as_deref(), Some("http://127.0.0.1:15001"));
+        assert_eq!(env(3, "NO_PROXY").as_deref(), Some("*"), "the pod's own value is kept");
+        assert_eq!(inj.warnings.len(), 1, "{:?}", inj.warnings);
+        assert!(
+            out.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(PROXY_WARNING_ANNOTATION)
+        );
+        // Again: nothing to do. Tampered: refused.
+        assert_eq!(inject(&out, &cfg, &agent(), false), Ok(None));
+        let mut tampered = out.clone();
+        tampered.spec.as_mut().unwrap().containers[1].image = Some("evil:1".into());
+        assert!(matches!(
+            inject(&tampered, &cfg, &agent(), false),
+            Err(InjectError::Forged(_))
+        ));
+        // Another identity's sidecar configuration is not this one's.
+        let other = AgentRef {
+            identity: Some("y".into()),
+            spiffe_id: None,
+        };
+        assert!(!injected_as_expected(&out, &cfg, &other, false));
+    }
+
+    #[test]
+    fn native_sidecars_are_restartable_init_containers_with_startup_probes() {
+        let p = pod(json!({}));
+        let out = apply(
+            &p,
+            &inject(&p, &InjectConfig::default(), &agent(), true).unwrap().unwrap(),
+        );
+        let spec = out.spec.as_ref().unwrap();
+        let init = spec.init_containers.as_ref().unwrap();
+        assert_eq!(init.len(), 2);
+        assert!(
+            init.iter()
+                .all(|c| c.restart_policy.as_deref() == Some("Always") && c.startup_probe.is_some())
+        );
+        assert_eq!(spec.containers.len(), 2);
+        assert!(init.iter().all(|c| c.lifecycle.is_none()));
+    }
+
+    #[test]
+    fn odd_pods_are_refused_with_a_reason() {
+        let cfg = InjectConfig::default();
+        let none: Pod = serde_json::from_value(json!({"metadata": {"name": "a"}, "spec": {"containers": []}})).unwrap();
+        assert_eq!(inject(&none, &cfg, &agent(), false), Err(InjectError::NoContainers));
+        let host = pod(json!({"spec": {"hostNetwork": true, "containers": [{"name": "a"}]}}));
+        assert_eq!(inject(&host, &cfg, &agent(), false), Err(InjectError::HostNetwork));
+        let squat = pod(json!({"spec": {"containers": [{"name": SIDECAR_CONTAINER}]}}));
+        assert!(matches!(
+            inject(&squat, &cfg, &agent(), false),
+            Err(InjectError::ReservedName(_))
+        ));
+        let vol =
+            pod(json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": RUN_VOLUME, "emptyDir": {}}]}}));
+        assert!(matches!(
+            inject(&vol, &cfg, &agent(), false),
+            Err(InjectError::ReservedVolume(_))
+        ));
+        // A huge environment is carried, not choked on.
+        let env: Vec<Value> = (0..5000)
+            .map(|i| json!({"name": format!("V{i}"), "value": "x"}))
+            .collect();
+        let big = pod(json!({"spec": {"containers": [{"name": "a", "env": env}]}}));
+        let out = apply(&big, &inject(&big, &cfg, &agent(), false).unwrap().unwrap());
+        assert_eq!(out.spec.unwrap().containers[2].env.as_ref().unwrap().len(), 5006);
+    }
+
+    #[test]
+    fn the_bootstrap_fails_closed() {
+        let b: Value = serde_json::from_str(&envoy_bootstrap(&InjectConfig::default())).unwrap();
+        let text = b.to_string();
+        assert!(text.contains(r#""failure_mode_allow":false"#));
+        assert!(text.contains(AUTHZ_SOCKET));
+        // The egress listener is on loopback only.
+        assert_eq!(
+            b["static_resources"]["listeners"][0]["address"]["socket_address"]["address"],
+            "127.0.0.1"
+        );
     }
 }

@@ -1,0 +1,761 @@
+//! The admission webhooks against a real kube-apiserver, served by a
+//! `mandate-operator` process on 127.0.0.1 with the certificate it generates
+//! and the caBundle it writes into the webhook configurations itself:
+//! - agent pods in an enforced namespace come back with Envoy, the sidecar,
+//!   their volumes and the proxy environment; other pods are untouched;
+//!   re-creating or re-submitting an injected pod changes nothing; forged
+//!   or odd pods are refused with a reason;
+//! - `kubectl apply` of a policy that does not compile fails with
+//!   module:line:col, one whose test fails names the test, a good one passes;
+//!   overlapping or malformed identities are refused;
+//! - an approval records its approver from the request, not the object;
+//! - a rotated certificate is served and trusted without a restart;
+//! - with the operator down, pods in enforced namespaces are refused while
+//!   kube-system is unaffected.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use mandate_operator::crd::AgentApproval;
+use serde_json::{Value, json};
+
+/// The operator process, its webhook configurations, and a way to reach them.
+struct Webhooks {
+    child: Option<tokio::process::Child>,
+    cluster: Cluster,
+    name: String,
+    port: u16,
+    log: PathBuf,
+    op_ns: String,
+}
+
+impl Drop for Webhooks {
+    fn drop(&mut self) {
+        // Cluster-scoped: remove them whatever happened (synchronously).
+        for kind in ["mutatingwebhookconfiguration", "validatingwebhookconfiguration"] {
+            let _ = std::process::Command::new(&self.cluster.info().kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.cluster.info().kubeconfig)
+                .args(["delete", kind, &self.name, "--ignore-not-found", "--wait=false"])
+                .output();
+        }
+    }
+}
+
+fn configurations(name: &str, port: u16, test: &str) -> (Value, Value) {
+    let hook = |hook: &str, path: &str, ops: Value, group: &str, version: &str, resources: Value, enforced: bool| {
+        let mut labels = json!({"mandate.dev/test": test});
+        if enforced {
+            labels["mandate.dev/enforce"] = json!("true");
+        }
+        json!({
+            "name": hook,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+            "rules": [{"operations": ops, "apiGroups": [group], "apiVersions": [version], "resources": resources}],
+            "namespaceSelector": {"matchLabels": labels},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        })
+    };
+    let mut pods = hook(
+        "pods.mandate.dev",
+        "/mutate/pods",
+        json!(["CREATE"]),
+        "",
+        "v1",
+        json!(["pods"]),
+        true,
+    );
+    pods["reinvocationPolicy"] = json!("IfNeeded");
+    let mutating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            pods,
+            hook("approvals.mandate.dev", "/mutate/agentapprovals", json!(["UPDATE"]), "mandate.dev", "v1alpha1",
+                 json!(["agentapprovals", "agentapprovals/status"]), false),
+        ],
+    });
+    let validating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            hook("pods.mandate.dev", "/validate/pods", json!(["CREATE", "UPDATE"]), "", "v1", json!(["pods"]), true),
+            hook("agentpolicies.mandate.dev", "/validate/agentpolicies", json!(["CREATE", "UPDATE"]), "mandate.dev",
+                 "v1alpha1", json!(["agentpolicies"]), false),
+            hook("agentidentities.mandate.dev", "/validate/agentidentities", json!(["CREATE", "UPDATE"]), "mandate.dev",
+                 "v1alpha1", json!(["agentidentities"]), false),
+            hook("approvals.mandate.dev", "/validate/agentapprovals", json!(["UPDATE"]), "mandate.dev", "v1alpha1",
+                 json!(["agentapprovals", "agentapprovals/status"]), false),
+        ],
+    });
+    (mutating, validating)
+}
+
+impl Webhooks {
+    /// Label `agents` as enforced, create the webhook configurations (no
+    /// caBundle), start the operator, and wait until it has written the
+    /// caBundle and is ready.
+    async fn start(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace) -> Result<Self> {
+        let test = agents.name().to_string();
+        for (ns, enforce) in [(agents.name(), true), (op.name(), false)] {
+            let mut labels = json!({"mandate.dev/test": test});
+            if enforce {
+                labels["mandate.dev/enforce"] = json!("true");
+            }
+            Api::<Namespace>::all(cluster.client())
+                .patch(
+                    ns,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                )
+                .await?;
+        }
+        let name = format!("mandate-test-{test}");
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let (m, v) = configurations(&name, port, &test);
+        let pp = PostParams::default();
+        Api::<MutatingWebhookConfiguration>::all(cluster.client())
+            .create(&pp, &serde_json::from_value(m)?)
+            .await?;
+        Api::<ValidatingWebhookConfiguration>::all(cluster.client())
+            .create(&pp, &serde_json::from_value(v)?)
+            .await?;
+        let mut hooks = Self {
+            child: None,
+            cluster: cluster.clone(),
+            name,
+            port,
+            log: std::env::temp_dir().join(format!("mandate-webhooks-{test}.log")),
+            op_ns: op.name().into(),
+        };
+        hooks.start_operator(agents.name()).await?;
+        Ok(hooks)
+    }
+
+    async fn start_operator(&mut self, agents: &str) -> Result<()> {
+        let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--watch-namespace", agents, "--lease-namespace", &self.op_ns])
+            .args(["--operator-namespace", &self.op_ns, "--trust-domain", "example.org"])
+            .args([
+                "--webhook-addr",
+                &format!("127.0.0.1:{}", self.port),
+                "--webhook-san",
+                "127.0.0.1",
+            ])
+            .args(["--mutating-webhook-configuration", &self.name])
+            .args(["--validating-webhook-configuration", &self.name])
+            .args(["--webhook-cert-reload-seconds", "1", "--native-sidecars", "never"])
+            .env("KUBECONFIG", &self.cluster.info().kubeconfig)
+            .env("MANDATE_LOG", "info,mandate_operator=debug")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting mandate-operator")?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + secs(60);
+        loop {
+            let ready = matches!(
+                http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
+                Ok((200, _))
+            );
+            if ready && self.ca_bundle_written().await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the operator's webhooks never became ready:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether every webhook in both configurations has the Secret's CA.
+    async fn ca_bundle_written(&self) -> Result<bool> {
+        let Some(ca) = self.secret_ca().await? else {
+            return Ok(false);
+        };
+        let m = Api::<MutatingWebhookConfiguration>::all(self.cluster.client())
+            .get(&self.name)
+            .await?;
+        let v = Api::<ValidatingWebhookConfiguration>::all(self.cluster.client())
+            .get(&self.name)
+            .await?;
+        let bundles: Vec<Option<Vec<u8>>> = m
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.clone().map(|b| b.0))
+            .chain(
+                v.webhooks
+                    .iter()
+                    .flatten()
+                    .map(|w| w.client_config.ca_bundle.clone().map(|b| b.0)),
+            )
+            .collect();
+        Ok(bundles.iter().all(|b| b.as_deref() == Some(ca.as_bytes())))
+    }
+
+    async fn secret_ca(&self) -> Result<Option<String>> {
+        let s = Api::<Secret>::namespaced(self.cluster.client(), &self.op_ns)
+            .get_opt("mandate-webhook-tls")
+            .await?;
+        Ok(s.and_then(|s| {
+            s.data?
+                .get("ca.crt")
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        }))
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// POST `body` to a webhook path over TLS, trusting `ca`: (HTTP status, body).
+    async fn post(&self, path: &str, body: &str, ca: &str) -> Result<(u16, String)> {
+        let ca_file = std::env::temp_dir().join(format!("mandate-ca-{}-{}.pem", self.port, std::process::id()));
+        std::fs::write(&ca_file, ca)?;
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca_file)
+            .args(["-H", "content-type: application/json", "--data-binary", body])
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("https://127.0.0.1:{}{path}", self.port))
+            .output()
+            .await
+            .context("running curl")?;
+        ensure!(
+            out.status.success(),
+            "curl to {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').context("no status from curl")?;
+        Ok((code.trim().parse()?, body.to_string()))
+    }
+}
+
+fn pod(name: &str, labels: Value, extra: Value) -> Pod {
+    let mut p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "agent", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"],
+                                 "env": [{"name": "HTTPS_PROXY", "value": "http://elsewhere:3128"}]}]},
+    });
+    merge(&mut p, extra);
+    serde_json::from_value(p).expect("a pod")
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+fn names(p: &Pod) -> Vec<String> {
+    p.spec
+        .as_ref()
+        .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn env(p: &Pod, container: &str, var: &str) -> Option<String> {
+    p.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == container)?
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == var)?
+        .value
+        .clone()
+}
+
+async fn identity(ns: &TestNamespace, name: &str, selector: Value) -> Result<()> {
+    ns.cluster()
+        .kubectl_with_input(
+            &["apply", "-n", ns.name(), "-f", "-"],
+            &json!({
+                "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
+                "metadata": {"name": name},
+                "spec": {"selector": selector},
+            })
+            .to_string(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Create `p`, retrying while the webhooks' view of a just-created identity
+/// catches up (the only delay is the operator's watch).
+async fn create_agent_pod(ns: &TestNamespace, p: &Pod, want_injected: bool) -> Result<Pod> {
+    let api = ns.api::<Pod>();
+    let deadline = tokio::time::Instant::now() + secs(20);
+    loop {
+        let created = api.create(&PostParams::default(), p).await?;
+        let injected = names(&created).contains(&"mandate-sidecar".to_string());
+        if injected == want_injected || tokio::time::Instant::now() > deadline {
+            return Ok(created);
+        }
+        api.delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+            .await?;
+        mandate_e2e::wait_until(
+            api.clone(),
+            &p.name_any(),
+            "the pod to be gone",
+            secs(30),
+            |x: Option<&Pod>| {
+                if x.is_none() {
+                    mandate_e2e::Check::Done
+                } else {
+                    mandate_e2e::Check::Pending("still there".into())
+                }
+            },
+        )
+        .await?;
+    }
+}
+
+fn review(kind: &str, group: &str, resource: &str, op: &str, object: Value, old: Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "0000-test", "kind": {"group": group, "version": "v1", "kind": kind},
+            "resource": {"group": group, "version": "v1", "resource": resource},
+            "namespace": object["metadata"]["namespace"], "operation": op,
+            "userInfo": {"username": "tester"}, "object": object, "oldObject": old,
+        },
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-agents").await?;
+    let hooks = Webhooks::start(&cluster, &op, &agents).await?;
+    identity(&agents, "researcher", json!({"matchLabels": {"agent": "researcher"}})).await?;
+
+    // An agent pod: injected, proxy env set, its own HTTPS_PROXY kept with a warning.
+    let p = pod("agent-1", json!({"agent": "researcher"}), json!({}));
+    let got = create_agent_pod(&agents, &p, true).await?;
+    ensure!(
+        names(&got) == ["mandate-envoy", "mandate-sidecar", "agent"],
+        "containers: {:?}\n{}",
+        names(&got),
+        hooks.logs()
+    );
+    ensure!(env(&got, "agent", "HTTP_PROXY").as_deref() == Some("http://127.0.0.1:15001"));
+    ensure!(env(&got, "agent", "NO_PROXY").as_deref() == Some("localhost,127.0.0.1,::1"));
+    ensure!(env(&got, "agent", "HTTPS_PROXY").as_deref() == Some("http://elsewhere:3128"));
+    let ann = got.annotations();
+    ensure!(
+        ann.get("mandate.dev/identity").map(String::as_str) == Some("researcher"),
+        "{ann:?}"
+    );
+    ensure!(
+        ann.get("mandate.dev/proxy-env-warning")
+            .is_some_and(|w| w.contains("HTTPS_PROXY")),
+        "{ann:?}"
+    );
+    ensure!(
+        env(&got, "mandate-sidecar", "MANDATE_AGENT_SPIFFE_ID").as_deref()
+            == Some(&*format!("spiffe://example.org/ns/{}/agent/researcher", agents.name())),
+        "{:?}",
+        env(&got, "mandate-sidecar", "MANDATE_AGENT_SPIFFE_ID")
+    );
+    let vols: Vec<String> = got
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .collect();
+    ensure!(
+        vols.contains(&"mandate-run".into()) && vols.contains(&"mandate-policies".into()),
+        "{vols:?}"
+    );
+    let sc = got.spec.as_ref().unwrap().containers[1]
+        .security_context
+        .clone()
+        .unwrap();
+    ensure!(
+        sc.run_as_non_root == Some(true)
+            && sc.read_only_root_filesystem == Some(true)
+            && sc.allow_privilege_escalation == Some(false),
+        "{sc:?}"
+    );
+    ensure!(
+        got.spec.as_ref().unwrap().containers[1].lifecycle.is_some(),
+        "no start-up ordering guard on a pre-1.29 cluster"
+    );
+
+    // The same spec again: the same injection.
+    let again = create_agent_pod(
+        &agents,
+        &pod("agent-2", json!({"agent": "researcher"}), json!({})),
+        true,
+    )
+    .await?;
+    ensure!(again.spec.as_ref().unwrap().containers == got.spec.as_ref().unwrap().containers);
+
+    // An already injected pod (its manifest re-submitted): nothing changes.
+    let mut injected = serde_json::to_value(&got)?;
+    injected["metadata"] = json!({"name": "agent-3", "labels": got.labels(), "annotations": got.annotations()});
+    injected.as_object_mut().unwrap().remove("status");
+    let resubmitted: Pod = serde_json::from_value(injected.clone())?;
+    let third = agents.create(&resubmitted).await?;
+    ensure!(third.spec.as_ref().unwrap().containers == got.spec.as_ref().unwrap().containers);
+    // ... and a re-invocation of the webhook on it returns no patch.
+    let ca = hooks.secret_ca().await?.context("no CA")?;
+    let mut obj = injected.clone();
+    obj["metadata"]["namespace"] = json!(agents.name());
+    let (code, body) = hooks
+        .post(
+            "/mutate/pods",
+            &review("Pod", "", "pods", "CREATE", obj.clone(), Value::Null),
+            &ca,
+        )
+        .await?;
+    let answer: Value = serde_json::from_str(&body)?;
+    ensure!(
+        code == 200 && answer["response"]["allowed"] == true && answer["response"]["patch"].is_null(),
+        "{body}"
+    );
+
+    // Not an agent, or not an enforced namespace: untouched.
+    let plain = agents
+        .create(&pod("bystander", json!({"app": "web"}), json!({})))
+        .await?;
+    ensure!(names(&plain) == ["agent"], "{:?}", names(&plain));
+    let elsewhere = op
+        .create(&pod("elsewhere", json!({"agent": "researcher"}), json!({})))
+        .await?;
+    ensure!(names(&elsewhere) == ["agent"], "{:?}", names(&elsewhere));
+
+    // Odd pods: refused with a reason, never injected half-way.
+    let refused = |what: &'static str, p: Pod, needle: &'static str| {
+        let agents = &agents;
+        async move {
+            match agents.api::<Pod>().create(&PostParams::default(), &p).await {
+                Ok(_) => bail!("{what}: admitted"),
+                Err(e) => {
+                    ensure!(e.to_string().contains(needle), "{what}: {e}");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let opt_in = json!({"mandate.dev/inject": "true"});
+    refused(
+        "hostNetwork",
+        pod("hostnet", opt_in.clone(), json!({"spec": {"hostNetwork": true}})),
+        "hostNetwork",
+    )
+    .await?;
+    refused(
+        "a container named like ours",
+        pod(
+            "squatter",
+            opt_in.clone(),
+            json!({"spec": {"containers": [{"name": "mandate-sidecar", "image": "evil:1"}]}}),
+        ),
+        "reserved",
+    )
+    .await?;
+    let mut forged = injected.clone();
+    forged["metadata"]["name"] = json!("forged");
+    forged["spec"]["containers"][1]["image"] = json!("evil/allow-all:1");
+    refused(
+        "a forged injection",
+        serde_json::from_value(forged)?,
+        "not the ones Mandate injects",
+    )
+    .await?;
+
+    // The guard, asked directly about an agent pod without the sidecar (as
+    // if the mutating webhook had been bypassed): refused.
+    let mut bare = serde_json::to_value(pod("bare", json!({"agent": "researcher"}), json!({})))?;
+    bare["metadata"]["namespace"] = json!(agents.name());
+    let (_, body) = hooks
+        .post(
+            "/validate/pods",
+            &review("Pod", "", "pods", "CREATE", bare, Value::Null),
+            &ca,
+        )
+        .await?;
+    let answer: Value = serde_json::from_str(&body)?;
+    ensure!(
+        answer["response"]["allowed"] == false
+            && answer["response"]["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not carry")),
+        "{body}"
+    );
+    // Garbage bodies: 400 with the reason, and the server carries on.
+    for junk in [
+        "",
+        "{",
+        "[1,2]",
+        r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+    ] {
+        let (code, body) = hooks.post("/mutate/pods", junk, &ca).await?;
+        ensure!(
+            code == 400 && body.contains("AdmissionReview"),
+            "{junk:?}: {code} {body}"
+        );
+    }
+    let (code, body) = hooks
+        .post(
+            "/mutate/pods",
+            &review("Pod", "", "pods", "CREATE", obj, Value::Null),
+            &ca,
+        )
+        .await?;
+    ensure!(code == 200, "after garbage: {code} {body}");
+
+    // Two identities may not claim the same pods.
+    let overlap = identity(
+        &agents,
+        "copycat",
+        json!({"matchLabels": {"agent": "researcher", "x": "y"}}),
+    )
+    .await;
+    ensure!(
+        overlap.as_ref().is_err_and(|e| e.to_string().contains("researcher")),
+        "{overlap:?}"
+    );
+    let bad = agents
+        .cluster()
+        .kubectl_with_input(
+            &["apply", "-n", agents.name(), "-f", "-"],
+            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "bad-id"},
+                    "spec": {"selector": {"matchLabels": {"agent": "other"}}, "spiffeIdTemplate": "spiffe://elsewhere.org/{name}"}})
+            .to_string(),
+        )
+        .await;
+    ensure!(
+        bad.as_ref().is_err_and(|e| e.to_string().contains("trust domain")),
+        "{bad:?}"
+    );
+    identity(&agents, "writer", json!({"matchLabels": {"agent": "writer"}})).await?;
+
+    drop(hooks);
+    op.delete().await?;
+    agents.delete().await
+}
+
+const GOOD: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
+
+fn policy_yaml(name: &str, rego: &str, test: &str) -> String {
+    json!({
+        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "modules": [{"name": "authz.rego", "rego": rego}],
+            "tests": [{"name": "authz_test.rego", "rego": test}],
+        },
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn kubectl_apply_refuses_bad_policies_with_the_reason_and_approvals_record_the_approver() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-policies").await?;
+    let hooks = Webhooks::start(&cluster, &op, &agents).await?;
+    let apply = |yaml: String| {
+        let agents = &agents;
+        async move {
+            agents
+                .cluster()
+                .kubectl_with_input(&["apply", "-n", agents.name(), "-f", "-"], &yaml)
+                .await
+        }
+    };
+    let passing = "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\ntest_get if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"GET\"}}}}\n";
+    let failing = "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\ntest_delete_allowed if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"DELETE\"}}}}\n";
+
+    let syntax = apply(policy_yaml(
+        "broken",
+        "package mandate.authz\nimport rego.v1\ndecision if {\n  input.x ==\n}\n",
+        passing,
+    ))
+    .await;
+    let e = syntax
+        .err()
+        .context("a policy with a syntax error was admitted")?
+        .to_string();
+    ensure!(e.contains("denied the request") && e.contains("authz.rego:5:"), "{e}");
+
+    let tests_fail = apply(policy_yaml("untested", GOOD, failing)).await;
+    let e = tests_fail
+        .err()
+        .context("a policy whose test fails was admitted")?
+        .to_string();
+    ensure!(e.contains("test_delete_allowed"), "{e}");
+
+    apply(policy_yaml("good", GOOD, passing))
+        .await
+        .context("a good policy was refused")?;
+
+    // An approval: the approver is whoever sent the request, whatever the object says.
+    let approvals = agents.api::<AgentApproval>();
+    let a: AgentApproval = serde_json::from_value(json!({
+        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentApproval",
+        "metadata": {"name": "delete-7"},
+        "spec": {"agent": "researcher", "action": {"method": "DELETE", "host": "api.example.com", "path": "/items/7"},
+                 "reason": "deletes need a human", "policy": "good", "policyVersion": "sha256:00",
+                 "expiresAt": "2099-01-01T00:00:00Z"},
+    }))?;
+    approvals.create(&PostParams::default(), &a).await?;
+    let decided = approvals
+        .patch_status(
+            "delete-7",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Approved", "decidedBy": "mallory", "decidedAt": "2020-01-01T00:00:00Z"}}),
+            ),
+        )
+        .await
+        .context("approving")?;
+    let st = decided.status.clone().context("no status")?;
+    ensure!(
+        st.decided_by
+            .as_deref()
+            .is_some_and(|u| u != "mallory" && !u.is_empty()),
+        "approver taken from the object: {st:?}"
+    );
+    let again = approvals
+        .patch_status(
+            "delete-7",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Denied"}})),
+        )
+        .await;
+    ensure!(
+        again.as_ref().is_err_and(|e| e.to_string().contains("already decided")),
+        "{again:?}"
+    );
+    let respec = approvals
+        .patch(
+            "delete-7",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"action": {"path": "/items/8"}}})),
+        )
+        .await;
+    ensure!(
+        respec.as_ref().is_err_and(|e| e.to_string().contains("cannot change")),
+        "{respec:?}"
+    );
+
+    drop(hooks);
+    op.delete().await?;
+    agents.delete().await
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_and_with_the_operator_down_enforced_pods_are_refused() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-down").await?;
+    let mut hooks = Webhooks::start(&cluster, &op, &agents).await?;
+    let first = hooks.secret_ca().await?.context("no CA")?;
+
+    // Rotate: remove the Secret; the operator issues a new CA and
+    // certificate, serves it and rewrites the caBundles, without a restart.
+    Api::<Secret>::namespaced(cluster.client(), op.name())
+        .delete("mandate-webhook-tls", &DeleteParams::default())
+        .await?;
+    let deadline = tokio::time::Instant::now() + secs(30);
+    let second = loop {
+        if let Some(ca) = hooks.secret_ca().await?
+            && ca != first
+            && hooks.ca_bundle_written().await?
+            && hooks.post("/mutate/pods", "{", &ca).await.is_ok()
+        {
+            break ca;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "no rotation:\n{}", hooks.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        hooks.post("/mutate/pods", "{", &first).await.is_err(),
+        "the old certificate is still served"
+    );
+    let _ = second;
+    let p = pod("after-rotation", json!({"mandate.dev/inject": "true"}), json!({}));
+    let got = create_agent_pod(&agents, &p, true).await?;
+    ensure!(
+        names(&got).contains(&"mandate-sidecar".to_string()),
+        "{:?}",
+        names(&got)
+    );
+
+    // Operator down: enforced namespace refuses pods; kube-system does not care.
+    let mut child = hooks.child.take().context("no operator")?;
+    child.kill().await?;
+    let refused = agents
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &pod("while-down", json!({"app": "x"}), json!({})),
+        )
+        .await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("pods.mandate.dev")),
+        "a pod was admitted with the webhook down: {refused:?}"
+    );
+    let system: Api<Pod> = Api::namespaced(cluster.client(), "kube-system");
+    let name = format!("mandate-test-{}", agents.name());
+    system
+        .create(&PostParams::default(), &pod(&name, json!({"app": "x"}), json!({})))
+        .await
+        .context("kube-system was affected")?;
+    system.delete(&name, &DeleteParams::default().grace_period(0)).await?;
+
+    // Back up: pods are admitted (and injected) again.
+    hooks.start_operator(agents.name()).await?;
+    let back = create_agent_pod(
+        &agents,
+        &pod("back", json!({"mandate.dev/inject": "true"}), json!({})),
+        true,
+    )
+    .await?;
+    ensure!(names(&back).contains(&"mandate-envoy".to_string()));
+
+    drop(hooks);
+    op.delete().await?;
+    agents.delete().await
+}
