@@ -149,7 +149,11 @@ cmd_base() {
   cp "$(command -v busybox)" "$tmp/busybox"
   cmd_build "$BUSYBOX_REF" "$tmp/busybox" --as /bin/busybox --busybox-applets --entrypoint /bin/sh
   rm -rf "$tmp"
-  cmd_build "$ENVOY_REF" "$ENVOY_BIN" --as /usr/local/bin/envoy
+  # Envoy verifies the upstreams it originates TLS to against the system CAs,
+  # as in the official images.
+  [ -f /etc/ssl/certs/ca-certificates.crt ] || die "no /etc/ssl/certs/ca-certificates.crt; run make deps"
+  cmd_build "$ENVOY_REF" "$ENVOY_BIN" --as /usr/local/bin/envoy \
+    --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt
 }
 
 case "${1:-}" in

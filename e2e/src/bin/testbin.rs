@@ -5,7 +5,10 @@
 //!   and echoing the request (method, path, headers), and logging each one;
 //! - `get`: an HTTP/1.1 client that prints the status, response headers and
 //!   body, and exits non-zero unless the status is 2xx;
-//! - `connect`: a TCP connect check that exits non-zero when it fails.
+//! - `connect`: a TCP connect check that exits non-zero when it fails;
+//! - `agent`: a stand-in for an AI agent: an HTTP server whose
+//!   `/do?method=M&url=U` makes that request the way agent tools do, through
+//!   the proxy in `HTTP_PROXY` when it is set, and answers with the outcome.
 //!
 //! (The busybox image's `wget` cannot be used: a static glibc busybox crashes
 //! resolving even numeric addresses without NSS libraries.)
@@ -60,6 +63,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         retry_for: u64,
     },
+    /// Serve `/do?method=M&url=U`: make that request (through `HTTP_PROXY`
+    /// when set) and answer JSON `{status, headers, body}`, or `{error}`.
+    Agent {
+        #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+    },
     /// Open a TCP connection to ADDR (ip:port); fail if that is not possible.
     Connect {
         addr: SocketAddr,
@@ -88,6 +97,7 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Connect { addr, timeout } => connect(addr, Duration::from_secs(timeout)).await,
+        Command::Agent { listen } => agent(listen).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -193,4 +203,82 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<()> {
         .with_context(|| format!("connecting to {addr}"))?;
     println!("connected to {addr}");
     Ok(())
+}
+
+async fn agent(listen: SocketAddr) -> Result<()> {
+    let app = axum::Router::new().route(
+        "/do",
+        axum::routing::get(
+            |axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>| async move {
+                let method = q.get("method").cloned().unwrap_or_else(|| "GET".into());
+                let url = q.get("url").cloned().unwrap_or_default();
+                let out = match through_proxy(&method, &url).await {
+                    Ok((status, headers, body)) => {
+                        serde_json::json!({"status": status, "headers": headers, "body": body})
+                    }
+                    Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                };
+                println!("{method} {url} -> {out}");
+                Json(out)
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    println!("agent listening on {}", listener.local_addr()?);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+/// One HTTP/1.1 request to an `http://` URL: to the proxy in `HTTP_PROXY`
+/// (absolute-form, as curl and agent SDKs send it) when set, else directly.
+async fn through_proxy(method: &str, url: &str) -> Result<(u16, BTreeMap<String, String>, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
+    let authority = uri.authority().context("the URL has no host")?.to_string();
+    let proxy = std::env::var("HTTP_PROXY")
+        .or_else(|_| std::env::var("http_proxy"))
+        .ok();
+    let (connect_to, target) = match &proxy {
+        Some(p) => {
+            let p: hyper::Uri = p.parse().with_context(|| format!("bad HTTP_PROXY {p}"))?;
+            (
+                p.authority().context("HTTP_PROXY has no host")?.to_string(),
+                url.to_string(),
+            )
+        }
+        None => (
+            authority.clone(),
+            uri.path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "/".into()),
+        ),
+    };
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(&connect_to)
+            .await
+            .with_context(|| format!("connecting to {connect_to}"))?;
+        s.write_all(format!("{method} {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), io)
+        .await
+        .context("no answer within 10s")??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok((status, headers, body.to_string()))
 }

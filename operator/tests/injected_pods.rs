@@ -1,0 +1,295 @@
+//! The data path of an injected agent pod, on the node cluster (pods really
+//! run, from images built here): the operator's webhook injects Envoy and
+//! mandate-sidecar into an agent pod in an enforced namespace; the pod comes
+//! up Running; the agent in it calls an upstream pod through the proxy
+//! environment the webhook set: allowed requests pass, denied ones get 403
+//! with a decision id that is in the sidecar's decision log, and with the
+//! sidecar container killed everything is denied until kubelet restarts it.
+//! This runs the configuration the webhook really injected, not a copy.
+//! (Policies reach the sidecar as a mounted ConfigMap until the operator
+//! pushes them.)
+//!
+//! Needs `hack/cluster.sh up --node` (root); `make test` does all of it.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::ResourceExt;
+use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use serde_json::{Value, json};
+use support::Webhooks;
+
+const TESTBIN: &str = "mandate.local/testbin:dev";
+const SIDECAR: &str = "mandate.local/sidecar:dev";
+
+/// A binary built beside this test's operator binary (same profile); `cargo
+/// test --workspace` builds every package's binaries first.
+fn sibling(name: &str) -> Result<PathBuf> {
+    let op = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator"));
+    let path = op.with_file_name(name);
+    ensure!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    Ok(path)
+}
+
+const POLICY: &str = r#"apiVersion: mandate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: reads-only}
+spec:
+  modules:
+  - name: authz.rego
+    rego: |
+      package mandate.authz
+      import rego.v1
+      default decision := {"allow": false, "reason": "only reads of /allowed"}
+      decision := true if {
+        input.attributes.request.http.method == "GET"
+        startswith(input.attributes.request.http.path, "/allowed")
+        input.agent.identity == "researcher"
+      }
+"#;
+
+/// Ask the agent (over its pod IP) to make a request; the outcome it saw.
+async fn agent_does(agent_ip: &str, method: &str, url: &str) -> Result<Value> {
+    let (code, body) = http_get(&format!("http://{agent_ip}:8080/do?method={method}&url={url}")).await?;
+    ensure!(code == 200, "the agent itself answered {code}: {body}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// The containerd id of a container of a pod.
+fn container_id(pod: &Pod, name: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == name)?
+        .container_id
+        .as_ref()
+        .map(|id| id.trim_start_matches("containerd://").to_string())
+}
+
+async fn until<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match probe().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.require_node()?;
+    cluster.install_crds().await?;
+    cluster.load_image(TESTBIN, &sibling("mandate-testbin")?).await?;
+    cluster.load_image(SIDECAR, &sibling("mandate-sidecar")?).await?;
+    let op = cluster.namespace("inj-op").await?;
+    let agents = cluster.namespace("inj-agents").await?;
+    let hooks = Webhooks::start_with(&cluster, &op, &agents, vec!["--sidecar-image".into(), SIDECAR.into()]).await?;
+    let result = run(&cluster, &agents).await;
+    if result.is_err() {
+        eprintln!("operator log:\n{}", hooks.logs());
+        eprintln!("{}", agents.dump().await);
+    }
+    drop(hooks);
+    result?;
+    op.delete().await?;
+    agents.delete().await
+}
+
+async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
+    // The upstream the agent calls (not an agent: not injected).
+    agents
+        .create::<Pod>(&serde_json::from_value(json!({
+            "metadata": {"name": "upstream", "labels": {"app": "upstream"}},
+            "spec": {"containers": [{
+                "name": "serve", "image": TESTBIN, "imagePullPolicy": "Never",
+                "command": ["/usr/local/bin/mandate-testbin"], "args": ["serve"],
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+            }]},
+        }))?)
+        .await?;
+    let upstream = agents.wait_pod_ready("upstream", secs(90)).await?;
+    ensure!(
+        upstream.spec.as_ref().unwrap().containers.len() == 1,
+        "the upstream was injected"
+    );
+    let up_ip = upstream.status.and_then(|s| s.pod_ip).context("upstream has no IP")?;
+
+    // Its policy (mounted from this ConfigMap), and its identity.
+    agents
+        .create::<ConfigMap>(&serde_json::from_value(json!({
+            "metadata": {"name": "mandate-policies"},
+            "data": {"reads-only.yaml": POLICY},
+        }))?)
+        .await?;
+    cluster
+        .kubectl_with_input(
+            &["apply", "-n", agents.name(), "-f", "-"],
+            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "researcher"},
+                    "spec": {"selector": {"matchLabels": {"agent": "researcher"}}}})
+            .to_string(),
+        )
+        .await?;
+
+    // The agent: a pod that says nothing about Mandate.
+    let agent_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "agent", "labels": {"agent": "researcher"}},
+        "spec": {"containers": [{
+            "name": "agent", "image": TESTBIN, "imagePullPolicy": "Never",
+            "command": ["/usr/local/bin/mandate-testbin"], "args": ["agent"],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        }]},
+    }))?;
+    let api = agents.api::<Pod>();
+    // The webhook sees a just-created identity within a moment; until then
+    // the pod is not (yet) an agent and would go in uninjected.
+    until("the agent pod to be created injected", secs(20), async || {
+        let created = api.create(&Default::default(), &agent_pod).await?;
+        if created.spec.as_ref().unwrap().containers.len() == 3 {
+            return Ok(Some(()));
+        }
+        api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
+            .await?;
+        until("the uninjected pod to go", secs(30), async || {
+            Ok(api.get_opt("agent").await?.is_none().then_some(()))
+        })
+        .await?;
+        Ok(None)
+    })
+    .await?;
+    let running = agents.wait_pod_ready("agent", secs(120)).await?;
+    let names: Vec<String> = running
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    ensure!(names == ["mandate-envoy", "mandate-sidecar", "agent"], "{names:?}");
+    let ip = running
+        .status
+        .clone()
+        .and_then(|s| s.pod_ip)
+        .context("agent has no IP")?;
+
+    // Allowed: reaches the upstream, with the decision id.
+    let allowed = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/allowed/1")).await?;
+    ensure!(allowed["status"] == 200, "allowed GET: {allowed}");
+    ensure!(
+        allowed["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("\"server\":\"upstream\"")),
+        "{allowed}"
+    );
+    ensure!(allowed["headers"]["x-mandate-decision-id"].is_string(), "{allowed}");
+
+    // Denied: 403 from the proxy, with the reason and a decision id that the
+    // sidecar's log has, with the policy version.
+    let denied = agent_does(&ip, "POST", &format!("http://{up_ip}:8080/allowed/1")).await?;
+    ensure!(denied["status"] == 403, "denied POST: {denied}");
+    let body: Value = serde_json::from_str(denied["body"].as_str().unwrap_or("{}")).unwrap_or_default();
+    let id = body["decision_id"]
+        .as_str()
+        .context("no decision id in the denial")?
+        .to_string();
+    ensure!(
+        body["reason"].as_str().is_some_and(|r| r.contains("only reads")),
+        "{denied}"
+    );
+    let log = agents.logs("agent", "mandate-sidecar").await?;
+    let record = log
+        .lines()
+        .find(|l| l.contains(&id))
+        .with_context(|| format!("decision {id} is not in the sidecar's log:\n{log}"))?;
+    let record: Value = serde_json::from_str(record)?;
+    ensure!(
+        record["result"] == "deny"
+            && record["policies"][0]["version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("sha256:"))
+            && record["agent"]["identity"] == "researcher"
+            && record["agent"]["pod"] == "agent",
+        "{record}"
+    );
+    let other = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/secret")).await?;
+    ensure!(other["status"] == 403, "GET outside the allowed path: {other}");
+
+    // Kill the sidecar: everything is denied until it is back.
+    let restarts = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.name == "mandate-sidecar"))
+            .map(|c| c.restart_count)
+            .unwrap_or(0)
+    };
+    let before = restarts(&running);
+    let id = container_id(&running, "mandate-sidecar").context("no sidecar container id")?;
+    let sock = cluster
+        .info()
+        .containerd_socket
+        .clone()
+        .context("no containerd socket")?;
+    let out = tokio::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&sock)
+        .args(["--namespace", "k8s.io", "task", "kill", "--signal", "SIGKILL", &id])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "ctr task kill: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // While it is down (before kubelet has it back and ready), requests are
+    // denied; at least one attempt must land in that window.
+    let mut denied_while_down = 0;
+    until("the sidecar to be restarted and ready", secs(120), async || {
+        let r = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/allowed/2")).await?;
+        let pod = api.get("agent").await?;
+        let back = restarts(&pod) > before && matches!(mandate_e2e::pods::ready(Some(&pod)), mandate_e2e::Check::Done);
+        match r["status"].as_u64() {
+            Some(200) if back => Ok(Some(())),
+            Some(403) => {
+                denied_while_down += 1;
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    ensure!(
+        denied_while_down > 0,
+        "no request was seen denied while the sidecar was down"
+    );
+    let after = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/allowed/3")).await?;
+    ensure!(after["status"] == 200, "after the restart: {after}");
+    let pod = api.get("agent").await?;
+    ensure!(
+        restarts(&pod) > before,
+        "the sidecar was not restarted: {}",
+        pod.name_any()
+    );
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Shared by the cluster tests of the webhooks: an operator process serving
+//! them on 127.0.0.1, with webhook configurations scoped to the test's
+//! namespaces (removed afterwards).
+
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)] // each test file uses a part
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use serde_json::{Value, json};
+
+/// The operator process, its webhook configurations, and a way to reach them.
+pub struct Webhooks {
+    pub child: Option<tokio::process::Child>,
+    pub cluster: Cluster,
+    pub name: String,
+    pub port: u16,
+    pub log: PathBuf,
+    pub op_ns: String,
+    /// Extra operator arguments (images...).
+    pub extra_args: Vec<String>,
+}
+
+impl Drop for Webhooks {
+    fn drop(&mut self) {
+        // Cluster-scoped: remove them whatever happened (synchronously).
+        for kind in ["mutatingwebhookconfiguration", "validatingwebhookconfiguration"] {
+            let _ = std::process::Command::new(&self.cluster.info().kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.cluster.info().kubeconfig)
+                .args(["delete", kind, &self.name, "--ignore-not-found", "--wait=false"])
+                .output();
+        }
+    }
+}
+
+fn configurations(name: &str, port: u16, test: &str) -> (Value, Value) {
+    let hook = |hook: &str, path: &str, ops: Value, group: &str, version: &str, resources: Value, enforced: bool| {
+        let mut labels = json!({"mandate.dev/test": test});
+        if enforced {
+            labels["mandate.dev/enforce"] = json!("true");
+        }
+        json!({
+            "name": hook,
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{path}")},
+            "rules": [{"operations": ops, "apiGroups": [group], "apiVersions": [version], "resources": resources}],
+            "namespaceSelector": {"matchLabels": labels},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        })
+    };
+    let mut pods = hook(
+        "pods.mandate.dev",
+        "/mutate/pods",
+        json!(["CREATE"]),
+        "",
+        "v1",
+        json!(["pods"]),
+        true,
+    );
+    pods["reinvocationPolicy"] = json!("IfNeeded");
+    let mutating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            pods,
+            hook("approvals.mandate.dev", "/mutate/agentapprovals", json!(["UPDATE"]), "mandate.dev", "v1alpha1",
+                 json!(["agentapprovals", "agentapprovals/status"]), false),
+        ],
+    });
+    let validating = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            hook("pods.mandate.dev", "/validate/pods", json!(["CREATE", "UPDATE"]), "", "v1", json!(["pods"]), true),
+            hook("agentpolicies.mandate.dev", "/validate/agentpolicies", json!(["CREATE", "UPDATE"]), "mandate.dev",
+                 "v1alpha1", json!(["agentpolicies"]), false),
+            hook("agentidentities.mandate.dev", "/validate/agentidentities", json!(["CREATE", "UPDATE"]), "mandate.dev",
+                 "v1alpha1", json!(["agentidentities"]), false),
+            hook("approvals.mandate.dev", "/validate/agentapprovals", json!(["UPDATE"]), "mandate.dev", "v1alpha1",
+                 json!(["agentapprovals", "agentapprovals/status"]), false),
+        ],
+    });
+    (mutating, validating)
+}
+
+impl Webhooks {
+    /// Label `agents` as enforced, create the webhook configurations (no
+    /// caBundle), start the operator, and wait until it has written the
+    /// caBundle and is ready.
+    pub async fn start(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace) -> Result<Self> {
+        Self::start_with(cluster, op, agents, vec![]).await
+    }
+
+    /// [`Webhooks::start`] with more operator arguments.
+    pub async fn start_with(
+        cluster: &Cluster,
+        op: &TestNamespace,
+        agents: &TestNamespace,
+        extra_args: Vec<String>,
+    ) -> Result<Self> {
+        let test = agents.name().to_string();
+        for (ns, enforce) in [(agents.name(), true), (op.name(), false)] {
+            let mut labels = json!({"mandate.dev/test": test});
+            if enforce {
+                labels["mandate.dev/enforce"] = json!("true");
+            }
+            Api::<Namespace>::all(cluster.client())
+                .patch(
+                    ns,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                )
+                .await?;
+        }
+        let name = format!("mandate-test-{test}");
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let (m, v) = configurations(&name, port, &test);
+        let pp = PostParams::default();
+        Api::<MutatingWebhookConfiguration>::all(cluster.client())
+            .create(&pp, &serde_json::from_value(m)?)
+            .await?;
+        Api::<ValidatingWebhookConfiguration>::all(cluster.client())
+            .create(&pp, &serde_json::from_value(v)?)
+            .await?;
+        let mut hooks = Self {
+            child: None,
+            cluster: cluster.clone(),
+            name,
+            port,
+            log: std::env::temp_dir().join(format!("mandate-webhooks-{test}.log")),
+            op_ns: op.name().into(),
+            extra_args,
+        };
+        hooks.start_operator(agents.name()).await?;
+        Ok(hooks)
+    }
+
+    pub async fn start_operator(&mut self, agents: &str) -> Result<()> {
+        let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--watch-namespace", agents, "--lease-namespace", &self.op_ns])
+            .args(["--operator-namespace", &self.op_ns, "--trust-domain", "example.org"])
+            .args([
+                "--webhook-addr",
+                &format!("127.0.0.1:{}", self.port),
+                "--webhook-san",
+                "127.0.0.1",
+            ])
+            .args(["--mutating-webhook-configuration", &self.name])
+            .args(["--validating-webhook-configuration", &self.name])
+            .args(["--webhook-cert-reload-seconds", "1", "--native-sidecars", "never"])
+            .args(&self.extra_args)
+            .env("KUBECONFIG", &self.cluster.info().kubeconfig)
+            .env("MANDATE_LOG", "info,mandate_operator=debug")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting mandate-operator")?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + secs(60);
+        loop {
+            let ready = matches!(
+                http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
+                Ok((200, _))
+            );
+            if ready && self.ca_bundle_written().await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the operator's webhooks never became ready:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether every webhook in both configurations has the Secret's CA.
+    pub async fn ca_bundle_written(&self) -> Result<bool> {
+        let Some(ca) = self.secret_ca().await? else {
+            return Ok(false);
+        };
+        let m = Api::<MutatingWebhookConfiguration>::all(self.cluster.client())
+            .get(&self.name)
+            .await?;
+        let v = Api::<ValidatingWebhookConfiguration>::all(self.cluster.client())
+            .get(&self.name)
+            .await?;
+        let bundles: Vec<Option<Vec<u8>>> = m
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.clone().map(|b| b.0))
+            .chain(
+                v.webhooks
+                    .iter()
+                    .flatten()
+                    .map(|w| w.client_config.ca_bundle.clone().map(|b| b.0)),
+            )
+            .collect();
+        Ok(bundles.iter().all(|b| b.as_deref() == Some(ca.as_bytes())))
+    }
+
+    pub async fn secret_ca(&self) -> Result<Option<String>> {
+        let s = Api::<Secret>::namespaced(self.cluster.client(), &self.op_ns)
+            .get_opt("mandate-webhook-tls")
+            .await?;
+        Ok(s.and_then(|s| {
+            s.data?
+                .get("ca.crt")
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        }))
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// POST `body` to a webhook path over TLS, trusting `ca`: (HTTP status, body).
+    pub async fn post(&self, path: &str, body: &str, ca: &str) -> Result<(u16, String)> {
+        let ca_file = std::env::temp_dir().join(format!("mandate-ca-{}-{}.pem", self.port, std::process::id()));
+        std::fs::write(&ca_file, ca)?;
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca_file)
+            .args(["-H", "content-type: application/json", "--data-binary", body])
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("https://127.0.0.1:{}{path}", self.port))
+            .output()
+            .await
+            .context("running curl")?;
+        ensure!(
+            out.status.success(),
+            "curl to {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').context("no status from curl")?;
+        Ok((code.trim().parse()?, body.to_string()))
+    }
+}
