@@ -147,17 +147,7 @@ impl Source {
     /// Read (or make) the current material.
     pub async fn load(&self, client: &Client) -> Result<Material, TlsError> {
         match self {
-            Source::Files(dir) => {
-                let read = |f: &str| {
-                    std::fs::read_to_string(dir.join(f))
-                        .map_err(|e| TlsError::Invalid(format!("reading {}: {e}", dir.join(f).display())))
-                };
-                Ok(Material {
-                    cert_pem: read("tls.crt")?,
-                    key_pem: read("tls.key")?,
-                    ca_pem: read("ca.crt").ok(),
-                })
-            }
+            Source::Files(dir) => load_files(dir),
             Source::Generated {
                 namespace,
                 secret,
@@ -165,6 +155,19 @@ impl Source {
             } => generated(client, namespace, secret, sans).await,
         }
     }
+}
+
+/// `tls.crt`, `tls.key` and (if present) `ca.crt` from `dir`.
+pub fn load_files(dir: &std::path::Path) -> Result<Material, TlsError> {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .map_err(|e| TlsError::Invalid(format!("reading {}: {e}", dir.join(f).display())))
+    };
+    Ok(Material {
+        cert_pem: read("tls.crt")?,
+        key_pem: read("tls.key")?,
+        ca_pem: read("ca.crt").ok(),
+    })
 }
 
 fn text(s: &Secret, key: &str) -> Option<String> {
@@ -397,5 +400,42 @@ pub async fn keep_current(
                 Err(e) => tracing::warn!(error = %e, "cannot write the caBundle; retrying"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue(ca_key: &str, san: &str, dir: &std::path::Path) {
+        let (cert, key, _) = leaf(ca_key, &[san.to_string()]).unwrap();
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+    }
+
+    #[test]
+    fn files_are_reloaded_and_a_bad_replacement_keeps_the_old_one() {
+        let dir = std::env::temp_dir().join(format!("mandate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, ca_key) = new_ca().unwrap();
+        std::fs::write(dir.join("ca.crt"), &ca).unwrap();
+        issue(&ca_key, "a.example", &dir);
+        let store = CertStore::new(load_files(&dir).unwrap()).unwrap();
+        let first = store.current.load_full();
+        assert!(!store.update(load_files(&dir).unwrap()).unwrap(), "unchanged");
+
+        issue(&ca_key, "b.example", &dir);
+        assert!(store.update(load_files(&dir).unwrap()).unwrap());
+        assert_ne!(store.current.load_full().cert, first.cert);
+
+        // A key that does not match the certificate is refused; the current one stays.
+        let good = store.current.load_full();
+        let mut bad = load_files(&dir).unwrap();
+        bad.key_pem = KeyPair::generate().unwrap().serialize_pem();
+        assert!(store.update(bad).is_err());
+        assert_eq!(store.current.load_full().cert, good.cert);
+        std::fs::write(dir.join("tls.crt"), "not PEM").unwrap();
+        assert!(load_files(&dir).and_then(|m| store.update(m)).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
