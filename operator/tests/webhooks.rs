@@ -344,6 +344,14 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
     );
     identity(&agents, "writer", json!({"matchLabels": {"agent": "writer"}})).await?;
 
+    // Every answer is counted and timed.
+    let (count, mean) = hooks.admission_latency("mutate-pods").await?;
+    ensure!(count >= 8, "only {count} pod admissions counted");
+    eprintln!(
+        "mutate-pods: {count} admissions, mean {:.2} ms inside the operator",
+        mean * 1000.0
+    );
+
     drop(hooks);
     op.delete().await?;
     agents.delete().await

@@ -27,6 +27,8 @@ pub struct Webhooks {
     pub op_ns: String,
     /// Extra operator arguments (images...).
     pub extra_args: Vec<String>,
+    /// The operator's admin port (`/metrics`).
+    pub admin: u16,
 }
 
 impl Drop for Webhooks {
@@ -141,6 +143,7 @@ impl Webhooks {
             log: std::env::temp_dir().join(format!("mandate-webhooks-{test}.log")),
             op_ns: op.name().into(),
             extra_args,
+            admin: 0,
         };
         hooks.start_operator(agents.name()).await?;
         Ok(hooks)
@@ -148,6 +151,7 @@ impl Webhooks {
 
     pub async fn start_operator(&mut self, agents: &str) -> Result<()> {
         let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        self.admin = admin;
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
             .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
@@ -222,6 +226,20 @@ impl Webhooks {
                 .get("ca.crt")
                 .map(|b| String::from_utf8_lossy(&b.0).into_owned())
         }))
+    }
+
+    /// `(count, mean seconds)` of the operator's answers to one webhook.
+    pub async fn admission_latency(&self, webhook: &str) -> Result<(u64, f64)> {
+        let (_, body) = http_get(&format!("http://127.0.0.1:{}/metrics", self.admin)).await?;
+        let value = |name: &str| {
+            body.lines()
+                .find(|l| l.starts_with(name) && l.contains(&format!("webhook=\"{webhook}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let count = value("mandate_operator_admission_duration_seconds_count").unwrap_or(0.0);
+        let sum = value("mandate_operator_admission_duration_seconds_sum").unwrap_or(0.0);
+        Ok((count as u64, if count > 0.0 { sum / count } else { 0.0 }))
     }
 
     pub fn logs(&self) -> String {
