@@ -10,6 +10,7 @@ pub mod identity;
 pub mod leader;
 pub mod lenient;
 pub mod policy;
+pub mod spiffe;
 pub mod webhook;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

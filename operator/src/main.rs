@@ -144,6 +144,36 @@ struct Args {
     /// cluster is Kubernetes 1.29 or later.
     #[arg(long, env = "MANDATE_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
     native_sidecars: NativeSidecars,
+
+    #[command(flatten)]
+    spiffe: IdentityArgs,
+}
+
+/// Flags of the built-in SPIFFE CA and its signing service.
+#[derive(Debug, clap::Args)]
+struct IdentityArgs {
+    /// Address of the SVID signing service (gRPC over TLS, the operator's
+    /// own SVID as its certificate).
+    #[arg(long, env = "MANDATE_IDENTITY_ADDR", default_value = "0.0.0.0:9444")]
+    identity_addr: SocketAddr,
+
+    /// Run no CA and no signing service in this process.
+    #[arg(long, env = "MANDATE_NO_IDENTITY")]
+    no_identity: bool,
+
+    /// Secret (in the operator's namespace) holding the CA key and certificate.
+    #[arg(long, env = "MANDATE_CA_SECRET", default_value = "mandate-spiffe-ca")]
+    ca_secret: String,
+
+    /// ConfigMap (key bundle.pem) the trust bundle is published as, in the
+    /// operator's namespace and in every enforced namespace.
+    #[arg(long, env = "MANDATE_TRUST_BUNDLE_CONFIGMAP", default_value = "mandate-trust-bundle")]
+    trust_bundle_configmap: String,
+
+    /// DNS names and IPs of the signing service's certificate, beside its
+    /// SPIFFE ID (default: the `mandate-operator` Service's names).
+    #[arg(long = "identity-san", env = "MANDATE_IDENTITY_SANS", value_delimiter = ',')]
+    identity_sans: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -186,6 +216,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Some(start_webhooks(&args, &client, metrics.clone()).await?)
     };
+    if !args.spiffe.no_identity {
+        start_identity(&args, &client).await?;
+    }
     wait_for_crds(&client, &args.watch_namespace).await;
     if let Some(synced) = &webhooks_synced {
         // Ready only once the webhooks can tell agent pods from others.
@@ -361,6 +394,86 @@ async fn start_webhooks(
         }
     });
     Ok(synced)
+}
+
+/// The built-in SPIFFE CA: load (or make) it, publish its trust bundle,
+/// and serve the SVID signing service with the operator's own SVID; keep the
+/// CA, that SVID and the published bundles current.
+async fn start_identity(args: &Args, client: &Client) -> anyhow::Result<()> {
+    use mandate_operator::spiffe::{ca::Ca, signer::IdentityService};
+    let ns = args.operator_namespace.clone();
+    let td = args.trust_domain.clone();
+    let id = &args.spiffe;
+    let ca = Ca::load_or_create(client, &ns, &id.ca_secret, &td)
+        .await
+        .context("loading the SPIFFE CA")?;
+    ca.publish_bundle(client, &ns, &id.trust_bundle_configmap)
+        .await
+        .context("publishing the trust bundle")?;
+    let sans = if id.identity_sans.is_empty() {
+        vec![
+            format!("mandate-operator.{ns}.svc"),
+            format!("mandate-operator.{ns}.svc.cluster.local"),
+        ]
+    } else {
+        id.identity_sans.clone()
+    };
+    const OPERATOR_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
+    let certs = Arc::new(tls::CertStore::new(ca.operator_svid(&sans, OPERATOR_SVID_TTL)?)?);
+    let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
+    let service = mandate_proto::identity::v1::identity_server::IdentityServer::new(IdentityService {
+        client: client.clone(),
+        ca: ca.clone(),
+    });
+    let app = tonic::service::Routes::new(service).into_axum_router();
+    let addr = id.identity_addr;
+    let serving = certs.clone();
+    tokio::spawn(async move {
+        if let Err(e) = webhook::serve(addr, serving, app, std::future::pending()).await {
+            tracing::error!(error = %e, "the SVID signing service stopped");
+            std::process::exit(1);
+        }
+    });
+    // Hourly: pick up a rotated CA, renew our own SVID, publish the bundle
+    // (also into every enforced namespace, where injected sidecars mount it).
+    let client = client.clone();
+    let (secret, cm) = (id.ca_secret.clone(), id.trust_bundle_configmap.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            match Ca::load_or_create(&client, &ns, &secret, &td).await {
+                Ok(fresh) => {
+                    match fresh.operator_svid(&sans, OPERATOR_SVID_TTL) {
+                        Ok(m) => {
+                            if let Err(e) = certs.update(m) {
+                                tracing::error!(error = %e, "cannot use the renewed operator SVID");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot renew the operator SVID"),
+                    }
+                    ca.store(Arc::new(fresh));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot reload the SPIFFE CA; keeping the current one"),
+            }
+            let current = ca.load_full();
+            let enforced = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+                .list_metadata(&ListParams::default().labels(&format!("{}=true", webhook::ENFORCE_LABEL)))
+                .await;
+            let mut targets = vec![ns.clone()];
+            match enforced {
+                Ok(list) => targets.extend(list.items.into_iter().filter_map(|n| n.metadata.name)),
+                Err(e) => tracing::warn!(error = %e, "cannot list enforced namespaces for the trust bundle"),
+            }
+            for target in targets {
+                if let Err(e) = current.publish_bundle(&client, &target, &cm).await {
+                    tracing::warn!(namespace = %target, error = %e, "cannot publish the trust bundle");
+                }
+            }
+        }
+    });
+    tracing::info!(%addr, "SVID signing service listening (TLS)");
+    Ok(())
 }
 
 /// Wait (logging, with growing pauses) until the API answers for Mandate's CRDs.

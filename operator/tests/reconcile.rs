@@ -48,6 +48,8 @@ impl Operator {
                 "3",
             ])
             .args(["--identity", identity, "--trust-domain", "example.org"])
+            // Reconcilers only: no webhooks, no CA (their own tests cover them).
+            .args(["--no-webhooks", "--no-identity"])
             .env("KUBECONFIG", &cluster.info().kubeconfig)
             .env("MANDATE_LOG", "info,mandate_operator=debug")
             .stdout(Stdio::from(out.try_clone()?))

@@ -1,5 +1,10 @@
-//! Mandate's own gRPC API: policy distribution, SVID signing and approvals.
-//!
-//! Not built yet: the `.proto` files and their generated Rust arrive with the
-//! issues that define those services (SVID signing, policy distribution).
-//! Envoy's ext_authz types come from the `envoy-types` crate, never from here.
+//! Mandate's own gRPC API, generated from the `.proto` files beside this
+//! crate (`mandate/...`).
+
+/// `mandate.identity.v1`: SVID signing by the operator's SPIFFE CA.
+pub mod identity {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+        tonic::include_proto!("mandate.identity.v1");
+    }
+}

@@ -10,3 +10,4 @@ pub mod input;
 pub mod loader;
 pub mod metrics;
 pub mod server;
+pub mod svid;

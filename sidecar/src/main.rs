@@ -96,6 +96,38 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     wait_ready: Vec<String>,
 
+    /// The operator's SVID signing service (`https://host:port`): obtain an
+    /// X.509-SVID there at start (not ready before) and keep it renewed; the
+    /// agent is then who the SVID says. Without a valid SVID every request
+    /// is denied.
+    #[arg(long, env = "MANDATE_SVID_SERVER")]
+    svid_server: Option<String>,
+
+    /// The pod's projected service-account token for the audience `mandate`.
+    #[arg(
+        long,
+        env = "MANDATE_SVID_TOKEN_FILE",
+        default_value = "/var/run/secrets/mandate/token"
+    )]
+    svid_token_file: PathBuf,
+
+    /// PEM trust bundle of the trust domain.
+    #[arg(
+        long,
+        env = "MANDATE_TRUST_BUNDLE_FILE",
+        default_value = "/var/run/mandate-bundle/bundle.pem"
+    )]
+    trust_bundle_file: PathBuf,
+
+    /// The trust domain.
+    #[arg(long, env = "MANDATE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// The SPIFFE ID the signing service must present (default
+    /// `spiffe://<trust domain>/mandate/operator`).
+    #[arg(long, env = "MANDATE_OPERATOR_SPIFFE_ID")]
+    operator_spiffe_id: Option<String>,
+
     /// How long --wait-ready waits.
     #[arg(long, default_value_t = 120)]
     wait_timeout_seconds: u64,
@@ -149,7 +181,28 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
+    let svid = args.svid_server.clone().map(|server| {
+        let shared: mandate_sidecar::svid::SharedSvid = Arc::default();
+        let cfg = mandate_sidecar::svid::SvidConfig {
+            server,
+            token_file: args.svid_token_file.clone(),
+            bundle_file: args.trust_bundle_file.clone(),
+            trust_domain: args.trust_domain.clone(),
+            server_id: args
+                .operator_spiffe_id
+                .clone()
+                .unwrap_or_else(|| format!("spiffe://{}/mandate/operator", args.trust_domain)),
+        };
+        metrics.svid_required.store(true, std::sync::atomic::Ordering::Relaxed);
+        let metrics = metrics.clone();
+        tokio::spawn(mandate_sidecar::svid::keep(cfg, shared.clone(), move |have| {
+            metrics.svid_valid.set(i64::from(have));
+        }));
+        shared
+    });
+
     let authz = Authz {
+        svid: svid.clone(),
         policies,
         log: Arc::new(DecisionLog::new(Box::new(std::io::stdout()), &args.redact_headers)),
         metrics: metrics.clone(),

@@ -38,6 +38,10 @@ pub struct Metrics {
     policy_info: Family<PolicyLabels, Gauge>,
     pub load_errors: Counter,
     pub ready: AtomicBool,
+    /// Whether this sidecar must hold an SVID to be ready (`--svid-server`).
+    pub svid_required: AtomicBool,
+    /// 1 while the sidecar holds a valid SVID.
+    pub svid_valid: Gauge,
 }
 
 impl Default for Metrics {
@@ -59,6 +63,12 @@ impl Default for Metrics {
             "Policy files that failed to load (the previous version stays)",
             load_errors.clone(),
         );
+        let svid_valid = Gauge::default();
+        registry.register(
+            "svid_valid",
+            "1 while the sidecar holds a valid X.509-SVID (with --svid-server)",
+            svid_valid.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -66,6 +76,8 @@ impl Default for Metrics {
             policy_info,
             load_errors,
             ready: AtomicBool::new(false),
+            svid_required: AtomicBool::new(false),
+            svid_valid,
         }
     }
 }
@@ -102,13 +114,18 @@ async fn livez() -> &'static str {
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
-    } else {
+    if !m.ready.load(Ordering::Relaxed) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no policy loaded (every request is denied)\n",
         )
+    } else if m.svid_required.load(Ordering::Relaxed) && m.svid_valid.get() != 1 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no valid SVID (every request is denied)\n",
+        )
+    } else {
+        (StatusCode::OK, "ok\n")
     }
 }
 

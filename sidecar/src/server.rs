@@ -37,6 +37,8 @@ pub struct Authz {
     pub metrics: Arc<Metrics>,
     pub agent: Agent,
     pub limits: Limits,
+    /// When the sidecar runs with an SVID: the current one (none = deny all).
+    pub svid: Option<crate::svid::SharedSvid>,
 }
 
 fn decision_id() -> String {
@@ -67,7 +69,30 @@ impl Authz {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
             .map(|h| &h.headers);
-        let (mut decision, summary) = match input::build(req, &self.agent, self.limits) {
+        // With an SVID source, the agent is who the SVID says, and without a
+        // valid SVID nothing is decided.
+        let svid = self.svid.as_ref().map(|s| s.load_full());
+        let agent_now;
+        let agent = match &svid {
+            Some(Some(s)) if s.valid_now() => {
+                agent_now = Agent {
+                    spiffe_id: Some(s.spiffe_id.clone()),
+                    identity: Some(s.identity.clone()),
+                    ..self.agent.clone()
+                };
+                &agent_now
+            }
+            _ => &self.agent,
+        };
+        let no_svid = matches!(&svid, Some(None)) || matches!(&svid, Some(Some(s)) if !s.valid_now());
+        let (mut decision, summary) = match input::build(req, agent, self.limits) {
+            Ok((_, summary)) if no_svid => (
+                Decision {
+                    reason: "the sidecar holds no valid SVID (its workload identity), so it decides nothing".into(),
+                    ..Decision::default()
+                },
+                summary,
+            ),
             Ok((doc, summary)) => (set.decide(&doc), summary),
             Err(e) => {
                 let summary = http_summary(req);
@@ -85,7 +110,7 @@ impl Authz {
         let mut record = serde_json::Map::new();
         record.insert("decision_id".into(), json!(id));
         record.insert("time".into(), json!(jiff::Timestamp::now().to_string()));
-        record.insert("agent".into(), json!(self.agent));
+        record.insert("agent".into(), json!(agent));
         let headers: BTreeMap<String, String> = http_headers
             .map(|h| self.log.redact_headers(h.iter()))
             .unwrap_or_default();

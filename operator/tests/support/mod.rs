@@ -165,7 +165,13 @@ impl Webhooks {
             ])
             .args(["--mutating-webhook-configuration", &self.name])
             .args(["--validating-webhook-configuration", &self.name])
-            .args(["--webhook-cert-reload-seconds", "1", "--native-sidecars", "never"])
+            .args([
+                "--webhook-cert-reload-seconds",
+                "1",
+                "--native-sidecars",
+                "never",
+                "--no-identity",
+            ])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.cluster.info().kubeconfig)
             .env("MANDATE_LOG", "info,mandate_operator=debug")

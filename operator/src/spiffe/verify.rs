@@ -1,0 +1,243 @@
+//! X.509-SVID verification for rustls: the peer's chain must lead to the
+//! trust bundle, its leaf must carry exactly one SPIFFE ID in the trust
+//! domain, and that ID must be one the caller accepts. Used on both sides of
+//! the sidecar ↔ operator channel (and for the operator's identity server).
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+/// The SPIFFE ID of a certificate (DER): its one `spiffe://` URI SAN.
+pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad SAN extension: {e}"))?
+        .ok_or("the certificate has no SAN")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] if one.starts_with("spiffe://") => Ok((*one).to_string()),
+        [] => Err("the certificate carries no SPIFFE ID".into()),
+        _ => Err("an X.509-SVID carries exactly one URI SAN".into()),
+    }
+}
+
+/// Which peer SPIFFE IDs are acceptable.
+pub type Accept = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Verifies SVIDs against a trust bundle.
+pub struct SpiffeVerifier {
+    roots: Vec<CertificateDer<'static>>,
+    trust_domain: String,
+    accept: Accept,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for SpiffeVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+fn bad(why: impl std::fmt::Display) -> rustls::Error {
+    rustls::Error::General(format!("peer SVID refused: {why}"))
+}
+
+impl SpiffeVerifier {
+    pub fn new(roots: Vec<CertificateDer<'static>>, trust_domain: &str, accept: Accept) -> Arc<Self> {
+        Arc::new(Self {
+            roots,
+            trust_domain: trust_domain.into(),
+            accept,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        })
+    }
+
+    /// Accept only `id`.
+    pub fn exactly(roots: Vec<CertificateDer<'static>>, trust_domain: &str, id: &str) -> Arc<Self> {
+        let id = id.to_string();
+        Self::new(roots, trust_domain, Arc::new(move |peer| peer == id))
+    }
+
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<String, rustls::Error> {
+        let anchors = self
+            .roots
+            .iter()
+            .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("unusable trust bundle: {e}")))?;
+        let ee =
+            webpki::EndEntityCert::try_from(end_entity).map_err(|e| bad(format!("unreadable certificate: {e}")))?;
+        ee.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| bad(format!("not issued by the trust bundle, or not valid now ({e})")))?;
+        let id = spiffe_id_of(end_entity).map_err(bad)?;
+        let in_domain = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split_once('/'))
+            .is_some_and(|(td, _)| td == self.trust_domain);
+        if !in_domain {
+            return Err(bad(format!("{id} is not in trust domain {}", self.trust_domain)));
+        }
+        if !(self.accept)(&id) {
+            return Err(bad(format!("{id} is not a peer this side accepts")));
+        }
+        Ok(id)
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The SPIFFE ID, not the host name, is what identifies the peer.
+        self.check(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spiffe::ca::Ca;
+    use std::time::{Duration, SystemTime};
+
+    fn svid(ca: &Ca, id: &str) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
+        CertificateDer::from(ca.sign_svid(csr.der(), id, Duration::from_secs(600)).unwrap().0)
+    }
+
+    #[test]
+    fn only_current_svids_of_the_trust_domain_and_the_expected_id_pass() {
+        let ca = Ca::generate("example.org").unwrap();
+        let id = "spiffe://example.org/ns/a/agent/b";
+        let v = SpiffeVerifier::exactly(ca.bundle_der(), "example.org", id);
+        let now = UnixTime::now();
+        let good = svid(&ca, id);
+        assert!(v.verify_client_cert(&good, &[], now).is_ok());
+        let name = ServerName::try_from("anything").unwrap();
+        assert!(v.verify_server_cert(&good, &[], &name, &[], now).is_ok());
+
+        // Expired (checked an hour after its ten minutes).
+        let later = UnixTime::since_unix_epoch(
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() + Duration::from_secs(3600),
+        );
+        assert!(v.verify_client_cert(&good, &[], later).is_err());
+        // Another SPIFFE ID of the same domain.
+        assert!(
+            v.verify_client_cert(&svid(&ca, "spiffe://example.org/ns/a/agent/c"), &[], now)
+                .is_err()
+        );
+        // Another trust domain's CA, even for the same path.
+        let other = Ca::generate("other.org").unwrap();
+        assert!(
+            v.verify_client_cert(&svid(&other, "spiffe://other.org/ns/a/agent/b"), &[], now)
+                .is_err()
+        );
+        let any = SpiffeVerifier::new(ca.bundle_der(), "example.org", Arc::new(|_| true));
+        assert!(
+            any.verify_client_cert(&svid(&other, "spiffe://example.org/ns/a/agent/b"), &[], now)
+                .is_err(),
+            "a certificate from a CA outside the bundle"
+        );
+        // Our CA, but an ID in another trust domain.
+        assert!(
+            any.verify_client_cert(&svid(&ca, "spiffe://other.org/x"), &[], now)
+                .is_err()
+        );
+    }
+}

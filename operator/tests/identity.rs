@@ -1,0 +1,400 @@
+//! The built-in SPIFFE CA against a real kube-apiserver (TokenRequest and
+//! TokenReview are real): a sidecar process holding a pod-bound token for a
+//! pod that an AgentIdentity selects obtains an X.509-SVID whose only URI SAN
+//! is that identity's SPIFFE ID, and becomes ready; the operator refuses a
+//! token of a pod no identity selects, a token for another audience, a forged
+//! token, a token of a deleted pod, garbage CSRs and CSRs asking for another
+//! SPIFFE ID, extra SANs or a CA; and a client that does not trust the bundle,
+//! or expects another server ID, cannot talk to the signing service.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use kube::ResourceExt;
+use kube::api::{DeleteParams, PostParams};
+use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use mandate_operator::spiffe::verify::{SpiffeVerifier, spiffe_id_of};
+use mandate_proto::identity::v1::SignSvidRequest;
+use mandate_proto::identity::v1::identity_client::IdentityClient;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+
+const TD: &str = "example.org";
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name(name);
+    ensure!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+struct Operator {
+    _child: tokio::process::Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Operator {
+    async fn start(op: &TestNamespace, agents: &TestNamespace) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let log = std::env::temp_dir().join(format!("mandate-identity-{}.log", agents.name()));
+        let out = std::fs::File::create(&log)?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
+            .args(["--watch-namespace", agents.name(), "--lease-namespace", op.name()])
+            .args(["--operator-namespace", op.name(), "--trust-domain", TD])
+            .args([
+                "--identity-addr",
+                &format!("127.0.0.1:{port}"),
+                "--identity-san",
+                "127.0.0.1",
+            ])
+            .env("KUBECONFIG", &op.cluster().info().kubeconfig)
+            .env("MANDATE_LOG", "info,mandate_operator=debug")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()?;
+        let me = Self {
+            _child: child,
+            port,
+            log,
+        };
+        let deadline = tokio::time::Instant::now() + secs(60);
+        while !matches!(
+            http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
+            Ok((200, _))
+        ) {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "operator not ready:\n{}",
+                me.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(me)
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+async fn bundle_pem(op: &TestNamespace) -> Result<String> {
+    let cm = op.api::<ConfigMap>().get("mandate-trust-bundle").await?;
+    cm.data
+        .and_then(|d| d.get("bundle.pem").cloned())
+        .context("no bundle.pem")
+}
+
+/// A TLS channel to the signing service, verifying it as `server_id` against `roots`.
+async fn client(
+    port: u16,
+    roots: Vec<CertificateDer<'static>>,
+    server_id: &str,
+) -> Result<IdentityClient<tonic::transport::Channel>> {
+    let verifier = SpiffeVerifier::exactly(roots, TD, server_id);
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_with_connector(tower::service_fn(move |_: hyper::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let tls = connector
+                    .connect(ServerName::try_from("mandate-operator").unwrap(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(IdentityClient::new(channel))
+}
+
+fn csr(sans: &[&str], ca: bool) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| {
+            if s.starts_with("spiffe://") {
+                rcgen::SanType::URI(s.to_string().try_into().unwrap())
+            } else {
+                rcgen::SanType::DnsName(s.to_string().try_into().unwrap())
+            }
+        })
+        .collect();
+    if ca {
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    }
+    p.serialize_request(&key).unwrap().der().to_vec()
+}
+
+async fn pod(ns: &TestNamespace, name: &str, sa: &str, labels: serde_json::Value) -> Result<Pod> {
+    ns.create::<Pod>(&serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "c", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"]}]},
+    }))?)
+    .await
+}
+
+async fn token(ns: &TestNamespace, sa: &str, pod: &Pod, audience: &str) -> Result<String> {
+    let tr = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                kind: Some("Pod".into()),
+                api_version: Some("v1".into()),
+                name: Some(pod.name_any()),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let got = ns
+        .api::<ServiceAccount>()
+        .create_token_request(sa, &PostParams::default(), &tr)
+        .await
+        .context("TokenRequest")?;
+    got.status.map(|s| s.token).context("no token")
+}
+
+#[tokio::test]
+async fn sidecars_get_their_agents_svid_and_nothing_else_is_signed() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("id-op").await?;
+    let agents = cluster.namespace("id-agents").await?;
+    let operator = Operator::start(&op, &agents).await?;
+    let result = run(&cluster, &op, &agents, &operator).await;
+    if result.is_err() {
+        eprintln!("operator log:\n{}", operator.logs());
+    }
+    result?;
+    drop(operator);
+    op.delete().await?;
+    agents.delete().await
+}
+
+async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, operator: &Operator) -> Result<()> {
+    for sa in ["agent-sa", "other-sa"] {
+        agents
+            .create::<ServiceAccount>(&serde_json::from_value(json!({"metadata": {"name": sa}}))?)
+            .await?;
+    }
+    cluster
+        .kubectl_with_input(
+            &["apply", "-n", agents.name(), "-f", "-"],
+            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "researcher"},
+                    "spec": {"selector": {"matchLabels": {"agent": "researcher"}}, "svidTtl": "2m"}})
+            .to_string(),
+        )
+        .await?;
+    let agent = pod(agents, "agent-1", "agent-sa", json!({"agent": "researcher"})).await?;
+    let stranger = pod(agents, "stranger", "other-sa", json!({"app": "web"})).await?;
+    let want = format!("spiffe://{TD}/ns/{}/agent/researcher", agents.name());
+
+    let bundle = bundle_pem(op).await?;
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(bundle.as_bytes()).collect::<Result<_, _>>()?;
+    let server_id = format!("spiffe://{TD}/mandate/operator");
+    let mut c = client(operator.port, roots.clone(), &server_id).await?;
+
+    // The agent's pod-bound token: an SVID with exactly its SPIFFE ID.
+    let good = token(agents, "agent-sa", &agent, "mandate").await?;
+    let resp = c
+        .sign_svid(SignSvidRequest {
+            csr: csr(&[], false),
+            token: good.clone(),
+        })
+        .await
+        .context("signing the agent's SVID")?
+        .into_inner();
+    ensure!(resp.spiffe_id == want && resp.identity == "researcher", "{resp:?}");
+    let leaf = &resp.cert_chain[0];
+    ensure!(spiffe_id_of(leaf).map_err(anyhow::Error::msg)? == want);
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)?;
+    let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    ensure!((120..=180).contains(&life), "TTL from the identity (2m): {life}s");
+    ensure!(!cert.is_ca());
+
+    // Refusals, each with a reason.
+    let refused = |what: &'static str, token: String, csr_der: Vec<u8>, needle: &'static str| {
+        let mut c = c.clone();
+        async move {
+            match c.sign_svid(SignSvidRequest { csr: csr_der, token }).await {
+                Ok(r) => bail!("{what}: signed {:?}", r.into_inner().spiffe_id),
+                Err(s) => {
+                    ensure!(
+                        s.code() == tonic::Code::PermissionDenied && s.message().contains(needle),
+                        "{what}: {} {}",
+                        s.code(),
+                        s.message()
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    refused(
+        "a pod no identity selects",
+        token(agents, "other-sa", &stranger, "mandate").await?,
+        csr(&[], false),
+        "not an agent",
+    )
+    .await?;
+    refused(
+        "another audience",
+        token(agents, "agent-sa", &agent, "https://kubernetes.default.svc").await?,
+        csr(&[], false),
+        "token",
+    )
+    .await?;
+    refused("a forged token", format!("{good}x"), csr(&[], false), "not valid").await?;
+    refused("no token", String::new(), csr(&[], false), "no service-account token").await?;
+    refused("a garbage CSR", good.clone(), b"not a csr".to_vec(), "CSR").await?;
+    refused(
+        "a CSR for another SPIFFE ID",
+        good.clone(),
+        csr(&[&format!("spiffe://{TD}/ns/{}/agent/admin", agents.name())], false),
+        "SAN",
+    )
+    .await?;
+    refused(
+        "a CSR with an extra SAN",
+        good.clone(),
+        csr(&[&want, "evil.example.com"], false),
+        "SAN",
+    )
+    .await?;
+    refused(
+        "a CSR asking to sign certificates",
+        good.clone(),
+        csr(&[], true),
+        "certificate signing",
+    )
+    .await?;
+
+    // The signing service only talks to clients that trust the bundle, and
+    // is only accepted by them as the operator.
+    let other_ca = mandate_operator::spiffe::ca::Ca::generate(TD)?;
+    for (what, roots, id) in [
+        ("a client with another bundle", other_ca.bundle_der(), server_id.clone()),
+        (
+            "a client expecting another server ID",
+            roots.clone(),
+            format!("spiffe://{TD}/not/the/operator"),
+        ),
+    ] {
+        // The handshake fails when the channel connects (or at the first call).
+        if let Ok(mut c) = client(operator.port, roots, &id).await {
+            let call = c
+                .sign_svid(SignSvidRequest {
+                    csr: csr(&[], false),
+                    token: good.clone(),
+                })
+                .await;
+            ensure!(call.is_err(), "{what} completed a call");
+        }
+    }
+
+    // A sidecar process: no SVID, not ready; with it, ready, and deciding as
+    // the agent.
+    let dir = std::env::temp_dir().join(format!("mandate-svid-{}", agents.name()));
+    std::fs::create_dir_all(dir.join("policies"))?;
+    std::fs::write(dir.join("token"), &good)?;
+    std::fs::write(dir.join("bundle.pem"), &bundle)?;
+    std::fs::write(
+        dir.join("policies/p.yaml"),
+        "apiVersion: mandate.dev/v1alpha1\nkind: AgentPolicy\nmetadata: {name: p}\nspec:\n  modules:\n  - name: p.rego\n    rego: |\n      package mandate.authz\n      import rego.v1\n      decision if input.agent.spiffe_id != \"\"\n",
+    )?;
+    let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let grpc = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let err = std::fs::File::create(dir.join("sidecar.err"))?;
+    let _sidecar = tokio::process::Command::new(sibling("mandate-sidecar")?)
+        .arg("--policy")
+        .arg(dir.join("policies"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args([
+            "--svid-server",
+            &format!("https://127.0.0.1:{}", operator.port),
+            "--trust-domain",
+            TD,
+        ])
+        .arg("--svid-token-file")
+        .arg(dir.join("token"))
+        .arg("--trust-bundle-file")
+        .arg(dir.join("bundle.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = tokio::time::Instant::now() + secs(30);
+    loop {
+        if let Ok((200, _)) = http_get(&format!("http://127.0.0.1:{admin}/readyz")).await {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar never became ready:\n{}",
+            std::fs::read_to_string(dir.join("sidecar.err")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = std::fs::read_to_string(dir.join("sidecar.err"))?;
+    ensure!(err.contains("X.509-SVID obtained") && err.contains(&want), "{err}");
+    let (_, metrics) = http_get(&format!("http://127.0.0.1:{admin}/metrics")).await?;
+    ensure!(metrics.contains("mandate_sidecar_svid_valid 1"), "{metrics}");
+
+    // A token whose pod is gone: refused (the apiserver or the UID check).
+    let doomed = pod(agents, "agent-2", "agent-sa", json!({"agent": "researcher"})).await?;
+    let doomed_token = token(agents, "agent-sa", &doomed, "mandate").await?;
+    agents
+        .api::<Pod>()
+        .delete("agent-2", &DeleteParams::default().grace_period(0))
+        .await?;
+    let deadline = tokio::time::Instant::now() + secs(30);
+    while agents.api::<Pod>().get_opt("agent-2").await?.is_some() {
+        ensure!(tokio::time::Instant::now() < deadline, "agent-2 is not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c2 = c.clone();
+    let replay = c2
+        .sign_svid(SignSvidRequest {
+            csr: csr(&[], false),
+            token: doomed_token,
+        })
+        .await;
+    ensure!(
+        replay
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+        "a deleted pod's token: {replay:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
