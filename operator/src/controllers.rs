@@ -383,6 +383,8 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
         spiffe_id: spiffe.ok(),
         bound_pods,
         conditions: vec![ready],
+        // Written by the CA (its own field manager); left alone here.
+        svids: Vec::new(),
     };
     let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
     apply_status(&api, &name, serde_json::to_value(&status)?).await?;

@@ -249,6 +249,22 @@ pub struct AgentIdentityStatus {
     /// `Ready` (the SPIFFE ID resolved and the selector is valid).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The pods that obtained an X.509-SVID as this agent, and when: the
+    /// latest issue per pod, written by the operator's CA.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub svids: Vec<SvidIssue>,
+}
+
+/// One pod's latest X.509-SVID.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SvidIssue {
+    /// The pod's name.
+    pub pod: String,
+    /// When the SVID was issued.
+    pub issued_at: Time,
+    /// When it expires (it is renewed at half-life).
+    pub expires_at: Time,
 }
 
 // ---------------------------------------------------------------- AgentApproval

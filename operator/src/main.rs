@@ -170,6 +170,11 @@ struct IdentityArgs {
     #[arg(long, env = "MANDATE_TRUST_BUNDLE_CONFIGMAP", default_value = "mandate-trust-bundle")]
     trust_bundle_configmap: String,
 
+    /// The signing service's address as injected sidecars reach it (default
+    /// `https://mandate-operator.<operator namespace>.svc:<identity port>`).
+    #[arg(long, env = "MANDATE_SVID_SERVER_URL")]
+    svid_server_url: Option<String>,
+
     /// DNS names and IPs of the signing service's certificate, beside its
     /// SPIFFE ID (default: the `mandate-operator` Service's names).
     #[arg(long = "identity-san", env = "MANDATE_IDENTITY_SANS", value_delimiter = ',')]
@@ -313,6 +318,17 @@ async fn start_webhooks(
     }
     if let Some(i) = &args.sidecar_image {
         inject.sidecar_image = i.clone();
+    }
+    inject.trust_domain = args.trust_domain.clone();
+    inject.trust_bundle_configmap = args.spiffe.trust_bundle_configmap.clone();
+    if !args.spiffe.no_identity {
+        inject.svid_server = Some(args.spiffe.svid_server_url.clone().unwrap_or_else(|| {
+            format!(
+                "https://mandate-operator.{}.svc:{}",
+                args.operator_namespace,
+                args.spiffe.identity_addr.port()
+            )
+        }));
     }
     let native_sidecars = match args.native_sidecars {
         NativeSidecars::Always => true,

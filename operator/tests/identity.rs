@@ -370,6 +370,59 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
     let (_, metrics) = http_get(&format!("http://127.0.0.1:{admin}/metrics")).await?;
     ensure!(metrics.contains("mandate_sidecar_svid_valid 1"), "{metrics}");
 
+    // The identity's status shows which pod obtained an SVID, and until when.
+    let id: mandate_operator::crd::AgentIdentity = agents
+        .api::<mandate_operator::crd::AgentIdentity>()
+        .get_status("researcher")
+        .await?;
+    let svids = id.status.map(|s| s.svids).unwrap_or_default();
+    ensure!(
+        svids
+            .iter()
+            .any(|s| s.pod == "agent-1" && s.expires_at.0 > k8s_openapi::jiff::Timestamp::now()),
+        "{svids:?}"
+    );
+
+    // `mandate agents`: the identity, its SPIFFE ID, its pod with its SVID,
+    // and the policy bound to it.
+    cluster
+        .kubectl_with_input(
+            &["apply", "-n", agents.name(), "-f", "-"],
+            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": "for-researcher"},
+                    "spec": {"identities": ["researcher"], "modules": [{"name": "p.rego",
+                             "rego": "package mandate.authz\nimport rego.v1\ndefault decision := false\n"}]}})
+            .to_string(),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + secs(30);
+    loop {
+        let out = tokio::process::Command::new(sibling("mandate")?)
+            .args(["agents", "-n", agents.name()])
+            .env("KUBECONFIG", &cluster.info().kubeconfig)
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("agent-1"))
+            .unwrap_or_default()
+            .to_string();
+        if out.status.success()
+            && line.contains("researcher")
+            && line.contains(&want)
+            && !line.contains("no SVID")
+            && line.contains("for-researcher(Enforce)")
+        {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "mandate agents:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A token whose pod is gone: refused (the apiserver or the UID check).
     let doomed = pod(agents, "agent-2", "agent-sa", json!({"agent": "researcher"})).await?;
     let doomed_token = token(agents, "agent-sa", &doomed, "mandate").await?;

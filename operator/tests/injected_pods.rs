@@ -5,6 +5,8 @@
 //! environment the webhook set: allowed requests pass, denied ones get 403
 //! with a decision id that is in the sidecar's decision log, and with the
 //! sidecar container killed everything is denied until kubelet restarts it.
+//! The sidecar holds an X.509-SVID from the operator's CA, obtained with the
+//! pod's projected token, and decides as that SPIFFE ID.
 //! This runs the configuration the webhook really injected, not a copy.
 //! (Policies reach the sidecar as a mounted ConfigMap until the operator
 //! pushes them.)
@@ -103,7 +105,33 @@ async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
     cluster.load_image(SIDECAR, &sibling("mandate-sidecar")?).await?;
     let op = cluster.namespace("inj-op").await?;
     let agents = cluster.namespace("inj-agents").await?;
-    let hooks = Webhooks::start_with(&cluster, &op, &agents, vec!["--sidecar-image".into(), SIDECAR.into()]).await?;
+    // The sidecars reach the operator's signing service on the node's
+    // address (the test cluster's own bridge).
+    let node_ip = cluster
+        .info()
+        .apiserver
+        .trim_start_matches("https://")
+        .split(':')
+        .next()
+        .context("no apiserver host")?
+        .to_string();
+    let port = std::net::TcpListener::bind((node_ip.as_str(), 0))?.local_addr()?.port();
+    let hooks = Webhooks::start_with(
+        &cluster,
+        &op,
+        &agents,
+        vec![
+            "--sidecar-image".into(),
+            SIDECAR.into(),
+            "--identity-addr".into(),
+            format!("{node_ip}:{port}"),
+            "--identity-san".into(),
+            node_ip.clone(),
+            "--svid-server-url".into(),
+            format!("https://{node_ip}:{port}"),
+        ],
+    )
+    .await?;
     let result = run(&cluster, &agents).await;
     if result.is_err() {
         eprintln!("operator log:\n{}", hooks.logs());
@@ -223,12 +251,16 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
         .find(|l| l.contains(&id))
         .with_context(|| format!("decision {id} is not in the sidecar's log:\n{log}"))?;
     let record: Value = serde_json::from_str(record)?;
+    // The agent is who its SVID says: the identity's SPIFFE ID, from the
+    // operator's CA, obtained with the pod's own token.
+    let want = format!("spiffe://example.org/ns/{}/agent/researcher", agents.name());
     ensure!(
         record["result"] == "deny"
             && record["policies"][0]["version"]
                 .as_str()
                 .is_some_and(|v| v.starts_with("sha256:"))
             && record["agent"]["identity"] == "researcher"
+            && record["agent"]["spiffe_id"] == want.as_str()
             && record["agent"]["pod"] == "agent",
         "{record}"
     );

@@ -178,6 +178,7 @@ impl IdentityService {
             .map_err(|e| Refusal::Csr(e.to_string()))?;
         let mut chain = vec![leaf];
         chain.extend(ca.cert_der().map(|c| c.to_vec()));
+        self.record(ns, &name, &pod_name, not_after).await;
         tracing::info!(
             pod = %format!("{ns}/{pod_name}"),
             identity = %name,
@@ -192,6 +193,50 @@ impl IdentityService {
             identity: name,
             expires_at_unix: not_after.unix_timestamp(),
         })
+    }
+}
+
+impl IdentityService {
+    /// Note the issue in the AgentIdentity's `status.svids` (latest per pod,
+    /// expired ones dropped). A failure here is logged; the SVID stands.
+    async fn record(&self, ns: &str, identity: &str, pod: &str, not_after: time::OffsetDateTime) {
+        use crate::crd::SvidIssue;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use kube::api::{Patch, PatchParams};
+        let api = Api::<AgentIdentity>::namespaced(self.client.clone(), ns);
+        let now = jiff::Timestamp::now();
+        let current = match api.get_status(identity).await {
+            Ok(i) => i.status.map(|s| s.svids).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read AgentIdentity status to record an SVID");
+                return;
+            }
+        };
+        let expires = jiff::Timestamp::from_second(not_after.unix_timestamp()).unwrap_or(now);
+        let mut svids: Vec<SvidIssue> = current
+            .into_iter()
+            .filter(|s| s.pod != pod && s.expires_at.0 > now)
+            .collect();
+        svids.push(SvidIssue {
+            pod: pod.into(),
+            issued_at: Time(now),
+            expires_at: Time(expires),
+        });
+        svids.sort_by(|a, b| a.pod.cmp(&b.pod));
+        let patch = serde_json::json!({
+            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
+            "status": {"svids": svids},
+        });
+        if let Err(e) = api
+            .patch_status(
+                identity,
+                &PatchParams::apply("mandate-operator-ca").force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record the SVID in the AgentIdentity's status");
+        }
     }
 }
 

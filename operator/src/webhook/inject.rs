@@ -9,8 +9,9 @@ use json_patch::{AddOperation, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -22,6 +23,8 @@ pub const ENVOY_CONTAINER: &str = "mandate-envoy";
 pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
 pub const RUN_VOLUME: &str = "mandate-run";
 pub const POLICY_VOLUME: &str = "mandate-policies";
+pub const TOKEN_VOLUME: &str = "mandate-token";
+pub const BUNDLE_VOLUME: &str = "mandate-bundle";
 /// Annotation marking a pod as injected (its value: the injection's digest).
 pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";
 /// Annotation naming the AgentIdentity the pod was injected as.
@@ -76,6 +79,17 @@ pub struct InjectConfig {
     /// ConfigMap (in the pod's namespace) of AgentPolicy files the sidecar
     /// reads, unless the pod's `mandate.dev/policy-configmap` names another.
     pub policy_configmap: String,
+    /// The operator's SVID signing service (`https://host:port`). When set,
+    /// the sidecar gets the pod's projected service-account token for the
+    /// audience `mandate` and the trust bundle, and obtains its SVID there.
+    pub svid_server: Option<String>,
+    /// The trust domain (for the sidecar's SVID).
+    pub trust_domain: String,
+    /// ConfigMap (in the pod's namespace; the operator publishes it into
+    /// every enforced namespace) holding the trust bundle.
+    pub trust_bundle_configmap: String,
+    /// Lifetime of the projected token the sidecar proves its pod with.
+    pub token_expiration_seconds: i64,
     pub envoy_resources: ResourceRequirements,
     pub sidecar_resources: ResourceRequirements,
     /// UID the injected containers run as.
@@ -110,6 +124,10 @@ impl Default for InjectConfig {
             max_request_bytes: 1024 * 1024,
             upstream_ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
             policy_configmap: "mandate-policies".into(),
+            svid_server: None,
+            trust_domain: "cluster.local".into(),
+            trust_bundle_configmap: "mandate-trust-bundle".into(),
+            token_expiration_seconds: 600,
             envoy_resources: resources("50m", "64Mi", "256Mi"),
             sidecar_resources: resources("20m", "32Mi", "128Mi"),
             run_as_user: 65532,
@@ -262,6 +280,32 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
     if let Some(id) = &agent.identity {
         sidecar_env.push(env("MANDATE_AGENT_IDENTITY", id));
     }
+    let mut sidecar_mounts = vec![
+        run_mount.clone(),
+        VolumeMount {
+            name: POLICY_VOLUME.into(),
+            mount_path: "/etc/mandate/policies".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    if let Some(server) = &cfg.svid_server {
+        sidecar_env.push(env("MANDATE_SVID_SERVER", server));
+        sidecar_env.push(env("MANDATE_TRUST_DOMAIN", &cfg.trust_domain));
+        sidecar_env.push(env("MANDATE_SVID_TOKEN_FILE", "/var/run/secrets/mandate/token"));
+        sidecar_env.push(env("MANDATE_TRUST_BUNDLE_FILE", "/var/run/mandate-bundle/bundle.pem"));
+        for (name, path) in [
+            (TOKEN_VOLUME, "/var/run/secrets/mandate"),
+            (BUNDLE_VOLUME, "/var/run/mandate-bundle"),
+        ] {
+            sidecar_mounts.push(VolumeMount {
+                name: name.into(),
+                mount_path: path.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+    }
     if let Some(id) = &agent.spiffe_id {
         sidecar_env.push(env("MANDATE_AGENT_SPIFFE_ID", id));
     }
@@ -275,15 +319,7 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
         liveness_probe: Some(http_probe("/livez", cfg.sidecar_admin_port, 10, 3)),
         resources: Some(cfg.sidecar_resources.clone()),
         security_context: Some(security),
-        volume_mounts: Some(vec![
-            run_mount,
-            VolumeMount {
-                name: POLICY_VOLUME.into(),
-                mount_path: "/etc/mandate/policies".into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(sidecar_mounts),
         ..Container::default()
     };
     if native_sidecars {
@@ -332,7 +368,7 @@ fn policy_configmap(pod: &Pod, cfg: &InjectConfig) -> String {
 }
 
 fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
-    vec![
+    let mut vols = vec![
         Volume {
             name: RUN_VOLUME.into(),
             empty_dir: Some(EmptyDirVolumeSource {
@@ -352,7 +388,35 @@ fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
             }),
             ..Volume::default()
         },
-    ]
+    ];
+    if cfg.svid_server.is_some() {
+        vols.push(Volume {
+            name: TOKEN_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(crate::spiffe::signer::TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(cfg.token_expiration_seconds),
+                        path: "token".into(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        });
+        vols.push(Volume {
+            name: BUNDLE_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cfg.trust_bundle_configmap.clone(),
+                // Missing: no SVID, so not Ready and every request denied.
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    vols
 }
 
 /// Envoy's bootstrap: an HTTP forward proxy on loopback whose every request
@@ -550,7 +614,7 @@ fn reserved_volume(pod: &Pod) -> Option<String> {
         .iter()
         .flatten()
         .map(|v| v.name.clone())
-        .find(|n| n == RUN_VOLUME || n == POLICY_VOLUME)
+        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME].contains(&n.as_str()))
 }
 
 /// Whether the pod holds exactly what Mandate injects for it now (its

@@ -165,13 +165,13 @@ impl Webhooks {
             ])
             .args(["--mutating-webhook-configuration", &self.name])
             .args(["--validating-webhook-configuration", &self.name])
-            .args([
-                "--webhook-cert-reload-seconds",
-                "1",
-                "--native-sidecars",
-                "never",
-                "--no-identity",
-            ])
+            .args(["--webhook-cert-reload-seconds", "1", "--native-sidecars", "never"])
+            // No CA unless the test asks for it (with an address of its own).
+            .args(
+                (!self.extra_args.iter().any(|a| a == "--identity-addr"))
+                    .then_some("--no-identity")
+                    .as_slice(),
+            )
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.cluster.info().kubeconfig)
             .env("MANDATE_LOG", "info,mandate_operator=debug")

@@ -3,6 +3,7 @@
 //!   mandate test policies/                 run each AgentPolicy's Rego tests
 //!   mandate eval policy.yaml --input in.json   print the decision for one input
 //!   mandate verify-log decisions.log       check a decision log's hash chain
+//!   mandate agents [-n NS | -A]            agents, identities, pods, policies (from the cluster)
 //!
 //! (Also usable as `kubectl mandate` once installed as `kubectl-mandate`.)
 
@@ -54,6 +55,17 @@ enum Command {
         /// The log (the sidecar's standard output), `-` for standard input.
         file: PathBuf,
     },
+    /// List the agents in the cluster (kubeconfig as kubectl finds it): each
+    /// AgentIdentity, its SPIFFE ID, its pods (and their SVIDs' expiry), and
+    /// the AgentPolicies bound to it.
+    Agents {
+        /// Namespace (default: the kubeconfig's).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +83,13 @@ fn run(args: Args) -> Result<bool> {
     match args.command {
         Command::Test { paths, verbose } => test(&paths, verbose),
         Command::Eval { paths, input } => eval(&paths, &input),
+        Command::Agents {
+            namespace,
+            all_namespaces,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(agents(namespace, all_namespaces))
+        }
         Command::VerifyLog { file } => {
             let text = read(&file)?;
             match decision_log::verify(&text) {
@@ -180,5 +199,87 @@ fn eval(paths: &[PathBuf], input: &Path) -> Result<bool> {
         "policies": d.verdicts,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(true)
+}
+
+/// `mandate agents`: one line per (identity, pod), policies bound to the identity.
+async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+    use kube::core::{Selector, SelectorExt as _};
+    use kube::{Api, ResourceExt};
+    use mandate_operator::crd::AgentIdentity;
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the cluster (kubeconfig or in-cluster)")?;
+    let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    let (ids, pols, pods): (Api<AgentIdentity>, Api<AgentPolicy>, Api<Pod>) = if all {
+        (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        )
+    } else {
+        (
+            Api::namespaced(client.clone(), &ns),
+            Api::namespaced(client.clone(), &ns),
+            Api::namespaced(client.clone(), &ns),
+        )
+    };
+    let lp = ListParams::default();
+    let (ids, pols, pods) = (ids.list(&lp).await?, pols.list(&lp).await?, pods.list(&lp).await?);
+    println!(
+        "{:<20} {:<20} {:<56} {:<28} {:<22} POLICIES",
+        "NAMESPACE", "IDENTITY", "SPIFFE ID", "POD", "SVID EXPIRES"
+    );
+    for id in &ids.items {
+        let id_ns = id.namespace().unwrap_or_default();
+        let name = id.name_any();
+        let status = id.status.clone().unwrap_or_default();
+        let selector = Selector::try_from(id.spec.selector.clone()).ok();
+        let mine: Vec<&Pod> = pods
+            .items
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(id_ns.as_str()))
+            .filter(|p| {
+                selector
+                    .as_ref()
+                    .is_some_and(|s| !s.selects_all() && s.matches(p.labels()))
+            })
+            .collect();
+        let bound: Vec<String> = pols
+            .items
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(id_ns.as_str()))
+            .filter(|p| {
+                p.spec.identities.contains(&name)
+                    || p.spec.agent_selector.as_ref().is_some_and(|sel| {
+                        Selector::try_from(sel.clone())
+                            .is_ok_and(|s| !s.selects_all() && mine.iter().any(|pod| s.matches(pod.labels())))
+                    })
+            })
+            .map(|p| format!("{}({:?})", p.name_any(), p.spec.mode))
+            .collect();
+        let policies = if bound.is_empty() {
+            "-".to_string()
+        } else {
+            bound.join(",")
+        };
+        let spiffe = status.spiffe_id.clone().unwrap_or_else(|| "(unresolved)".into());
+        if mine.is_empty() {
+            println!("{id_ns:<20} {name:<20} {spiffe:<56} {:<28} {:<22} {policies}", "-", "-");
+        }
+        for pod in mine {
+            let pod_name = pod.name_any();
+            let expires = status
+                .svids
+                .iter()
+                .find(|s| s.pod == pod_name)
+                .map(|s| s.expires_at.0.to_string())
+                .unwrap_or_else(|| "no SVID".into());
+            println!("{id_ns:<20} {name:<20} {spiffe:<56} {pod_name:<28} {expires:<22} {policies}");
+        }
+    }
     Ok(true)
 }
