@@ -4,8 +4,10 @@
 //! is that identity's SPIFFE ID, and becomes ready; the operator refuses a
 //! token of a pod no identity selects, a token for another audience, a forged
 //! token, a token of a deleted pod, garbage CSRs and CSRs asking for another
-//! SPIFFE ID, extra SANs or a CA; and a client that does not trust the bundle,
-//! or expects another server ID, cannot talk to the signing service.
+//! SPIFFE ID, extra SANs or a CA; a client that does not trust the bundle,
+//! or expects another server ID, cannot talk to the signing service; with a
+//! one-minute TTL the sidecar renews at half-life and stays ready; the
+//! identity's status and `mandate agents` show the pod's SVID.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
@@ -205,7 +207,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
         .kubectl_with_input(
             &["apply", "-n", agents.name(), "-f", "-"],
             &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "researcher"},
-                    "spec": {"selector": {"matchLabels": {"agent": "researcher"}}, "svidTtl": "2m"}})
+                    "spec": {"selector": {"matchLabels": {"agent": "researcher"}}, "svidTtl": "1m"}})
             .to_string(),
         )
         .await?;
@@ -234,7 +236,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
     ensure!(spiffe_id_of(leaf).map_err(anyhow::Error::msg)? == want);
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)?;
     let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
-    ensure!((120..=180).contains(&life), "TTL from the identity (2m): {life}s");
+    ensure!((60..=120).contains(&life), "TTL from the identity (1m): {life}s");
     ensure!(!cert.is_ca());
 
     // Refusals, each with a reason.
@@ -369,6 +371,20 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
     ensure!(err.contains("X.509-SVID obtained") && err.contains(&want), "{err}");
     let (_, metrics) = http_get(&format!("http://127.0.0.1:{admin}/metrics")).await?;
     ensure!(metrics.contains("mandate_sidecar_svid_valid 1"), "{metrics}");
+
+    // With a one-minute TTL the sidecar renews at half-life and stays ready
+    // throughout.
+    let deadline = tokio::time::Instant::now() + secs(75);
+    loop {
+        let (code, body) = http_get(&format!("http://127.0.0.1:{admin}/readyz")).await?;
+        ensure!(code == 200, "the sidecar stopped being ready while renewing: {body}");
+        let err = std::fs::read_to_string(dir.join("sidecar.err"))?;
+        if err.matches("X.509-SVID obtained").count() >= 2 {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "no renewal within 75s:\n{err}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // The identity's status shows which pod obtained an SVID, and until when.
     let id: mandate_operator::crd::AgentIdentity = agents
