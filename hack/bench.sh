@@ -62,7 +62,8 @@ echo
 echo "== 2. Check over gRPC on loopback (sidecar on one core, tool-allowlist policy, decision log to a file)"
 grpc=$(free_port) admin=$(free_port)
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$B/mandate-sidecar" --policy policies/tool-allowlist.yaml \
-  --listen "127.0.0.1:$grpc" --admin-listen "127.0.0.1:$admin" >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
+  --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" --admin-listen "127.0.0.1:$admin" \
+  >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
 wait_for "the sidecar" 30 ready "http://127.0.0.1:$admin/readyz" || die "sidecar did not start: $(cat "$tmp/sidecar.err")"
 taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$grpc" --rate 1000 --seconds 10 >/dev/null # warm-up
@@ -85,11 +86,12 @@ print(f"inside the handler (input + evaluation, from the log): p50 {pick(0.5)} u
 PY
 
 echo
-echo "== 3. Envoy + sidecar vs Envoy alone, HTTP at 1000 requests/s (Envoy --concurrency 1)"
+echo "== 3. Envoy + sidecar vs Envoy alone, HTTP at 1000 requests/s (Envoy --concurrency 1;"
+echo "   ext_authz over the sidecar's unix socket, as in an injected pod)"
 up=$(free_port) with=$(free_port) without=$(free_port) eadmin=$(free_port)
 taskset -c 1 "$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name upstream >/dev/null 2>&1 &
 pids+=($!)
-sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$with/; s/WITHOUT_AUTHZ/$without/; s/SIDECAR/$grpc/; s/UPSTREAM/$up/g" \
+sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$with/; s/WITHOUT_AUTHZ/$without/; s#SIDECAR_SOCKET#$tmp/authz.sock#; s/UPSTREAM/$up/g" \
   "$MANDATE_ROOT/hack/bench-envoy.yaml" >"$tmp/envoy.yaml"
 taskset -c 1 "$ENVOY_BIN" -c "$tmp/envoy.yaml" --concurrency 1 --log-level error --use-dynamic-base-id >"$tmp/envoy.log" 2>&1 &
 pids+=($!)

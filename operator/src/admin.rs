@@ -51,6 +51,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub admissions: Family<AdmissionLabels, Counter>,
     pub admission_seconds: Family<WebhookLabels, Histogram>,
+    pub stale_sidecars: Gauge,
+    pub policy_streams: Gauge,
 }
 
 impl Default for Metrics {
@@ -90,6 +92,18 @@ impl Default for Metrics {
             "Time to answer one admission request",
             admission_seconds.clone(),
         );
+        let stale_sidecars = Gauge::default();
+        registry.register(
+            "stale_sidecars",
+            "Bound sidecars not reporting the policy version in force, summed over policies (leader only)",
+            stale_sidecars.clone(),
+        );
+        let policy_streams = Gauge::default();
+        registry.register(
+            "policy_streams",
+            "Sidecars subscribed to this replica's policy stream",
+            policy_streams.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -97,6 +111,8 @@ impl Default for Metrics {
             leader,
             admissions,
             admission_seconds,
+            stale_sidecars,
+            policy_streams,
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct Context {
     pub trust_domain: String,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Sidecars not (yet) running the version in force, per policy.
+    stale: Mutex<HashMap<String, i32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -51,6 +53,14 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// Record a policy's stale sidecars; the gauge is the total.
+    pub fn stale_sidecars(&self, policy: &str, stale: i32) {
+        if let Ok(mut m) = self.stale.lock() {
+            m.insert(policy.to_string(), stale.max(0));
+            self.metrics.stale_sidecars.set(i64::from(m.values().sum::<i32>()));
+        }
+    }
+
     pub fn new(client: Client, metrics: Arc<Metrics>, trust_domain: String, instance: String) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -58,6 +68,7 @@ impl Context {
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
+            stale: Mutex::default(),
             client,
             metrics,
             trust_domain,
@@ -239,6 +250,7 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
             observed_generation: generation,
             short_version: c.version.strip_prefix("sha256:").map(|h| h.chars().take(12).collect()),
             version: Some(c.version.clone()),
+            last_good_spec: serde_json::to_value(&obj.spec).ok(),
             conditions: vec![
                 compiled_cond,
                 tested_cond,
@@ -251,6 +263,7 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
                     generation,
                 ),
             ],
+            ..AgentPolicyStatus::default()
         },
         Err(e) => {
             // The last good version stays in force; status says why the new one is not.
@@ -267,6 +280,7 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
                 observed_generation: generation,
                 version: previous.version.clone(),
                 short_version: previous.short_version.clone(),
+                last_good_spec: previous.last_good_spec.clone(),
                 conditions: vec![
                     compiled_cond,
                     tested_cond,
@@ -283,6 +297,7 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
                         generation,
                     ),
                 ],
+                ..AgentPolicyStatus::default()
             }
         }
     };
@@ -318,6 +333,16 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
             // An event is a courtesy; the status below is the record.
             tracing::warn!(policy = %key(obj), %err, "could not publish event");
         }
+    }
+
+    // How many bound sidecars report running the version in force.
+    let mut status = status;
+    if let Some(version) = status.version.clone() {
+        let (bound, in_force) = sidecars_in_force(ctx, &ns, &name, &obj.spec, &version).await?;
+        status.bound_sidecars = Some(bound);
+        status.sidecars_in_force = Some(in_force);
+        status.in_force = Some(format!("{in_force}/{bound}"));
+        ctx.stale_sidecars(&format!("{ns}/{name}"), bound - in_force);
     }
 
     let api: Api<AgentPolicy> = Api::namespaced(ctx.client.clone(), &ns);
@@ -393,6 +418,63 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
     Ok(Action::requeue(RECOUNT_EVERY))
 }
 
+/// Annotation on an agent pod: the policies its sidecar enforces, as
+/// `namespace/name=version` separated by commas (written on its Ack).
+pub const IN_FORCE_ANNOTATION: &str = "mandate.dev/policies-in-force";
+
+/// `(bound, in force)`: injected pods this policy binds (through the
+/// identities it names or its agentSelector), and how many of their
+/// sidecars report `version` of it.
+async fn sidecars_in_force(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    spec: &crate::crd::AgentPolicySpec,
+    version: &str,
+) -> Result<(i32, i32)> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .list_metadata(&ListParams::default())
+        .await?;
+    let identities = Api::<AgentIdentity>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let selectors: Vec<Selector> = identities
+        .items
+        .iter()
+        .filter(|i| spec.identities.contains(&i.name_any()))
+        .filter_map(|i| Selector::try_from(i.spec.selector.clone()).ok())
+        .chain(spec.agent_selector.clone().and_then(|s| Selector::try_from(s).ok()))
+        .filter(|s| !s.selects_all())
+        .collect();
+    let want = format!("{ns}/{name}={version}");
+    let (mut bound, mut in_force) = (0, 0);
+    for pod in &pods.items {
+        let injected = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(crate::webhook::inject::INJECTED_ANNOTATION));
+        if !injected || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if !selectors.iter().any(|s| s.matches(&labels)) {
+            continue;
+        }
+        bound += 1;
+        let runs = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(IN_FORCE_ANNOTATION))
+            .is_some_and(|v| v.split(',').any(|e| e == want));
+        if runs {
+            in_force += 1;
+        }
+    }
+    Ok((bound, in_force))
+}
+
 /// Identities in `pod`'s namespace whose selector matches its labels.
 fn identities_selecting(store: &[Arc<Lenient<AgentIdentity>>], pod: &Pod) -> Vec<ObjectRef<Lenient<AgentIdentity>>> {
     let labels = pod.labels();
@@ -462,7 +544,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
     let mut stop_a = stop_tx.subscribe();
     let mut stop_b = stop_tx.subscribe();
 
-    let policy_ctl = Controller::new(policies, watcher::Config::default())
+    let policy_ctl = Controller::new(policies, watcher::Config::default());
+    let policy_store = policy_ctl.store();
+    // A pod's change (an Ack, a new or gone agent) recounts the policies of its namespace.
+    let policy_ctl = policy_ctl
+        .watches(pods.clone(), watcher::Config::default(), move |pod: Pod| {
+            policy_store
+                .state()
+                .iter()
+                .filter(|p| p.namespace() == pod.namespace())
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(async move {
             let _ = stop_a.recv().await;
         })

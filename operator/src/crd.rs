@@ -37,6 +37,7 @@ pub const DEFAULT_ENTRYPOINT: &str = "data.mandate.authz.decision";
     status = "AgentPolicyStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.shortVersion"}"#,
+    printcolumn = r#"{"name":"In force","type":"string","jsonPath":".status.inForce"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -161,6 +162,22 @@ pub struct AgentPolicyStatus {
     /// passes), `Ready` (this version can be enforced).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The spec of `version`: what sidecars are sent while a newer spec
+    /// does not compile or fails its tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub last_good_spec: Option<serde_json::Value>,
+    /// `<in force>/<bound>`: how many sidecars of the agents this policy
+    /// binds report running `version` (e.g. `3/3`); wait on it to know a
+    /// change is enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<String>,
+    /// Sidecars bound to this policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_sidecars: Option<i32>,
+    /// Of those, how many run `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars_in_force: Option<i32>,
 }
 
 // ---------------------------------------------------------------- AgentIdentity

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod conditions;
 pub mod controllers;
 pub mod crd;
+pub mod distribute;
 pub mod error;
 pub mod identity;
 pub mod leader;

@@ -170,6 +170,16 @@ struct IdentityArgs {
     #[arg(long, env = "MANDATE_TRUST_BUNDLE_CONFIGMAP", default_value = "mandate-trust-bundle")]
     trust_bundle_configmap: String,
 
+    /// Address of the policy service (gRPC over mutual TLS: sidecars present
+    /// their SVIDs and receive their agents' policy sets).
+    #[arg(long, env = "MANDATE_POLICY_ADDR", default_value = "0.0.0.0:9445")]
+    policy_addr: SocketAddr,
+
+    /// The policy service's address as injected sidecars reach it (default
+    /// `https://mandate-operator.<operator namespace>.svc:<policy port>`).
+    #[arg(long, env = "MANDATE_POLICY_SERVER_URL")]
+    policy_server_url: Option<String>,
+
     /// The signing service's address as injected sidecars reach it (default
     /// `https://mandate-operator.<operator namespace>.svc:<identity port>`).
     #[arg(long, env = "MANDATE_SVID_SERVER_URL")]
@@ -222,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         Some(start_webhooks(&args, &client, metrics.clone()).await?)
     };
     if !args.spiffe.no_identity {
-        start_identity(&args, &client).await?;
+        start_identity(&args, &client, metrics.clone()).await?;
     }
     wait_for_crds(&client, &args.watch_namespace).await;
     if let Some(synced) = &webhooks_synced {
@@ -320,6 +330,15 @@ async fn start_webhooks(
         inject.sidecar_image = i.clone();
     }
     inject.trust_domain = args.trust_domain.clone();
+    if !args.spiffe.no_identity {
+        inject.policy_server = Some(args.spiffe.policy_server_url.clone().unwrap_or_else(|| {
+            format!(
+                "https://mandate-operator.{}.svc:{}",
+                args.operator_namespace,
+                args.spiffe.policy_addr.port()
+            )
+        }));
+    }
     inject.trust_bundle_configmap = args.spiffe.trust_bundle_configmap.clone();
     if !args.spiffe.no_identity {
         inject.svid_server = Some(args.spiffe.svid_server_url.clone().unwrap_or_else(|| {
@@ -415,7 +434,7 @@ async fn start_webhooks(
 /// The built-in SPIFFE CA: load (or make) it, publish its trust bundle,
 /// and serve the SVID signing service with the operator's own SVID; keep the
 /// CA, that SVID and the published bundles current.
-async fn start_identity(args: &Args, client: &Client) -> anyhow::Result<()> {
+async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use mandate_operator::spiffe::{ca::Ca, signer::IdentityService};
     let ns = args.operator_namespace.clone();
     let td = args.trust_domain.clone();
@@ -444,6 +463,23 @@ async fn start_identity(args: &Args, client: &Client) -> anyhow::Result<()> {
     let app = tonic::service::Routes::new(service).into_axum_router();
     let addr = id.identity_addr;
     let serving = certs.clone();
+
+    // The policy service: every replica, mutual TLS with SVIDs.
+    let accept_agents: mandate_operator::spiffe::verify::Accept = Arc::new(|_| true);
+    let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::new(ca.load().bundle_der(), &td, accept_agents);
+    let mtls = certs.server_config_mtls(verifier)?;
+    let distributor = mandate_operator::distribute::Distributor::start(client.clone(), td.clone(), metrics.clone());
+    let policy_app = tonic::service::Routes::new(mandate_proto::policy::v1::policies_server::PoliciesServer::new(
+        distributor,
+    ))
+    .into_axum_router();
+    let policy_addr = id.policy_addr;
+    tokio::spawn(async move {
+        if let Err(e) = webhook::serve_tls(policy_addr, mtls, policy_app, std::future::pending()).await {
+            tracing::error!(error = %e, "the policy service stopped");
+            std::process::exit(1);
+        }
+    });
     tokio::spawn(async move {
         if let Err(e) = webhook::serve(addr, serving, app, std::future::pending()).await {
             tracing::error!(error = %e, "the SVID signing service stopped");

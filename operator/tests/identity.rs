@@ -63,6 +63,8 @@ impl Operator {
                 &format!("127.0.0.1:{port}"),
                 "--identity-san",
                 "127.0.0.1",
+                "--policy-addr",
+                "127.0.0.1:0",
             ])
             .env("KUBECONFIG", &op.cluster().info().kubeconfig)
             .env("MANDATE_LOG", "info,mandate_operator=debug")

@@ -8,8 +8,9 @@
 //! The sidecar holds an X.509-SVID from the operator's CA, obtained with the
 //! pod's projected token, and decides as that SPIFFE ID.
 //! This runs the configuration the webhook really injected, not a copy.
-//! (Policies reach the sidecar as a mounted ConfigMap until the operator
-//! pushes them.)
+//! Its policy is pushed by the operator to the sidecar over mutual TLS with
+//! that SVID; the policy's status counts the sidecar as running its version
+//! (`1/1`); a change is enforced without restarting anything.
 //!
 //! Needs `hack/cluster.sh up --node` (root); `make test` does all of it.
 
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use serde_json::{Value, json};
@@ -47,6 +48,7 @@ const POLICY: &str = r#"apiVersion: mandate.dev/v1alpha1
 kind: AgentPolicy
 metadata: {name: reads-only}
 spec:
+  identities: [researcher]
   modules:
   - name: authz.rego
     rego: |
@@ -116,6 +118,7 @@ async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
         .context("no apiserver host")?
         .to_string();
     let port = std::net::TcpListener::bind((node_ip.as_str(), 0))?.local_addr()?.port();
+    let policy_port = std::net::TcpListener::bind((node_ip.as_str(), 0))?.local_addr()?.port();
     let hooks = Webhooks::start_with(
         &cluster,
         &op,
@@ -129,6 +132,10 @@ async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
             node_ip.clone(),
             "--svid-server-url".into(),
             format!("https://{node_ip}:{port}"),
+            "--policy-addr".into(),
+            format!("{node_ip}:{policy_port}"),
+            "--policy-server-url".into(),
+            format!("https://{node_ip}:{policy_port}"),
         ],
     )
     .await?;
@@ -163,12 +170,9 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
     );
     let up_ip = upstream.status.and_then(|s| s.pod_ip).context("upstream has no IP")?;
 
-    // Its policy (mounted from this ConfigMap), and its identity.
-    agents
-        .create::<ConfigMap>(&serde_json::from_value(json!({
-            "metadata": {"name": "mandate-policies"},
-            "data": {"reads-only.yaml": POLICY},
-        }))?)
+    // Its policy (pushed by the operator) and its identity.
+    cluster
+        .kubectl_with_input(&["apply", "-n", agents.name(), "-f", "-"], POLICY)
         .await?;
     cluster
         .kubectl_with_input(
@@ -266,6 +270,36 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
     );
     let other = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/secret")).await?;
     ensure!(other["status"] == 403, "GET outside the allowed path: {other}");
+
+    // The policy's status counts this sidecar as running its version.
+    let policies = agents.api::<mandate_operator::crd::AgentPolicy>();
+    until("reads-only to be 1/1 in force", secs(30), async || {
+        let p = policies.get_status("reads-only").await?;
+        Ok((p.status.and_then(|s| s.in_force).as_deref() == Some("1/1")).then_some(()))
+    })
+    .await?;
+
+    // A change is pushed and enforced without restarting anything.
+    let applied = tokio::time::Instant::now();
+    cluster
+        .kubectl_with_input(
+            &["apply", "-n", agents.name(), "-f", "-"],
+            &POLICY.replace(r#"startswith(input.attributes.request.http.path, "/allowed")"#, "true"),
+        )
+        .await?;
+    until("the changed policy to be enforced", secs(30), async || {
+        let r = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/secret")).await?;
+        Ok((r["status"] == 200).then_some(()))
+    })
+    .await?;
+    eprintln!("apply -> enforced in the pod: {:?}", applied.elapsed());
+    until("the new version to be 1/1 in force", secs(30), async || {
+        let p = policies.get_status("reads-only").await?;
+        let st = p.status.unwrap_or_default();
+        let current = st.version == Some(mandate_operator::policy::version(&p.spec));
+        Ok((current && st.in_force.as_deref() == Some("1/1")).then_some(()))
+    })
+    .await?;
 
     // Kill the sidecar: everything is denied until it is back.
     let restarts = |p: &Pod| {

@@ -8,3 +8,11 @@ pub mod identity {
         tonic::include_proto!("mandate.identity.v1");
     }
 }
+
+/// `mandate.policy.v1`: policy sets pushed to sidecars.
+pub mod policy {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+        tonic::include_proto!("mandate.policy.v1");
+    }
+}

@@ -10,4 +10,5 @@ pub mod input;
 pub mod loader;
 pub mod metrics;
 pub mod server;
+pub mod subscribe;
 pub mod svid;

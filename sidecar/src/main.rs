@@ -27,7 +27,7 @@ use mandate_sidecar::server::Authz;
 struct Args {
     /// AgentPolicy YAML files or directories of them (the files you would
     /// `kubectl apply`); re-read when they change.
-    #[arg(long = "policy", required_unless_present = "wait_ready", num_args = 1.., value_delimiter = ',', env = "MANDATE_POLICY")]
+    #[arg(long = "policy", required_unless_present_any = ["wait_ready", "policy_server"], num_args = 1.., value_delimiter = ',', env = "MANDATE_POLICY")]
     policies: Vec<PathBuf>,
 
     /// gRPC address for Envoy's ext_authz (keep it on loopback).
@@ -128,6 +128,13 @@ struct Args {
     #[arg(long, env = "MANDATE_OPERATOR_SPIFFE_ID")]
     operator_spiffe_id: Option<String>,
 
+    /// The operator's policy service (`https://host:port`): receive the
+    /// policy set bound to this sidecar's agent from there (pushed, over
+    /// mutual TLS with the SVID) instead of reading --policy files. Needs
+    /// --svid-server. Not ready until the first set arrives.
+    #[arg(long, env = "MANDATE_POLICY_SERVER", requires = "svid_server")]
+    policy_server: Option<String>,
+
     /// How long --wait-ready waits.
     #[arg(long, default_value_t = 120)]
     wait_timeout_seconds: u64,
@@ -165,9 +172,9 @@ async fn main() -> anyhow::Result<()> {
     // gRPC health: the Check service is SERVING only while a policy is loaded.
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut loader = Loader::new(args.policies.clone()).with_engine(args.engine);
-    let ready = reload(&mut loader, &policies, &metrics);
+    let ready = args.policy_server.is_none() && reload(&mut loader, &policies, &metrics);
     report_health(&reporter, ready).await;
-    {
+    if args.policy_server.is_none() {
         let policies = policies.clone();
         let metrics = metrics.clone();
         let every = Duration::from_millis(args.reload_interval_ms.max(50));
@@ -179,11 +186,22 @@ async fn main() -> anyhow::Result<()> {
                 report_health(&reporter, ready).await;
             }
         });
+    } else {
+        // Pushed policies: health follows the set in force.
+        let policies = policies.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                report_health(&reporter, !policies.load().policies.is_empty()).await;
+            }
+        });
     }
 
-    let svid = args.svid_server.clone().map(|server| {
-        let shared: mandate_sidecar::svid::SharedSvid = Arc::default();
-        let cfg = mandate_sidecar::svid::SvidConfig {
+    let svid_cfg = args
+        .svid_server
+        .clone()
+        .map(|server| mandate_sidecar::svid::SvidConfig {
             server,
             token_file: args.svid_token_file.clone(),
             bundle_file: args.trust_bundle_file.clone(),
@@ -192,7 +210,9 @@ async fn main() -> anyhow::Result<()> {
                 .operator_spiffe_id
                 .clone()
                 .unwrap_or_else(|| format!("spiffe://{}/mandate/operator", args.trust_domain)),
-        };
+        });
+    let svid = svid_cfg.clone().map(|cfg| {
+        let shared: mandate_sidecar::svid::SharedSvid = Arc::default();
         metrics.svid_required.store(true, std::sync::atomic::Ordering::Relaxed);
         let metrics = metrics.clone();
         tokio::spawn(mandate_sidecar::svid::keep(cfg, shared.clone(), move |have| {
@@ -200,6 +220,21 @@ async fn main() -> anyhow::Result<()> {
         }));
         shared
     });
+
+    if let (Some(server), Some(cfg), Some(shared)) = (args.policy_server.clone(), svid_cfg.clone(), svid.clone()) {
+        let src = mandate_sidecar::subscribe::PolicySource {
+            server,
+            pod: args.agent_pod.clone().unwrap_or_default(),
+            engine: args.engine,
+        };
+        tokio::spawn(mandate_sidecar::subscribe::run(
+            src,
+            cfg,
+            shared,
+            policies.clone(),
+            metrics.clone(),
+        ));
+    }
 
     let authz = Authz {
         svid: svid.clone(),

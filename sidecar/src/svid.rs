@@ -74,30 +74,38 @@ fn bundle(cfg: &SvidConfig) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// Ask the operator for a new SVID.
-pub async fn fetch(cfg: &SvidConfig) -> Result<Svid> {
-    let token = std::fs::read_to_string(&cfg.token_file)
-        .with_context(|| format!("reading the service-account token {}", cfg.token_file.display()))?;
-    let roots = bundle(cfg)?;
-    let key = rcgen::KeyPair::generate()?;
-    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-
-    let verifier = SpiffeVerifier::exactly(roots.clone(), &cfg.trust_domain, &cfg.server_id);
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+/// A gRPC channel to the operator over TLS, verifying it as `server_id`
+/// against `roots`, presenting `client` (an SVID chain and its key, PEM)
+/// when given.
+pub async fn channel(
+    server: &str,
+    roots: Vec<CertificateDer<'static>>,
+    trust_domain: &str,
+    server_id: &str,
+    client: Option<&Svid>,
+) -> Result<tonic::transport::Channel> {
+    let verifier = SpiffeVerifier::exactly(roots, trust_domain, server_id);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match client {
+        Some(svid) => {
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes()).context("the SVID's key")?;
+            builder.with_client_auth_cert(svid.chain.clone(), key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let uri: hyper::Uri = cfg
-        .server
-        .parse()
-        .with_context(|| format!("bad --svid-server {}", cfg.server))?;
-    let authority = uri.authority().context("--svid-server has no host:port")?.to_string();
-    let channel = tonic::transport::Endpoint::from_shared(cfg.server.replace("https://", "http://"))?
+    let uri: hyper::Uri = server.parse().with_context(|| format!("bad server address {server}"))?;
+    let authority = uri
+        .authority()
+        .context("the server address has no host:port")?
+        .to_string();
+    let channel = tonic::transport::Endpoint::from_shared(server.replace("https://", "http://"))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
         .connect_with_connector(tower::service_fn(move |_: hyper::Uri| {
             let (connector, authority) = (connector.clone(), authority.clone());
             async move {
@@ -109,7 +117,24 @@ pub async fn fetch(cfg: &SvidConfig) -> Result<Svid> {
             }
         }))
         .await
-        .with_context(|| format!("connecting to the signing service at {}", cfg.server))?;
+        .with_context(|| format!("connecting to {server}"))?;
+    Ok(channel)
+}
+
+/// The trust bundle in `cfg`.
+pub fn read_bundle(cfg: &SvidConfig) -> Result<Vec<CertificateDer<'static>>> {
+    bundle(cfg)
+}
+
+/// Ask the operator for a new SVID.
+pub async fn fetch(cfg: &SvidConfig) -> Result<Svid> {
+    let token = std::fs::read_to_string(&cfg.token_file)
+        .with_context(|| format!("reading the service-account token {}", cfg.token_file.display()))?;
+    let roots = bundle(cfg)?;
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+
+    let channel = channel(&cfg.server, roots, &cfg.trust_domain, &cfg.server_id, None).await?;
     let resp = IdentityClient::new(channel)
         .sign_svid(SignSvidRequest {
             csr: csr.der().to_vec(),

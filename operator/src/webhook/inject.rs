@@ -83,6 +83,10 @@ pub struct InjectConfig {
     /// the sidecar gets the pod's projected service-account token for the
     /// audience `mandate` and the trust bundle, and obtains its SVID there.
     pub svid_server: Option<String>,
+    /// The operator's policy service (`https://host:port`). When set (with
+    /// `svidServer`), the sidecar receives its policies from there instead of
+    /// the policy ConfigMap.
+    pub policy_server: Option<String>,
     /// The trust domain (for the sidecar's SVID).
     pub trust_domain: String,
     /// ConfigMap (in the pod's namespace; the operator publishes it into
@@ -125,6 +129,7 @@ impl Default for InjectConfig {
             upstream_ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
             policy_configmap: "mandate-policies".into(),
             svid_server: None,
+            policy_server: None,
             trust_domain: "cluster.local".into(),
             trust_bundle_configmap: "mandate-trust-bundle".into(),
             token_expiration_seconds: 600,
@@ -294,6 +299,9 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
         sidecar_env.push(env("MANDATE_TRUST_DOMAIN", &cfg.trust_domain));
         sidecar_env.push(env("MANDATE_SVID_TOKEN_FILE", "/var/run/secrets/mandate/token"));
         sidecar_env.push(env("MANDATE_TRUST_BUNDLE_FILE", "/var/run/mandate-bundle/bundle.pem"));
+        if let Some(policy_server) = &cfg.policy_server {
+            sidecar_env.push(env("MANDATE_POLICY_SERVER", policy_server));
+        }
         for (name, path) in [
             (TOKEN_VOLUME, "/var/run/secrets/mandate"),
             (BUNDLE_VOLUME, "/var/run/mandate-bundle"),

@@ -146,19 +146,31 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_tls(addr, certs.server_config()?, app, shutdown).await
+}
+
+/// Serve `app` with this TLS configuration. When the client presented a
+/// certificate, its SPIFFE ID goes into every request's extensions as
+/// [`crate::distribute::PeerSpiffeId`].
+pub async fn serve_tls(
+    addr: SocketAddr,
+    config: rustls::ServerConfig,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(certs.server_config()?));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding the webhook address {addr}"))?;
-    tracing::info!(%addr, "admission webhooks listening (TLS)");
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "listening (TLS)");
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a webhook connection");
+                    tracing::warn!(error = %e, "accepting a connection");
                     continue;
                 }
             },
@@ -178,12 +190,25 @@ pub async fn serve(
                     return;
                 }
             };
+            let spiffe = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::spiffe::verify::spiffe_id_of(c).ok());
+            let app =
+                tower::ServiceExt::map_request(app, move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    if let Some(id) = &spiffe {
+                        req.extensions_mut().insert(crate::distribute::PeerSpiffeId(id.clone()));
+                    }
+                    req
+                });
             let service = hyper_util::service::TowerToHyperService::new(app);
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await
             {
-                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }

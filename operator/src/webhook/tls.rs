@@ -117,6 +117,20 @@ impl CertStore {
         self.material.load_full()
     }
 
+    /// The same, requiring client certificates that `verifier` accepts.
+    pub fn server_config_mtls(
+        self: &Arc<Self>,
+        verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
+    }
+
     /// A rustls server configuration resolving to whatever is current.
     pub fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, TlsError> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
