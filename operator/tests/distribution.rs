@@ -1,0 +1,460 @@
+//! Policy distribution against a real kube-apiserver with sidecar
+//! processes: sidecars authenticated by their SVIDs receive the policy set
+//! bound to their identity (and only that, whatever pod they claim); the
+//! policy's status counts them in force; a change reaches all of them (the
+//! time is printed); a version that fails its tests, forced in past
+//! admission, leaves the last good one in force and status says so; with
+//! the operator killed the sidecars keep deciding with the last set, and
+//! after a restart they resync; a client without an SVID is refused.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use kube::ResourceExt;
+use kube::api::PostParams;
+use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use mandate_operator::crd::AgentPolicy;
+use serde_json::json;
+
+const TD: &str = "example.org";
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name(name);
+    ensure!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Ports {
+    identity: u16,
+    policy: u16,
+}
+
+async fn start_operator(
+    op: &TestNamespace,
+    agents: &TestNamespace,
+    ports: &Ports,
+    log: &PathBuf,
+) -> Result<tokio::process::Child> {
+    let admin = port();
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
+        .args(["--watch-namespace", agents.name(), "--lease-namespace", op.name()])
+        .args([
+            "--operator-namespace",
+            op.name(),
+            "--trust-domain",
+            TD,
+            "--lease-duration-seconds",
+            "3",
+        ])
+        .args([
+            "--identity-addr",
+            &format!("127.0.0.1:{}", ports.identity),
+            "--identity-san",
+            "127.0.0.1",
+        ])
+        .args(["--policy-addr", &format!("127.0.0.1:{}", ports.policy)])
+        .env("KUBECONFIG", &op.cluster().info().kubeconfig)
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = tokio::time::Instant::now() + secs(60);
+    while !matches!(
+        http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
+        Ok((200, _))
+    ) {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "operator not ready:\n{}",
+            std::fs::read_to_string(log)?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(child)
+}
+
+struct Sidecar {
+    _child: tokio::process::Child,
+    admin: u16,
+    err: PathBuf,
+}
+
+impl Sidecar {
+    /// `name=version` of each policy it has in force (from its metrics).
+    async fn in_force(&self) -> Vec<String> {
+        let Ok((_, m)) = http_get(&format!("http://127.0.0.1:{}/metrics", self.admin)).await else {
+            return vec![];
+        };
+        let mut out: Vec<String> = m
+            .lines()
+            .filter(|l| l.starts_with("mandate_sidecar_policy_info{"))
+            .filter_map(|l| {
+                let field = |k: &str| {
+                    l.split(&format!("{k}=\""))
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .map(str::to_string)
+                };
+                Some(format!("{}={}", field("policy")?, field("version")?))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    async fn ready(&self) -> bool {
+        matches!(
+            http_get(&format!("http://127.0.0.1:{}/readyz", self.admin)).await,
+            Ok((200, _))
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+async fn until(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if probe().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn policy(name: &str, identity: &str, rego_body: &str, test: Option<&str>) -> String {
+    let mut spec = json!({
+        "identities": [identity],
+        "modules": [{"name": "p.rego", "rego": format!("package mandate.authz\nimport rego.v1\ndefault decision := false\n{rego_body}\n")}],
+    });
+    if let Some(t) = test {
+        spec["tests"] = json!([{"name": "p_test.rego", "rego": t}]);
+    }
+    json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": name}, "spec": spec})
+        .to_string()
+}
+
+#[tokio::test]
+async fn sidecars_receive_their_agents_policies_and_keep_them_through_operator_loss() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("dist-op").await?;
+    let agents = cluster.namespace("dist-agents").await?;
+    let log = std::env::temp_dir().join(format!("mandate-dist-{}.log", agents.name()));
+    let ports = Ports {
+        identity: port(),
+        policy: port(),
+    };
+    let operator = start_operator(&op, &agents, &ports, &log).await?;
+    let result = run(&cluster, &op, &agents, &ports, &log, operator).await;
+    if result.is_err() {
+        eprintln!("operator log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    result?;
+    op.delete().await?;
+    agents.delete().await
+}
+
+async fn run(
+    cluster: &Cluster,
+    op: &TestNamespace,
+    agents: &TestNamespace,
+    ports: &Ports,
+    log: &PathBuf,
+    operator: tokio::process::Child,
+) -> Result<()> {
+    let mut operator = Some(operator);
+    agents
+        .create::<ServiceAccount>(&serde_json::from_value(json!({"metadata": {"name": "agent-sa"}}))?)
+        .await?;
+    for id in ["alpha", "beta"] {
+        cluster
+            .kubectl_with_input(
+                &["apply", "-n", agents.name(), "-f", "-"],
+                &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": id},
+                        "spec": {"selector": {"matchLabels": {"agent": id}}}})
+                .to_string(),
+            )
+            .await?;
+    }
+    let apply = |yaml: String| async move {
+        cluster
+            .kubectl_with_input(&["apply", "-n", agents.name(), "-f", "-"], &yaml)
+            .await
+    };
+    apply(policy(
+        "alpha-policy",
+        "alpha",
+        "decision if input.attributes.request.http.method == \"GET\"",
+        None,
+    ))
+    .await?;
+    apply(policy(
+        "beta-policy",
+        "beta",
+        "decision if input.attributes.request.http.method == \"HEAD\"",
+        None,
+    ))
+    .await?;
+
+    // Pods (marked injected, as the webhook would) and their tokens.
+    let bundle = {
+        let cm = op.api::<ConfigMap>().get("mandate-trust-bundle").await?;
+        cm.data
+            .and_then(|d| d.get("bundle.pem").cloned())
+            .context("no bundle")?
+    };
+    let dir = std::env::temp_dir().join(format!("mandate-dist-{}", agents.name()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("bundle.pem"), &bundle)?;
+    let mut sidecars = Vec::new();
+    for (pod_name, agent, claim) in [
+        ("alpha-0", "alpha", "alpha-0"),
+        ("alpha-1", "alpha", "alpha-1"),
+        ("alpha-2", "alpha", "alpha-2"),
+        ("beta-0", "beta", "beta-0"),
+        // An alpha sidecar claiming beta's pod: refused.
+        ("alpha-3", "alpha", "beta-0"),
+    ] {
+        let pod = agents
+            .create::<Pod>(&serde_json::from_value(json!({
+                "metadata": {"name": pod_name, "labels": {"agent": agent},
+                             "annotations": {"mandate.dev/injected": "test"}},
+                "spec": {"serviceAccountName": "agent-sa",
+                         "containers": [{"name": "c", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"]}]},
+            }))?)
+            .await?;
+        let tr = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec!["mandate".into()],
+                expiration_seconds: Some(600),
+                bound_object_ref: Some(BoundObjectReference {
+                    kind: Some("Pod".into()),
+                    api_version: Some("v1".into()),
+                    name: Some(pod.name_any()),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        let token = agents
+            .api::<ServiceAccount>()
+            .create_token_request("agent-sa", &PostParams::default(), &tr)
+            .await?
+            .status
+            .context("no token")?
+            .token;
+        std::fs::write(dir.join(format!("{pod_name}.token")), token)?;
+        let admin = port();
+        let err = dir.join(format!("{pod_name}.err"));
+        let child = tokio::process::Command::new(sibling("mandate-sidecar")?)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", port()),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args(["--svid-server", &format!("https://127.0.0.1:{}", ports.identity)])
+            .args(["--policy-server", &format!("https://127.0.0.1:{}", ports.policy)])
+            .args(["--trust-domain", TD, "--agent-pod", claim])
+            .arg("--svid-token-file")
+            .arg(dir.join(format!("{pod_name}.token")))
+            .arg("--trust-bundle-file")
+            .arg(dir.join("bundle.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&err)?))
+            .kill_on_drop(true)
+            .spawn()?;
+        sidecars.push(Sidecar {
+            _child: child,
+            admin,
+            err,
+        });
+    }
+    let intruder = sidecars.pop().context("no intruder")?;
+    let beta = sidecars.pop().context("no beta")?;
+    let ns = agents.name();
+    let policies = agents.api::<AgentPolicy>();
+    let version = async |name: &str| -> Result<String> {
+        let p = policies.get_status(name).await?;
+        p.status.and_then(|s| s.version).context("no version yet")
+    };
+    until("alpha-policy to be Ready", secs(30), async || {
+        Ok(version("alpha-policy").await.is_ok())
+    })
+    .await?;
+    let v1 = version("alpha-policy").await?;
+    let beta_v = version("beta-policy").await?;
+
+    // Each alpha sidecar has exactly alpha's policy; beta's has beta's.
+    for s in &sidecars {
+        until("an alpha sidecar's set", secs(30), async || {
+            Ok(s.in_force().await == [format!("{ns}/alpha-policy={v1}")] && s.ready().await)
+        })
+        .await
+        .with_context(|| s.log())?;
+    }
+    until("beta's set", secs(30), async || {
+        Ok(beta.in_force().await == [format!("{ns}/beta-policy={beta_v}")])
+    })
+    .await
+    .with_context(|| beta.log())?;
+    // The intruder's claim on beta's pod is refused: it has no set, and is not ready.
+    until("the intruder to be refused", secs(30), async || {
+        Ok(intruder.log().contains("is not an agent of"))
+    })
+    .await
+    .with_context(|| intruder.log())?;
+    ensure!(
+        intruder.in_force().await.is_empty() && !intruder.ready().await,
+        "{}",
+        intruder.log()
+    );
+
+    // Status: 3 of alpha's 4 pods run the version (the intruder's pod,
+    // alpha-3, has a sidecar that runs nothing: it counts as stale).
+    until("alpha-policy 3/4 in force", secs(30), async || {
+        let p = policies.get_status("alpha-policy").await?;
+        Ok(p.status.and_then(|s| s.in_force).as_deref() == Some("3/4"))
+    })
+    .await?;
+
+    // A change reaches every sidecar.
+    let started = tokio::time::Instant::now();
+    apply(policy(
+        "alpha-policy",
+        "alpha",
+        "decision if input.attributes.request.http.method in {\"GET\", \"HEAD\"}",
+        None,
+    ))
+    .await?;
+    until("alpha-policy's new version", secs(30), async || {
+        Ok(version("alpha-policy").await? != v1)
+    })
+    .await?;
+    let v2 = version("alpha-policy").await?;
+    for s in &sidecars {
+        until("the new version in a sidecar", secs(30), async || {
+            Ok(s.in_force().await == [format!("{ns}/alpha-policy={v2}")])
+        })
+        .await?;
+    }
+    eprintln!("apply -> enforced in 3 sidecars: {:?}", started.elapsed());
+
+    // A version that fails its tests, forced in (no webhook here): the last
+    // good one stays in force, and status says why.
+    let failing = "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\ntest_delete if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"DELETE\"}}}}\n";
+    apply(policy(
+        "alpha-policy",
+        "alpha",
+        "decision if input.attributes.request.http.method == \"POST\"",
+        Some(failing),
+    ))
+    .await?;
+    until("status to explain the failing version", secs(30), async || {
+        let p = policies.get_status("alpha-policy").await?;
+        let st = p.status.clone().unwrap_or_default();
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").cloned();
+        Ok(st.observed_generation == p.metadata.generation
+            && ready.is_some_and(|c| c.status == "False" && c.message.contains("stays in force")))
+    })
+    .await?;
+    ensure!(version("alpha-policy").await? == v2);
+    for s in &sidecars {
+        ensure!(
+            s.in_force().await == [format!("{ns}/alpha-policy={v2}")],
+            "a sidecar left the last good version"
+        );
+    }
+
+    // Operator down: the sidecars keep their set and stay ready.
+    if let Some(mut child) = operator.take() {
+        child.kill().await?;
+    }
+    for s in &sidecars {
+        until("the sidecar to notice the lost stream", secs(30), async || {
+            Ok(s.log().contains("no policy stream") || s.log().contains("stream ended"))
+        })
+        .await?;
+        ensure!(
+            s.ready().await && s.in_force().await == [format!("{ns}/alpha-policy={v2}")],
+            "{}",
+            s.log()
+        );
+    }
+    // A good change while it is down, then a restart: they resync.
+    apply(policy(
+        "alpha-policy",
+        "alpha",
+        "decision if input.attributes.request.http.method == \"OPTIONS\"",
+        None,
+    ))
+    .await?;
+    let _restarted = start_operator(op, agents, ports, log).await?;
+    until("alpha-policy's version after the restart", secs(60), async || {
+        Ok(version("alpha-policy").await? != v2)
+    })
+    .await?;
+    let v3 = version("alpha-policy").await?;
+    for s in &sidecars {
+        until("the resync", secs(60), async || {
+            Ok(s.in_force().await == [format!("{ns}/alpha-policy={v3}")])
+        })
+        .await
+        .with_context(|| s.log())?;
+    }
+
+    // No SVID, no stream: a TLS client without a client certificate is refused.
+    let roots = rustls::pki_types::pem::PemObject::pem_slice_iter(bundle.as_bytes())
+        .collect::<Result<Vec<rustls::pki_types::CertificateDer<'static>>, _>>()?;
+    let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::exactly(
+        roots,
+        TD,
+        &format!("spiffe://{TD}/mandate/operator"),
+    );
+    let tls =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ports.policy)).await?;
+    let handshake = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(rustls::pki_types::ServerName::try_from("mandate-operator")?, tcp)
+        .await;
+    if let Ok(mut stream) = handshake {
+        // TLS 1.3 reports the refused client certificate on the first read.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(secs(5), stream.read(&mut buf)).await;
+        ensure!(
+            matches!(read, Ok(Err(_)) | Ok(Ok(0))),
+            "a client without an SVID got an answer: {read:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
