@@ -1,5 +1,5 @@
 # The few commands a contributor needs. Cluster targets need root.
-.PHONY: deps demo test bench lint build crds cluster-up node-up cluster-down cluster-status
+.PHONY: deps demo test bench bench-distribution lint build crds cluster-up node-up cluster-down cluster-status
 
 ## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
 deps:
@@ -40,3 +40,10 @@ cluster-down:
 	hack/cluster.sh down
 cluster-status:
 	hack/cluster.sh status
+
+# Policy distribution: 50 sidecar processes, apply -> enforced p50/p99, and
+# the operator's memory with 1 000 policies and 10 000 identities (needs a
+# test cluster: make cluster-up).
+bench-distribution:
+	cargo build --release -q --workspace --bins
+	cargo test --release -q -p mandate-operator --test distribution_bench -- --ignored --nocapture

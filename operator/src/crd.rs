@@ -150,9 +150,9 @@ pub struct AgentPolicyStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `sha256:<hex>` over a canonical form of the modules, data and
-    /// entrypoint: the same policy always has the same version, and every
-    /// decision is logged with the version that made it.
+    /// `sha256:<hex>` over a canonical form of the modules, data,
+    /// entrypoint, mode and egress: the same policy always has the same
+    /// version, and every decision is logged with the version that made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// The first 12 hex digits of `version`, for display.

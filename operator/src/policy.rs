@@ -265,10 +265,14 @@ pub fn version(spec: &AgentPolicySpec) -> String {
         .data
         .clone()
         .filter(|d| d.as_object().is_none_or(|o| !o.is_empty()));
+    // The mode and the egress declarations change what the policy does, so
+    // they are part of its version (DryRun -> Enforce is a new version).
     let canonical = serde_json::json!({
         "entrypoint": spec.entrypoint.trim(),
         "modules": modules.iter().map(|(n, r)| serde_json::json!({"name": n, "rego": r})).collect::<Vec<_>>(),
         "data": data.unwrap_or(serde_json::Value::Null),
+        "mode": spec.mode,
+        "egress": spec.egress,
     });
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     format!("sha256:{digest:x}")
@@ -468,7 +472,11 @@ mod tests {
 
         let mut dry = a.clone();
         dry.mode = PolicyMode::DryRun;
-        assert_eq!(version(&a), version(&dry), "mode does not change what the Rego decides");
+        assert_ne!(
+            version(&a),
+            version(&dry),
+            "DryRun -> Enforce changes what is enforced: a new version, pushed like any other"
+        );
 
         let edited = spec(&[("authz.rego", &GOOD.replace("GET", "PUT")), ("lib.rego", HELPER)]);
         assert_ne!(version(&a), version(&edited));

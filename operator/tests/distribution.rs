@@ -426,6 +426,27 @@ async fn run(
         .with_context(|| s.log())?;
     }
 
+    // DryRun -> Enforce (here the other way) is a new version, pushed like any other.
+    let dry = policy(
+        "alpha-policy",
+        "alpha",
+        "decision if input.attributes.request.http.method == \"OPTIONS\"",
+        None,
+    )
+    .replace(r#""identities""#, r#""mode":"DryRun","identities""#);
+    apply(dry).await?;
+    until("the DryRun version", secs(30), async || {
+        Ok(version("alpha-policy").await? != v3)
+    })
+    .await?;
+    let v4 = version("alpha-policy").await?;
+    for s in &sidecars {
+        until("the DryRun version in a sidecar", secs(30), async || {
+            Ok(s.in_force().await == [format!("{ns}/alpha-policy={v4}")])
+        })
+        .await?;
+    }
+
     // No SVID, no stream: a TLS client without a client certificate is refused.
     let roots = rustls::pki_types::pem::PemObject::pem_slice_iter(bundle.as_bytes())
         .collect::<Result<Vec<rustls::pki_types::CertificateDer<'static>>, _>>()?;
