@@ -432,33 +432,40 @@ async fn sidecars_in_force(
     spec: &crate::crd::AgentPolicySpec,
     version: &str,
 ) -> Result<(i32, i32)> {
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
-        .list_metadata(&ListParams::default())
-        .await?;
-    let identities = Api::<AgentIdentity>::namespaced(ctx.client.clone(), ns)
-        .list(&ListParams::default())
-        .await?;
-    let selectors: Vec<Selector> = identities
-        .items
-        .iter()
-        .filter(|i| spec.identities.contains(&i.name_any()))
-        .filter_map(|i| Selector::try_from(i.spec.selector.clone()).ok())
-        .chain(spec.agent_selector.clone().and_then(|s| Selector::try_from(s).ok()))
-        .filter(|s| !s.selects_all())
-        .collect();
+    // Only this policy's agents are read: each identity it names, and the
+    // pods of each selector (filtered by the apiserver), never the whole
+    // namespace (a reconcile per policy must not cost a list of everything).
+    let identities = Api::<AgentIdentity>::namespaced(ctx.client.clone(), ns);
+    let mut selectors: Vec<Selector> = Vec::new();
+    for id in &spec.identities {
+        if let Some(i) = identities.get_opt(id).await?
+            && let Ok(sel) = Selector::try_from(i.spec.selector.clone())
+        {
+            selectors.push(sel);
+        }
+    }
+    selectors.extend(spec.agent_selector.clone().and_then(|s| Selector::try_from(s).ok()));
+    selectors.retain(|s| !s.selects_all());
+    let pod_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    let mut pods = std::collections::BTreeMap::new();
+    for sel in &selectors {
+        for p in pod_api
+            .list_metadata(&ListParams::default().labels_from(sel))
+            .await?
+            .items
+        {
+            pods.insert(p.metadata.name.clone().unwrap_or_default(), p);
+        }
+    }
     let want = format!("{ns}/{name}={version}");
     let (mut bound, mut in_force) = (0, 0);
-    for pod in &pods.items {
+    for pod in pods.values() {
         let injected = pod
             .metadata
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(crate::webhook::inject::INJECTED_ANNOTATION));
         if !injected || pod.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selectors.iter().any(|s| s.matches(&labels)) {
             continue;
         }
         bound += 1;
