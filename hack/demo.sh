@@ -29,10 +29,10 @@ grpc=$(free_port) admin=$(free_port) front=$(free_port) nocheck=$(free_port) up=
 pids+=($!)
 # Three of the examples together: every policy must allow (deny wins).
 policies="policies/tool-allowlist.yaml,policies/read-only-data-api.yaml,policies/no-destructive-methods.yaml"
-"$B/mandate-sidecar" --policy "$policies" --listen "127.0.0.1:$grpc" --admin-listen "127.0.0.1:$admin" \
-  --agent-identity researcher >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
+"$B/mandate-sidecar" --policy "$policies" --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" \
+  --admin-listen "127.0.0.1:$admin" --agent-identity researcher >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
-sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$front/; s/WITHOUT_AUTHZ/$nocheck/; s/SIDECAR/$grpc/; s/UPSTREAM/$up/g" \
+sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$front/; s/WITHOUT_AUTHZ/$nocheck/; s#SIDECAR_SOCKET#$tmp/authz.sock#; s/UPSTREAM/$up/g" \
   hack/bench-envoy.yaml >"$tmp/envoy.yaml"
 "$ENVOY_BIN" -c "$tmp/envoy.yaml" --log-level error --use-dynamic-base-id >"$tmp/envoy.log" 2>&1 &
 pids+=($!)
