@@ -18,7 +18,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 
-use crate::webhook::tls::Material;
+use crate::webhook::tls::{Material, text};
 
 /// Lifetime of a CA; it is replaced when a third of it remains.
 const CA_DAYS: i64 = 365;
@@ -75,13 +75,6 @@ fn ca_params(trust_domain: &str) -> Result<CertificateParams, rcgen::Error> {
 
 fn after(d: Duration) -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc() + d
-}
-
-fn text(s: &Secret, key: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 fn pem_ders(pem: &str) -> Vec<CertificateDer<'static>> {

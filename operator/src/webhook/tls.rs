@@ -184,7 +184,8 @@ pub fn load_files(dir: &std::path::Path) -> Result<Material, TlsError> {
     })
 }
 
-fn text(s: &Secret, key: &str) -> Option<String> {
+/// A key of a Secret as UTF-8 text (PEM), if present.
+pub(crate) fn text(s: &Secret, key: &str) -> Option<String> {
     s.data
         .as_ref()?
         .get(key)
