@@ -1,5 +1,5 @@
 # The few commands a contributor needs. Cluster targets need root.
-.PHONY: deps demo test bench bench-distribution lint build crds cluster-up node-up cluster-down cluster-status
+.PHONY: deps demo test e2e images bench bench-distribution lint build crds cluster-up node-up cluster-down cluster-status
 
 ## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
 deps:
@@ -8,15 +8,25 @@ deps:
 
 ## demo: an agent's calls through a real Envoy + mandate-sidecar with the example policies (no cluster)
 demo:
+	hack/install-deps.sh
 	hack/demo.sh
 
 ## bench: the performance figures, beside OPA and Envoy alone (release build)
 bench:
 	hack/bench.sh
 
-## test: lint, cluster lifecycle checks, then every cargo test against a real node
-test:
+## test: every test: lint and chart checks, cluster lifecycle checks, then on a real node
+## every cargo test and the Helm end-to-end suite (installs what it needs first)
+test: deps
 	hack/test.sh
+
+## e2e: the end-to-end suite alone: Mandate installed with Helm on a real node (root)
+e2e:
+	e2e/helm.sh
+
+## images: Mandate's images as images/Dockerfile builds them, packed here without Docker
+images:
+	hack/image.sh mandate
 
 ## lint: rustfmt and clippy, as CI runs them
 lint:

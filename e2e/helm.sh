@@ -1,0 +1,393 @@
+#!/usr/bin/env bash
+# The end-to-end suite: Mandate installed with Helm from charts/ on a real
+# single-node cluster, used the way a cluster admin uses it, with kubectl.
+#
+#   e2e/helm.sh            (root; `make e2e`, and part of `make test`)
+#
+# Uses the running node cluster (hack/cluster.sh up --node) or brings one up
+# and takes it down again. Builds Mandate's images as images/Dockerfile does
+# (static binaries), imports them into the node's containerd, installs the
+# chart, then checks, each step waiting on a condition with a deadline:
+#   - an agent pod in an enforced namespace runs with Envoy + mandate-sidecar
+#     injected and holds an X.509-SVID for its AgentIdentity;
+#   - allowed requests reach an upstream pod; denied ones get 403 with a
+#     decision id that is in the sidecar's decision log with the policy version;
+#   - a DryRun policy's violation is logged but does not block;
+#   - a changed policy is enforced without restarting anything;
+#   - a bad policy is refused by kubectl apply with the reason;
+#   - killing the sidecar container denies traffic until it is back;
+#   - with every operator pod gone the last policy stays enforced, and the
+#     sidecar resyncs when the operator is back;
+#   - helm upgrade keeps the CRDs and the policies;
+#   - a pod in an unlabelled namespace, and one in kube-system (even labelled
+#     for enforcement), is untouched.
+# On failure it prints the pods, events and logs that explain it.
+# shellcheck source=hack/lib.sh
+source "$(dirname "$0")/../hack/lib.sh"
+require_root "$0"
+cd "$MANDATE_ROOT"
+
+RELEASE=mandate
+OP_NS=mandate-system
+AGENTS=mandate-e2e-agents
+PLAIN=mandate-e2e-plain
+SERVICE_IP=10.0.0.50 # pinned: the test cluster has no DNS for sidecars to find the operator
+TRUST_DOMAIN=e2e.mandate.test
+VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
+TESTBIN="mandate.local/testbin:${VERSION}"
+
+tmp="$(mktemp -d)"
+started=0
+K() { "$K8S_BIN/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig" "$@"; }
+H() { "$HELM_BIN" --kubeconfig "$CLUSTER_DIR/kubeconfig" "$@"; }
+export HELM_CACHE_HOME="$tmp/helm/cache" HELM_CONFIG_HOME="$tmp/helm/config" HELM_DATA_HOME="$tmp/helm/data"
+
+dump() {
+  log "state of the cluster at the failure:"
+  K get pods -A -o wide || true
+  local ns p c
+  for ns in "$OP_NS" "$AGENTS" "$PLAIN"; do
+    echo "--- events in $ns"
+    K get events -n "$ns" --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
+    for p in $(K get pods -n "$ns" -o name 2>/dev/null); do
+      for c in $(K get -n "$ns" "$p" -o jsonpath='{.spec.containers[*].name}' 2>/dev/null); do
+        echo "--- logs $ns/${p#pod/}/$c"
+        K logs -n "$ns" "$p" -c "$c" --tail=60 2>&1 || true
+      done
+    done
+  done
+}
+fail() {
+  log "FAIL: $*"
+  dump
+  exit 1
+}
+pass() { log "ok: $*"; }
+
+cleanup() {
+  local rc=$?
+  if ((started)); then
+    hack/cluster.sh down >/dev/null 2>&1 || log "teardown incomplete; run hack/cluster.sh down"
+  elif [ -f "$CLUSTER_DIR/cluster.env" ]; then
+    # A cluster that was up before stays up, without what this suite made.
+    H uninstall "$RELEASE" -n "$OP_NS" >/dev/null 2>&1 || true
+    K label ns kube-system mandate.dev/enforce- >/dev/null 2>&1 || true
+    K delete pod -n kube-system mandate-e2e-probe --grace-period=0 --wait=false >/dev/null 2>&1 || true
+    K delete ns "$AGENTS" "$PLAIN" "$OP_NS" --wait=false >/dev/null 2>&1 || true
+  fi
+  rm -rf "$tmp"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+# until_ok DESCRIPTION SECONDS COMMAND...: wait_for, failing the suite with
+# the cluster's state on timeout.
+until_ok() {
+  wait_for "$@" || fail "timed out waiting for $1"
+}
+
+# ------------------------------------------------------------------ setup
+
+[ -x "$HELM_BIN" ] || die "no Helm at $HELM_BIN; run make deps"
+need_cmd jq jq
+need_cmd curl curl
+if [ -f "$CLUSTER_DIR/cluster.env" ]; then
+  grep -qx 'MANDATE_CLUSTER_MODE=node' "$CLUSTER_DIR/cluster.env" ||
+    die "a control-plane-only cluster is up; this suite needs a node (hack/cluster.sh down; hack/cluster.sh up --node)"
+  if H status "$RELEASE" -n "$OP_NS" >/dev/null 2>&1; then
+    die "Mandate is already installed in this cluster ($OP_NS/$RELEASE); uninstall it first"
+  fi
+else
+  log "bringing up a node"
+  started=1
+  hack/cluster.sh up --node
+fi
+
+log "building and importing Mandate's images"
+mapfile -t images < <(hack/image.sh mandate)
+hack/image.sh import "${images[@]}"
+
+cat >"$tmp/values.yaml" <<EOF
+trustDomain: ${TRUST_DOMAIN}
+image:
+  operator: {repository: mandate.local/operator, tag: "${VERSION}", pullPolicy: Never}
+  sidecar: {repository: mandate.local/sidecar, tag: "${VERSION}", pullPolicy: Never}
+  envoy: {repository: mandate.local/envoy, tag: "${ENVOY_VERSION}", pullPolicy: Never}
+service:
+  clusterIP: ${SERVICE_IP}
+identity:
+  svidServerUrl: https://${SERVICE_IP}:9444
+policyServerUrl: https://${SERVICE_IP}:9445
+EOF
+
+log "helm install $RELEASE charts/mandate"
+t_install=$SECONDS
+H install "$RELEASE" charts/mandate -n "$OP_NS" --create-namespace -f "$tmp/values.yaml" --wait --timeout 180s ||
+  fail "helm install"
+ready="$(K get deploy -n "$OP_NS" -o jsonpath='{.items[0].status.readyReplicas}')"
+[ "$ready" = 2 ] || fail "the operator has ${ready:-0} ready replicas, want 2"
+pass "helm install: 2 operator replicas ready in $((SECONDS - t_install))s"
+K get crd agentpolicies.mandate.dev agentidentities.mandate.dev agentapprovals.mandate.dev >/dev/null ||
+  fail "the chart did not install the CRDs"
+
+K create ns "$AGENTS" >/dev/null
+K label ns "$AGENTS" mandate.dev/enforce=true >/dev/null
+K create ns "$PLAIN" >/dev/null
+
+# ------------------------------------------------------------------ upstream
+
+# The upstream the agent calls, in a namespace that is not enforced: it
+# also shows that such pods are left alone, even when they ask for injection.
+K apply -n "$PLAIN" -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: upstream
+  labels: {app: upstream, agent: researcher, mandate.dev/inject: "true"}
+spec:
+  containers:
+  - name: serve
+    image: ${TESTBIN}
+    imagePullPolicy: Never
+    args: [serve]
+    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+    readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+EOF
+
+pod_ready() { [ "$(K get pod -n "$1" "$2" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
+until_ok "the upstream pod to be ready" 120 pod_ready "$PLAIN" upstream
+up="$(K get pod -n "$PLAIN" upstream -o json)"
+[ "$(jq '.spec.containers | length' <<<"$up")" = 1 ] && [ "$(jq -r '.metadata.annotations["mandate.dev/injected"] // ""' <<<"$up")" = "" ] ||
+  fail "a pod in an unlabelled namespace was changed: $(jq -c '[.spec.containers[].name, .metadata.annotations]' <<<"$up")"
+UP_IP="$(jq -r .status.podIP <<<"$up")"
+pass "a pod in an unlabelled namespace is untouched (even with mandate.dev/inject=true)"
+
+# ------------------------------------------------------------------ policies
+
+policy() { # NAME MODE REGO-BODY
+  cat <<EOF
+apiVersion: mandate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: $1}
+spec:
+  identities: [researcher]
+  mode: $2
+  modules:
+  - name: authz.rego
+    rego: |
+      package mandate.authz
+      import rego.v1
+$(sed 's/^/      /' <<<"$3")
+EOF
+}
+READS_ONLY='default decision := {"allow": false, "reason": "only reads of /allowed"}
+decision := true if {
+  input.attributes.request.http.method == "GET"
+  startswith(input.attributes.request.http.path, "/allowed")
+}'
+# The change: every GET allowed.
+READS_ANY='default decision := {"allow": false, "reason": "only reads"}
+decision := true if input.attributes.request.http.method == "GET"'
+SHADOW='default decision := true
+decision := {"allow": false, "reason": "shadow paths will be denied"} if {
+  contains(input.attributes.request.http.path, "shadow")
+}'
+
+K apply -n "$AGENTS" -f - >/dev/null <<EOF
+apiVersion: mandate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: researcher}
+spec:
+  selector: {matchLabels: {agent: researcher}}
+  svidTtl: 10m
+EOF
+policy reads-only Enforce "$READS_ONLY" | K apply -n "$AGENTS" -f - >/dev/null || fail "applying reads-only"
+policy shadow DryRun "$SHADOW" | K apply -n "$AGENTS" -f - >/dev/null || fail "applying shadow"
+has_version() { [ -n "$(K get agentpolicy -n "$AGENTS" "$1" -o jsonpath='{.status.version}')" ]; }
+until_ok "reads-only to be compiled" 60 has_version reads-only
+until_ok "shadow to be compiled" 60 has_version shadow
+pass "AgentIdentity and AgentPolicies applied"
+
+# ------------------------------------------------------------------ the agent
+
+AGENT_POD="$(cat <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: agent
+  labels: {agent: researcher}
+spec:
+  containers:
+  - name: agent
+    image: ${TESTBIN}
+    imagePullPolicy: Never
+    args: [agent]
+    readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+EOF
+)"
+# The webhook learns of a just-created identity within moments; a pod created
+# before that would go in uninjected, and is made again.
+create_injected_agent() {
+  K apply -n "$AGENTS" -f - <<<"$AGENT_POD" >/dev/null 2>&1 || return 1
+  if [ "$(K get pod -n "$AGENTS" agent -o jsonpath='{.metadata.annotations.mandate\.dev/injected}')" != "" ]; then
+    return 0
+  fi
+  K delete pod -n "$AGENTS" agent --grace-period=0 --force >/dev/null 2>&1 || true
+  return 1
+}
+until_ok "the agent pod to be created injected" 60 create_injected_agent
+until_ok "the agent pod to be ready" 180 pod_ready "$AGENTS" agent
+agent="$(K get pod -n "$AGENTS" agent -o json)"
+names="$(jq -c '[.spec.initContainers[]?.name, .spec.containers[].name]' <<<"$agent")"
+[ "$names" = '["mandate-envoy","mandate-sidecar","agent"]' ] || fail "the agent pod's containers are $names"
+AGENT_IP="$(jq -r .status.podIP <<<"$agent")"
+AGENT_UID="$(jq -r .metadata.uid <<<"$agent")"
+pass "the agent pod runs with Envoy and mandate-sidecar injected ($names)"
+
+svid_issued() {
+  K get agentidentity -n "$AGENTS" researcher -o json | jq -e '.status.svids[]? | select(.pod == "agent")' >/dev/null
+}
+until_ok "the agent's SVID to be recorded on its AgentIdentity" 60 svid_issued
+SPIFFE_ID="$(K get agentidentity -n "$AGENTS" researcher -o jsonpath='{.status.spiffeId}')"
+[ -n "$SPIFFE_ID" ] || fail "AgentIdentity researcher has no status.spiffeId"
+pass "the agent holds an X.509-SVID for $SPIFFE_ID"
+
+# do METHOD PATH: the agent makes a request to the upstream through its
+# proxy; prints the agent's JSON account of the response.
+do_req() {
+  curl -sf --max-time 10 "http://${AGENT_IP}:8080/do?method=$1&url=http://${UP_IP}:8080$2"
+}
+status_is() { # WANT METHOD PATH
+  [ "$(do_req "$2" "$3" | jq -r .status)" = "$1" ]
+}
+sidecar_log() { K logs -n "$AGENTS" agent -c mandate-sidecar 2>/dev/null; }
+# record ID: the sidecar's decision-log line for decision ID.
+record() { sidecar_log | grep -F "\"decision_id\":\"$1\"" | head -n1; }
+in_force() { [ "$(K get agentpolicy -n "$AGENTS" "$1" -o jsonpath='{.status.inForce}')" = "1/1" ]; }
+until_ok "reads-only to be 1/1 in force" 60 in_force reads-only
+
+# ------------------------------------------------------------------ decisions
+
+r="$(do_req GET /allowed/1)" || fail "the agent could not make a request"
+[ "$(jq -r .status <<<"$r")" = 200 ] && jq -r .body <<<"$r" | grep -q '"server":"upstream"' ||
+  fail "an allowed GET did not reach the upstream: $r"
+pass "an allowed request reaches the upstream"
+
+r="$(do_req POST /allowed/1)"
+[ "$(jq -r .status <<<"$r")" = 403 ] || fail "a POST was not denied: $r"
+id="$(jq -r '.body | fromjson | .decision_id' <<<"$r")"
+reason="$(jq -r '.body | fromjson | .reason' <<<"$r")"
+[[ "$reason" == *"only reads"* ]] || fail "the denial's reason is '$reason'"
+version="$(K get agentpolicy -n "$AGENTS" reads-only -o jsonpath='{.status.version}')"
+until_ok "decision $id in the sidecar's log" 20 record "$id"
+rec="$(record "$id")"
+jq -e --arg v "$version" --arg s "$SPIFFE_ID" '
+  .result == "deny" and .agent.identity == "researcher" and .agent.spiffe_id == $s
+  and any(.policies[]; .name == "reads-only" and .version == $v and .result == "deny")' <<<"$rec" >/dev/null ||
+  fail "the decision record does not name the agent and policy version $version: $rec"
+pass "a denied request gets 403 with decision $id, logged with reads-only@${version:0:19}…"
+
+r="$(do_req GET /allowed/shadow)"
+[ "$(jq -r .status <<<"$r")" = 200 ] || fail "a DryRun violation blocked the request: $r"
+id="$(jq -r '.headers["x-mandate-decision-id"]' <<<"$r")"
+until_ok "decision $id in the sidecar's log" 20 record "$id"
+jq -e '.result == "allow" and any(.policies[]; .name == "shadow" and .mode == "DryRun" and .result == "deny")' \
+  <<<"$(record "$id")" >/dev/null || fail "the DryRun violation was not logged: $(record "$id")"
+pass "a DryRun policy's violation is logged but does not block"
+
+# ------------------------------------------------------------------ a change
+
+restarts() { K get pod -n "$AGENTS" agent -o jsonpath='{.status.containerStatuses[?(@.name=="mandate-sidecar")].restartCount}'; }
+before="$(restarts)"
+status_is 403 GET /secret || fail "GET /secret was not denied before the change"
+t0=$SECONDS
+policy reads-only Enforce "$READS_ANY" |
+  K apply -n "$AGENTS" -f - >/dev/null || fail "applying the changed policy"
+until_ok "the changed policy to be enforced" 30 status_is 200 GET /secret
+new_version="$(K get agentpolicy -n "$AGENTS" reads-only -o jsonpath='{.status.version}')"
+[ "$new_version" != "$version" ] || fail "the policy's version did not change"
+until_ok "the new version to be 1/1 in force" 30 in_force reads-only
+[ "$(restarts)" = "$before" ] && [ "$(K get pod -n "$AGENTS" agent -o jsonpath='{.metadata.uid}')" = "$AGENT_UID" ] ||
+  fail "the change restarted something"
+pass "a changed policy is enforced in $((SECONDS - t0))s without a restart, and is 1/1 in force"
+
+# ------------------------------------------------------------------ bad input
+
+bad="$(policy broken Enforce 'decision := true if {
+  input.attributes.request.http.method ==
+}' | K apply -n "$AGENTS" -f - 2>&1)" && fail "a policy with a syntax error was accepted"
+grep -Eq 'authz\.rego:[0-9]+:[0-9]+' <<<"$bad" || fail "the refusal does not name module:line:col: $bad"
+K get agentpolicy -n "$AGENTS" broken >/dev/null 2>&1 && fail "the refused policy is in the cluster"
+pass "a bad policy is refused by kubectl apply: $(grep -o 'authz\.rego:[0-9]*:[0-9]*[^"]*' <<<"$bad" | head -n1 | cut -c1-90)"
+
+# ------------------------------------------------------------------ the sidecar dies
+
+sock="$(sed -n 's/^MANDATE_CONTAINERD_SOCK=//p' "$CLUSTER_DIR/cluster.env")"
+cid="$(K get pod -n "$AGENTS" agent -o json | jq -r '.status.containerStatuses[] | select(.name == "mandate-sidecar") | .containerID | sub("containerd://"; "")')"
+before="$(restarts)"
+ctr --address "$sock" --namespace k8s.io task kill --signal SIGKILL "$cid" >/dev/null || fail "ctr task kill"
+denied_while_down=0
+back_and_allowing() {
+  local s
+  s="$(do_req GET /allowed/2 | jq -r .status)"
+  if [ "$s" = 403 ]; then denied_while_down=$((denied_while_down + 1)); fi
+  [ "$s" = 200 ] && [ "$(restarts)" -gt "$before" ] && pod_ready "$AGENTS" agent
+}
+deadline=$((SECONDS + 120))
+until back_and_allowing; do
+  ((SECONDS < deadline)) || fail "the sidecar did not come back within 120s"
+  sleep 0.2
+done
+((denied_while_down > 0)) || fail "no request was seen denied while the sidecar was down"
+pass "with the sidecar killed, requests were denied ($denied_while_down seen) until kubelet restarted it"
+
+# ------------------------------------------------------------------ the operator goes away
+
+K scale deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate --replicas=0 >/dev/null || fail "scaling the operator down"
+no_operator() { [ -z "$(K get pods -n "$OP_NS" -l app.kubernetes.io/name=mandate -o name)" ]; }
+until_ok "every operator pod to be gone" 90 no_operator
+for _ in 1 2 3 4 5; do
+  status_is 200 GET /secret || fail "with no operator, an allowed request was not allowed"
+  status_is 403 DELETE /secret || fail "with no operator, a denied request was not denied"
+done
+pass "with every operator pod gone, the last policy stays enforced"
+K scale deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate --replicas=2 >/dev/null || fail "scaling the operator up"
+operator_ready() { [ "$(K get deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate -o jsonpath='{.items[0].status.readyReplicas}')" = 2 ]; }
+until_ok "the operator to be back with 2 ready replicas" 120 operator_ready
+# The sidecar resyncs: a change made now is enforced.
+policy reads-only Enforce "$READS_ONLY" | K apply -n "$AGENTS" -f - >/dev/null || fail "re-applying reads-only"
+until_ok "the policy applied after the operator's return to be enforced" 60 status_is 403 GET /secret
+pass "the operator is back and the sidecar resynced"
+
+# ------------------------------------------------------------------ helm upgrade
+
+H upgrade "$RELEASE" charts/mandate -n "$OP_NS" -f "$tmp/values.yaml" --set webhook.timeoutSeconds=7 --wait --timeout 180s >/dev/null ||
+  fail "helm upgrade"
+K get crd agentpolicies.mandate.dev >/dev/null || fail "helm upgrade removed the CRDs"
+[ "$(K get agentpolicy -n "$AGENTS" -o name | wc -l)" = 2 ] || fail "helm upgrade lost policies"
+until_ok "enforcement after the upgrade" 30 status_is 403 POST /allowed/1
+pass "helm upgrade keeps the CRDs and the policies; enforcement continues"
+
+# ------------------------------------------------------------------ kube-system
+
+K label ns kube-system mandate.dev/enforce=true --overwrite >/dev/null
+K apply -n kube-system -f - >/dev/null <<EOF || fail "creating a pod in kube-system"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: mandate-e2e-probe
+  labels: {agent: researcher, mandate.dev/inject: "true"}
+spec:
+  containers: [{name: c, image: ${TESTBIN}, imagePullPolicy: Never, args: [serve]}]
+EOF
+p="$(K get pod -n kube-system mandate-e2e-probe -o json)"
+K delete pod -n kube-system mandate-e2e-probe --grace-period=0 --force >/dev/null 2>&1 || true
+K label ns kube-system mandate.dev/enforce- >/dev/null
+[ "$(jq '.spec.containers | length' <<<"$p")" = 1 ] && [ "$(jq -r '.metadata.annotations["mandate.dev/injected"] // ""' <<<"$p")" = "" ] ||
+  fail "a kube-system pod was injected: $(jq -c '[.spec.containers[].name]' <<<"$p")"
+if K get pods -n kube-system -o json | jq -e '.items[].spec.containers[] | select(.name | startswith("mandate-"))' >/dev/null; then
+  fail "a kube-system pod carries Mandate's containers"
+fi
+pass "kube-system is never affected, even labelled for enforcement"
+
+log "e2e: all checks passed"
