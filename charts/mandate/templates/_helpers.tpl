@@ -143,11 +143,4 @@ matchExpressions:
 {{- if and (not $v.webhook.certificate.patchCABundle) (ne $v.webhook.certificate.source "certManager") }}
 {{- fail "webhook.certificate.patchCABundle=false leaves caBundle to cert-manager's CA injector, so it needs webhook.certificate.source=certManager" }}
 {{- end }}
-{{- if $v.injection.config }}
-{{- range $k := list "envoyImage" "sidecarImage" "imagePullPolicy" "trustDomain" "svidServer" "policyServer" "trustBundleConfigmap" }}
-{{- if hasKey $v.injection.config $k }}
-{{- fail (printf "injection.config.%s is set from other values (image.*, trustDomain, identity.*); remove it" $k) }}
-{{- end }}
-{{- end }}
-{{- end }}
 {{- end }}
