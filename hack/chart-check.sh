@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Checks of the Helm chart (charts/mandate) and of the custom resources in
+# policies/, with no cluster (`make chart-check`; hack/test.sh runs it in lint):
+#
+#   1. the chart's CRD copy is byte-identical to crds/mandate.dev.yaml;
+#   2. every AgentPolicy/AgentIdentity/AgentApproval in policies/ validates
+#      against its CRD's schema, and each deliberately broken one in
+#      hack/testdata/invalid-crs.yaml is refused for its stated reason;
+#   3. `helm lint --strict` with each value set in charts/mandate/ci/;
+#   4. `helm template` of each value set: validated with kubernetes-validate
+#      --strict against Kubernetes 1.25, 1.30 and 1.37 (custom resources of
+#      cert-manager and the Prometheus operator have no schema there and are
+#      only named), and checked by hack/chart_check.py (CRDs equal crds/, RBAC
+#      least-privilege, hardened pod, webhooks match the operator's routes and
+#      exemptions, every MANDATE_* variable is one the operator reads);
+#      also rendered for Kubernetes 1.20 (policy/v1beta1 PodDisruptionBudget);
+#   5. values.schema.json and the chart's own checks refuse bad values
+#      (each case must make `helm template` fail with the expected message).
+#
+# Needs Helm and the validators from `make deps` (hack/install-deps.sh).
+# shellcheck source=hack/lib.sh
+source "$(dirname "$0")/lib.sh"
+cd "$MANDATE_ROOT"
+
+CHART=charts/mandate
+CRDS=crds/mandate.dev.yaml
+CHART_CRDS="$CHART/files/mandate.dev.yaml"
+NS=mandate-system
+RELEASE=mandate
+K8S_VERSIONS=(1.25.0 1.30.0 1.37.0)
+# Custom resources the chart may render that kubernetes-validate has no schema for.
+CUSTOM_KINDS='(ServiceMonitor with api version monitoring.coreos.com/v1|(Certificate|Issuer) with api version cert-manager.io/v1)'
+
+[ -x "$HELM_BIN" ] || die "Helm ${HELM_VERSION} is not installed at ${HELM_BIN}; run: make deps"
+[ -x "$CHARTCHECK_VENV/bin/kubernetes-validate" ] || die "kubernetes-validate is not installed in ${CHARTCHECK_VENV}; run: make deps"
+PY="$CHARTCHECK_VENV/bin/python"
+helm_env
+helm() { "$HELM_BIN" "$@"; }
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+fail() {
+  printf 'FAIL: %s\n' "$*" >&2
+  failures=$((failures + 1))
+}
+pass() { log "ok: $*"; }
+
+# 1. The chart carries the CRDs as a copy (Helm cannot read outside the chart).
+if cmp -s "$CRDS" "$CHART_CRDS"; then
+  pass "$CHART_CRDS is identical to $CRDS"
+else
+  fail "$CHART_CRDS differs from $CRDS; copy it over with: make chart-crds (make crds does both)"
+fi
+
+# 2. Custom resources against their CRDs' schemas.
+if out="$("$PY" hack/chart_check.py crs "$CRDS" policies/*.yaml 2>&1)"; then
+  pass "policies/*.yaml: ${out} resources valid against the CRDs' schemas"
+else
+  fail "policies/*.yaml do not validate against $CRDS:"$'\n'"$out"
+fi
+if out="$("$PY" hack/chart_check.py crs --expect-invalid "$CRDS" hack/testdata/invalid-crs.yaml 2>&1)"; then
+  pass "hack/testdata/invalid-crs.yaml: all ${out} broken resources refused, each for its reason"
+else
+  fail "the CR validator does not refuse what it must:"$'\n'"$out"
+fi
+
+# kubernetes-validate must itself be able to fail (a schema-less pass would hide everything).
+cat >"$tmp/bad-deployment.yaml" <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: bad}
+spec:
+  replicas: "two"
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec: {containers: [{name: c, image: i, imagePullPolicy: Sometimes, bogus: 1}]}
+EOF
+if "$CHARTCHECK_VENV/bin/kubernetes-validate" --strict --quiet -k 1.30.0 "$tmp/bad-deployment.yaml" >/dev/null 2>&1; then
+  fail "kubernetes-validate accepted a broken Deployment: it validates nothing"
+fi
+
+# validate_manifests FILE LABEL: kubernetes-validate --strict for each version;
+# a warning is accepted only for the known custom resources.
+validate_manifests() {
+  local file="$1" label="$2" v out
+  for v in "${K8S_VERSIONS[@]}"; do
+    if ! out="$("$CHARTCHECK_VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$file" 2>&1)"; then
+      fail "$label: kubernetes-validate --strict -k $v:"$'\n'"$out"
+      continue
+    fi
+    local unexpected
+    unexpected="$(printf '%s\n' "$out" | grep -v '^$' | grep -Ev "^WARN .*Couldn't find schema for kind ${CUSTOM_KINDS} " || true)"
+    if [ -n "$unexpected" ]; then
+      fail "$label: unexpected output from kubernetes-validate -k $v:"$'\n'"$unexpected"
+    fi
+  done
+}
+
+# check_render FILE LABEL PDB_VERSION: the chart's promises on a rendering.
+check_render() {
+  local out
+  if out="$("$PY" hack/chart_check.py rendered --crds "$CRDS" --main operator/src/main.rs \
+    --router operator/src/webhook/mod.rs --namespace "$NS" --pdb "$3" "$1" 2>&1)"; then
+    return 0
+  fi
+  fail "$2: the rendered chart breaks its promises:"$'\n'"$out"
+}
+
+# 3 + 4. Lint and render each value set.
+for values in "$CHART"/ci/*-values.yaml; do
+  name="$(basename "$values" -values.yaml)"
+  if ! out="$(helm lint --strict "$CHART" -n "$NS" -f "$values" 2>&1)"; then
+    fail "helm lint --strict ($name):"$'\n'"$out"
+    continue
+  fi
+  if ! helm template "$RELEASE" "$CHART" -n "$NS" -f "$values" >"$tmp/$name.yaml" 2>"$tmp/$name.err"; then
+    fail "helm template ($name): $(cat "$tmp/$name.err")"
+    continue
+  fi
+  before=$failures
+  validate_manifests "$tmp/$name.yaml" "$name"
+  check_render "$tmp/$name.yaml" "$name" policy/v1
+  customs="$(grep -Eo '^kind: (ServiceMonitor|Certificate|Issuer)$' "$tmp/$name.yaml" | sort | uniq -c | awk '{printf "%s%s x%s", sep, $3, $1; sep=", "}' || true)"
+  if ((failures == before)); then
+    pass "$name: lint --strict, $(grep -c '^kind:' "$tmp/$name.yaml") objects valid on Kubernetes ${K8S_VERSIONS[*]}${customs:+ (not schema-checked: $customs)}"
+  fi
+done
+
+# Kubernetes 1.20 (the test cluster): policy/v1beta1 PodDisruptionBudget.
+# kubernetes-validate has no schemas before 1.25; the rest equals the default rendering.
+if helm template "$RELEASE" "$CHART" -n "$NS" --kube-version 1.20.2 >"$tmp/k120.yaml" 2>"$tmp/k120.err"; then
+  before=$failures
+  check_render "$tmp/k120.yaml" "kube 1.20" policy/v1beta1
+  if ! diff <(grep -v '^apiVersion: policy/' "$tmp/k120.yaml") <(grep -v '^apiVersion: policy/' "$tmp/default.yaml") >/dev/null; then
+    fail "the rendering for Kubernetes 1.20 differs from the default one beyond the PodDisruptionBudget's apiVersion"
+  fi
+  ((failures > before)) || pass "kube 1.20: policy/v1beta1 PodDisruptionBudget, otherwise the default rendering"
+else
+  fail "helm template --kube-version 1.20.2: $(cat "$tmp/k120.err")"
+fi
+if helm template "$RELEASE" "$CHART" -n "$NS" --kube-version 1.19.0 >/dev/null 2>&1; then
+  fail "the chart renders for Kubernetes 1.19, below its kubeVersion (>= 1.20)"
+fi
+
+# 5. Bad values are refused: each case must fail `helm template` with a
+# message containing the expected text.
+refused=0
+expect_refused() {
+  local want="$1"
+  shift
+  local out
+  if out="$(helm template "$RELEASE" "$CHART" -n "$NS" "$@" 2>&1 >/dev/null)"; then
+    fail "helm template $* was accepted; it must be refused ($want)"
+  elif ! grep -qF -- "$want" <<<"$out"; then
+    fail "helm template $* was refused, but not for '$want':"$'\n'"$out"
+  else
+    refused=$((refused + 1))
+  fi
+}
+expect_refused "webhook.failurePolicy" --set webhook.failurePolicy=Maybe
+expect_refused "webhook.timeoutSeconds" --set webhook.timeoutSeconds=abc
+expect_refused "webhook.timeoutSeconds" --set webhook.timeoutSeconds=2.5
+expect_refused "webhook.timeoutSeconds" --set webhook.timeoutSeconds=31
+expect_refused "webhook.policyTimeoutSeconds" --set webhook.policyTimeoutSeconds=0
+expect_refused "identity.source" --set identity.source=vault
+expect_refused "identity.svidServerURL" --set identity.svidServerURL=http://10.0.0.50:9444
+expect_refused "operator.replicas" --set operator.replicas=0
+expect_refused "operator.nativeSidecars" --set operator.nativeSidecars=sometimes
+expect_refused "image.operator.pullPolicy" --set image.operator.pullPolicy=Sometimes
+expect_refused "trustDomain" --set trustDomain=Not_A/Domain
+expect_refused "service.clusterIP" --set service.clusterIP=ten.zero.zero.fifty
+expect_refused "webhook.certificate.source" --set webhook.certificate.source=vault
+expect_refused "Additional property webhooks is not allowed" --set webhooks.failurePolicy=Fail
+expect_refused "Additional property proxyPrt is not allowed" --set injection.config.proxyPrt=15001
+expect_refused "Additional property imagePullPolicy is not allowed" --set injection.config.imagePullPolicy=Always
+expect_refused "differs from image.sidecar.pullPolicy" --set image.envoy.pullPolicy=Always
+expect_refused "needs webhook.certificate.secretName" --set webhook.certificate.source=secret
+expect_refused "needs webhook.certificate.source=certManager" --set webhook.certificate.patchCABundle=false
+pass "bad values: ${refused} cases refused by values.schema.json or the chart's checks"
+
+if ((failures)); then
+  die "chart check: ${failures} failure(s)"
+fi
+log "chart check passed"
