@@ -116,8 +116,8 @@ image:
 service:
   clusterIP: ${SERVICE_IP}
 identity:
-  svidServerUrl: https://${SERVICE_IP}:9444
-policyServerUrl: https://${SERVICE_IP}:9445
+  svidServerURL: https://${SERVICE_IP}:9444
+  policyServerURL: https://${SERVICE_IP}:9445
 EOF
 
 log "helm install $RELEASE charts/mandate"

@@ -88,7 +88,7 @@ cmd_build() {
 
   local tmp
   tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' RETURN
+  trap 'rm -rf "$tmp"; trap - RETURN' RETURN
   local rootfs="$tmp/rootfs"
   mkdir -p "$rootfs"/{etc,tmp,proc,sys,dev}
   chmod 1777 "$rootfs/tmp"
@@ -174,7 +174,7 @@ cmd_mandate() {
     die "the Rust target ${MUSL_TARGET} is not installed; run make deps"
   log "building static release binaries (${MUSL_TARGET})"
   (cd "$MANDATE_ROOT" && cargo build --release --locked --quiet --target "$MUSL_TARGET" \
-    -p mandate-operator -p mandate-sidecar -p mandate-e2e --bins) || die "the musl build failed"
+    --bin mandate-operator --bin mandate-sidecar --bin mandate --bin mandate-testbin) || die "the musl build failed"
   for b in mandate-operator mandate-sidecar mandate mandate-testbin; do
     file -b "$out/$b" | grep -q 'static' || die "$out/$b is not statically linked"
   done

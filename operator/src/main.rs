@@ -486,8 +486,36 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
             std::process::exit(1);
         }
     });
+    // The bundle goes into every enforced namespace, where injected sidecars
+    // mount it: at once when a namespace is labelled (or at start), not at
+    // the next hourly round.
+    {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let (client, ca, cm) = (client.clone(), ca.clone(), id.trust_bundle_configmap.clone());
+        let enforced = watcher::Config::default().labels(&format!("{}=true", webhook::ENFORCE_LABEL));
+        tokio::spawn(async move {
+            let namespaces =
+                Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(client.clone());
+            let mut events = watcher::watcher(namespaces, enforced)
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(namespace) => {
+                        let Some(target) = namespace.metadata.name else { continue };
+                        if let Err(e) = ca.load().publish_bundle(&client, &target, &cm).await {
+                            tracing::warn!(namespace = %target, error = %e, "cannot publish the trust bundle");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watching enforced namespaces for the trust bundle"),
+                }
+            }
+        });
+    }
     // Hourly: pick up a rotated CA, renew our own SVID, publish the bundle
-    // (also into every enforced namespace, where injected sidecars mount it).
+    // (into every enforced namespace too).
     let client = client.clone();
     let (secret, cm) = (id.ca_secret.clone(), id.trust_bundle_configmap.clone());
     tokio::spawn(async move {
