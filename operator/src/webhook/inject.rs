@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use json_patch::{AddOperation, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    CSIVolumeSource, Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
     ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
     VolumeProjection,
 };
@@ -18,6 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::spiffe::workload::IdentitySource;
+
 /// Names of what Mandate injects; a pod may not use them for its own containers.
 pub const ENVOY_CONTAINER: &str = "mandate-envoy";
 pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
@@ -25,6 +27,8 @@ pub const RUN_VOLUME: &str = "mandate-run";
 pub const POLICY_VOLUME: &str = "mandate-policies";
 pub const TOKEN_VOLUME: &str = "mandate-token";
 pub const BUNDLE_VOLUME: &str = "mandate-bundle";
+/// SPIRE mode: the SPIFFE CSI driver's volume with the Workload API socket.
+pub const SPIFFE_VOLUME: &str = "mandate-spiffe-workload-api";
 /// Annotation marking a pod as injected (its value: the injection's digest).
 pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";
 /// Annotation naming the AgentIdentity the pod was injected as.
@@ -94,6 +98,21 @@ pub struct InjectConfig {
     pub trust_bundle_configmap: String,
     /// Lifetime of the projected token the sidecar proves its pod with.
     pub token_expiration_seconds: i64,
+    /// Where sidecars get their X.509-SVIDs: `builtin` (the operator's CA,
+    /// with `svidServer`: a projected token and the bundle ConfigMap are
+    /// mounted) or `spire` (the SPIFFE Workload API: the SPIFFE CSI driver's
+    /// volume is mounted and `SPIFFE_ENDPOINT_SOCKET` set; no token, no
+    /// bundle ConfigMap, no signing service).
+    pub identity_source: IdentitySource,
+    /// SPIRE mode: the CSI driver that mounts the Workload API socket.
+    pub spiffe_csi_driver: String,
+    /// SPIRE mode: where that volume is mounted in the sidecar.
+    pub spiffe_socket_dir: String,
+    /// SPIRE mode: the socket's file name in that directory.
+    pub spiffe_socket_name: String,
+    /// SPIRE mode: the SPIFFE ID the operator's policy service presents
+    /// (default `spiffe://<trust domain>/mandate/operator`).
+    pub operator_spiffe_id: Option<String>,
     pub envoy_resources: ResourceRequirements,
     pub sidecar_resources: ResourceRequirements,
     /// UID the injected containers run as.
@@ -133,6 +152,11 @@ impl Default for InjectConfig {
             trust_domain: "cluster.local".into(),
             trust_bundle_configmap: "mandate-trust-bundle".into(),
             token_expiration_seconds: 600,
+            identity_source: IdentitySource::Builtin,
+            spiffe_csi_driver: "csi.spiffe.io".into(),
+            spiffe_socket_dir: "/spiffe-workload-api".into(),
+            spiffe_socket_name: "spire-agent.sock".into(),
+            operator_spiffe_id: None,
             envoy_resources: resources("50m", "64Mi", "256Mi"),
             sidecar_resources: resources("20m", "32Mi", "128Mi"),
             run_as_user: 65532,
@@ -294,7 +318,33 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
             ..VolumeMount::default()
         },
     ];
-    if let Some(server) = &cfg.svid_server {
+    if cfg.identity_source == IdentitySource::Spire {
+        // The SVID and bundle come from the SPIRE agent through the CSI
+        // driver's socket; the AgentIdentity name above is checked against
+        // the SVID (the sidecar takes only an SVID with the SPIFFE ID below).
+        sidecar_env.push(env("MANDATE_IDENTITY_SOURCE", "spire"));
+        sidecar_env.push(env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            &format!(
+                "unix://{}/{}",
+                cfg.spiffe_socket_dir.trim_end_matches('/'),
+                cfg.spiffe_socket_name
+            ),
+        ));
+        sidecar_env.push(env("MANDATE_TRUST_DOMAIN", &cfg.trust_domain));
+        if let Some(id) = &cfg.operator_spiffe_id {
+            sidecar_env.push(env("MANDATE_OPERATOR_SPIFFE_ID", id));
+        }
+        if let Some(policy_server) = &cfg.policy_server {
+            sidecar_env.push(env("MANDATE_POLICY_SERVER", policy_server));
+        }
+        sidecar_mounts.push(VolumeMount {
+            name: SPIFFE_VOLUME.into(),
+            mount_path: cfg.spiffe_socket_dir.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    } else if let Some(server) = &cfg.svid_server {
         sidecar_env.push(env("MANDATE_SVID_SERVER", server));
         sidecar_env.push(env("MANDATE_TRUST_DOMAIN", &cfg.trust_domain));
         sidecar_env.push(env("MANDATE_SVID_TOKEN_FILE", "/var/run/secrets/mandate/token"));
@@ -397,7 +447,17 @@ fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
             ..Volume::default()
         },
     ];
-    if cfg.svid_server.is_some() {
+    if cfg.identity_source == IdentitySource::Spire {
+        vols.push(Volume {
+            name: SPIFFE_VOLUME.into(),
+            csi: Some(CSIVolumeSource {
+                driver: cfg.spiffe_csi_driver.clone(),
+                read_only: Some(true),
+                ..CSIVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    } else if cfg.svid_server.is_some() {
         vols.push(Volume {
             name: TOKEN_VOLUME.into(),
             projected: Some(ProjectedVolumeSource {
@@ -622,7 +682,7 @@ fn reserved_volume(pod: &Pod) -> Option<String> {
         .iter()
         .flatten()
         .map(|v| v.name.clone())
-        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME].contains(&n.as_str()))
+        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, SPIFFE_VOLUME].contains(&n.as_str()))
 }
 
 /// Whether the pod holds exactly what Mandate injects for it now (its
