@@ -297,3 +297,42 @@ impl Drop for WorkloadApi {
         self.stop();
     }
 }
+
+/// Call FetchX509SVID on `socket` directly (not through the `spiffe`
+/// crate), with or without the `workload.spiffe.io` metadata: the first
+/// response, or the status the server answered with.
+pub async fn fetch_raw(socket: &Path, with_metadata: bool) -> Result<Result<X509svidResponse, Status>> {
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let mut req = Request::new(X509svidRequest {});
+    if with_metadata {
+        req.metadata_mut().insert(
+            "workload.spiffe.io",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/SpiffeWorkloadAPI/FetchX509SVID");
+    let codec = tonic_prost::ProstCodec::<X509svidRequest, X509svidResponse>::default();
+    let resp = match grpc.server_streaming(req, path, codec).await {
+        Ok(r) => r,
+        Err(status) => return Ok(Err(status)),
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), resp.into_inner().message())
+        .await
+        .context("no first response within 10s")?;
+    Ok(match first {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(Status::unknown("the stream ended with no response")),
+        Err(status) => Err(status),
+    })
+}

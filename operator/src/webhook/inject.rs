@@ -973,6 +973,120 @@ mod tests {
     }
 
     #[test]
+    fn spire_mode_mounts_the_workload_api_socket_and_no_token() {
+        let spire = InjectConfig {
+            identity_source: IdentitySource::Spire,
+            trust_domain: "example.org".into(),
+            policy_server: Some("https://mandate-operator.mandate-system.svc:9445".into()),
+            operator_spiffe_id: Some("spiffe://example.org/spire/mandate-operator".into()),
+            // Even if one were configured, SPIRE mode uses no signing service.
+            svid_server: Some("https://mandate-operator.mandate-system.svc:9444".into()),
+            ..InjectConfig::default()
+        };
+        let p = pod(json!({}));
+        let inj = inject(&p, &spire, &agent(), false).unwrap().unwrap();
+        // The volume as the patch writes it.
+        let added: Vec<Value> = inj
+            .patch
+            .iter()
+            .filter_map(|op| match op {
+                PatchOperation::Add(a) if a.path.to_string() == "/spec/volumes" => Some(a.value.clone()),
+                _ => None,
+            })
+            .collect();
+        let vols = added[0].as_array().unwrap();
+        assert!(vols.contains(&json!({"name": SPIFFE_VOLUME, "csi": {"driver": "csi.spiffe.io", "readOnly": true}})));
+        assert!(
+            vols.iter()
+                .all(|v| v.get("projected").is_none() && v["name"] != TOKEN_VOLUME && v["name"] != BUNDLE_VOLUME),
+            "no token or bundle ConfigMap in SPIRE mode: {vols:?}"
+        );
+
+        let out = apply(&p, &inj);
+        let spec = out.spec.as_ref().unwrap();
+        let sidecar = spec.containers.iter().find(|c| c.name == SIDECAR_CONTAINER).unwrap();
+        let env = |n: &str| {
+            sidecar
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(env("MANDATE_IDENTITY_SOURCE").as_deref(), Some("spire"));
+        assert_eq!(
+            env("SPIFFE_ENDPOINT_SOCKET").as_deref(),
+            Some("unix:///spiffe-workload-api/spire-agent.sock")
+        );
+        assert_eq!(env("MANDATE_TRUST_DOMAIN").as_deref(), Some("example.org"));
+        assert_eq!(
+            env("MANDATE_OPERATOR_SPIFFE_ID").as_deref(),
+            Some("spiffe://example.org/spire/mandate-operator")
+        );
+        assert_eq!(
+            env("MANDATE_POLICY_SERVER").as_deref(),
+            Some("https://mandate-operator.mandate-system.svc:9445")
+        );
+        // Who the pod is: the sidecar takes only an SVID with this SPIFFE ID.
+        assert_eq!(env("MANDATE_AGENT_IDENTITY").as_deref(), Some("x"));
+        assert_eq!(
+            env("MANDATE_AGENT_SPIFFE_ID").as_deref(),
+            Some("spiffe://example.org/ns/ns/agent/x")
+        );
+        for absent in [
+            "MANDATE_SVID_SERVER",
+            "MANDATE_SVID_TOKEN_FILE",
+            "MANDATE_TRUST_BUNDLE_FILE",
+        ] {
+            assert_eq!(env(absent), None, "{absent} in SPIRE mode");
+        }
+        let mounts = sidecar.volume_mounts.as_ref().unwrap();
+        assert!(mounts.contains(&VolumeMount {
+            name: SPIFFE_VOLUME.into(),
+            mount_path: "/spiffe-workload-api".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }));
+        assert!(mounts.iter().all(|m| m.name != TOKEN_VOLUME && m.name != BUNDLE_VOLUME));
+        // The agent's own containers do not get the socket.
+        let agent_c = spec.containers.iter().find(|c| c.name == "agent").unwrap();
+        assert!(agent_c.volume_mounts.is_none());
+
+        // Idempotent; and not what the built-in CA mode would inject.
+        assert_eq!(inject(&out, &spire, &agent(), false), Ok(None));
+        let builtin = InjectConfig {
+            identity_source: IdentitySource::Builtin,
+            ..spire.clone()
+        };
+        assert!(!injected_as_expected(&out, &builtin, &agent(), false));
+        // A pod bringing its own volume of that name is refused.
+        let squat =
+            pod(json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": SPIFFE_VOLUME, "emptyDir": {}}]}}));
+        assert_eq!(
+            inject(&squat, &spire, &agent(), false),
+            Err(InjectError::ReservedVolume(SPIFFE_VOLUME.into()))
+        );
+    }
+
+    #[test]
+    fn builtin_mode_mounts_the_projected_token_for_the_operators_audience() {
+        let cfg = InjectConfig {
+            svid_server: Some("https://op:9444".into()),
+            ..InjectConfig::default()
+        };
+        let p = pod(json!({}));
+        let out = apply(&p, &inject(&p, &cfg, &agent(), false).unwrap().unwrap());
+        let vols = out.spec.unwrap().volumes.unwrap();
+        let token = vols.iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+        let projection = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+            .service_account_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(projection.audience.as_deref(), Some("mandate"));
+        assert!(vols.iter().all(|v| v.csi.is_none()));
+    }
+
+    #[test]
     fn native_sidecars_are_restartable_init_containers_with_startup_probes() {
         let p = pod(json!({}));
         let out = apply(
