@@ -990,7 +990,7 @@ mod tests {
             .patch
             .iter()
             .filter_map(|op| match op {
-                PatchOperation::Add(a) if a.path.to_string() == "/spec/volumes" => Some(a.value.clone()),
+                PatchOperation::Add(a) if a.path == "/spec/volumes" => Some(a.value.clone()),
                 _ => None,
             })
             .collect();
