@@ -1,8 +1,9 @@
 //! `mandate-operator`: reconciles Mandate's custom resources.
 //!
 //! Every replica serves the admin port and the admission webhooks; one,
-//! elected on a Lease, runs the reconcilers. (The SPIFFE CA and policy
-//! distribution arrive with later issues.)
+//! elected on a Lease, runs the reconcilers. Every replica also serves the
+//! policy stream and, with the built-in CA, the SVID signing service (with
+//! SPIRE, SVIDs come from the SPIFFE Workload API instead).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

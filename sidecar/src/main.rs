@@ -105,7 +105,8 @@ struct Args {
     #[arg(long, env = "MANDATE_SVID_SERVER")]
     svid_server: Option<String>,
 
-    /// The pod's projected service-account token for the audience `mandate`.
+    /// The pod's projected service-account token for the audience `mandate`
+    /// (built-in CA only).
     #[arg(
         long,
         env = "MANDATE_SVID_TOKEN_FILE",
@@ -113,7 +114,8 @@ struct Args {
     )]
     svid_token_file: PathBuf,
 
-    /// PEM trust bundle of the trust domain.
+    /// PEM trust bundle of the trust domain (built-in CA; with
+    /// --identity-source spire the Workload API sends the bundle).
     #[arg(
         long,
         env = "MANDATE_TRUST_BUNDLE_FILE",
@@ -125,8 +127,8 @@ struct Args {
     #[arg(long, env = "MANDATE_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
 
-    /// The SPIFFE ID the signing service must present (default
-    /// `spiffe://<trust domain>/mandate/operator`).
+    /// The SPIFFE ID the operator (signing and policy services) must
+    /// present (default `spiffe://<trust domain>/mandate/operator`).
     #[arg(long, env = "MANDATE_OPERATOR_SPIFFE_ID")]
     operator_spiffe_id: Option<String>,
 
