@@ -26,6 +26,7 @@ mod cluster;
 mod namespace;
 pub mod pods;
 mod wait;
+pub mod workload_api;
 
 pub use cluster::{Cluster, ClusterInfo, Mode};
 pub use namespace::TestNamespace;

@@ -1,8 +1,9 @@
 //! `mandate-operator`: reconciles Mandate's custom resources.
 //!
 //! Every replica serves the admin port and the admission webhooks; one,
-//! elected on a Lease, runs the reconcilers. (The SPIFFE CA and policy
-//! distribution arrive with later issues.)
+//! elected on a Lease, runs the reconcilers. Every replica also serves the
+//! policy stream and, with the built-in CA, the SVID signing service (with
+//! SPIRE, SVIDs come from the SPIFFE Workload API instead).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use mandate_operator::admin::{self, AdminState, Metrics, shutdown_signal};
 use mandate_operator::controllers::{self, Context};
 use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use mandate_operator::leader::{self, Elector};
+use mandate_operator::spiffe::workload::IdentitySource;
 use mandate_operator::webhook::{self, WebhookState, inject::InjectConfig, tls};
 use tokio::sync::watch;
 
@@ -149,15 +151,45 @@ struct Args {
     spiffe: IdentityArgs,
 }
 
-/// Flags of the built-in SPIFFE CA and its signing service.
+/// Flags of workload identity: the built-in SPIFFE CA and its signing
+/// service, or SPIRE; and the policy service.
 #[derive(Debug, clap::Args)]
 struct IdentityArgs {
+    /// Where X.509-SVIDs come from. `builtin`: this operator is the trust
+    /// domain's CA, signs sidecars' SVIDs after a TokenReview of their pod's
+    /// projected token, and presents an SVID of its own CA. `spire`: no CA
+    /// and no signing service run here; injected sidecars get the SPIFFE CSI
+    /// driver's volume and fetch their SVIDs from the SPIRE agent's Workload
+    /// API, and the operator's policy service presents the SVID SPIRE
+    /// issues to the operator (--operator-spiffe-id, from
+    /// --spiffe-endpoint-socket) and verifies sidecars against SPIRE's
+    /// bundle (both kept current as SPIRE rotates them).
+    #[arg(long, env = "MANDATE_IDENTITY_SOURCE", value_enum, default_value_t = IdentitySource::Builtin)]
+    identity_source: IdentitySource,
+
+    /// The SPIFFE Workload API socket (`unix:///path`) of the operator's own
+    /// pod, with --identity-source spire.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    spiffe_endpoint_socket: Option<String>,
+
+    /// With --identity-source spire: the SPIFFE ID SPIRE issues to the
+    /// operator (its registration entry), which sidecars require of the
+    /// policy service (default `spiffe://<trust domain>/mandate/operator`).
+    #[arg(long, env = "MANDATE_OPERATOR_SPIFFE_ID")]
+    operator_spiffe_id: Option<String>,
+
+    /// With --identity-source spire: the CSI driver that mounts the
+    /// Workload API socket into injected pods.
+    #[arg(long, env = "MANDATE_SPIFFE_CSI_DRIVER", default_value = "csi.spiffe.io")]
+    spiffe_csi_driver: String,
+
     /// Address of the SVID signing service (gRPC over TLS, the operator's
     /// own SVID as its certificate).
     #[arg(long, env = "MANDATE_IDENTITY_ADDR", default_value = "0.0.0.0:9444")]
     identity_addr: SocketAddr,
 
-    /// Run no CA and no signing service in this process.
+    /// Run no CA, no signing service and no policy service in this process
+    /// (injected sidecars then read policies from ConfigMaps).
     #[arg(long, env = "MANDATE_NO_IDENTITY")]
     no_identity: bool,
 
@@ -201,6 +233,9 @@ enum NativeSidecars {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.spiffe.identity_source == IdentitySource::Spire && args.spiffe.spiffe_endpoint_socket.is_none() {
+        anyhow::bail!("--identity-source spire needs --spiffe-endpoint-socket (or SPIFFE_ENDPOINT_SOCKET)");
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?;
     if args.log_json {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
@@ -231,8 +266,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Some(start_webhooks(&args, &client, metrics.clone()).await?)
     };
-    if !args.spiffe.no_identity {
-        start_identity(&args, &client, metrics.clone()).await?;
+    match (args.spiffe.no_identity, args.spiffe.identity_source) {
+        (true, _) => {}
+        (false, IdentitySource::Builtin) => start_identity(&args, &client, metrics.clone()).await?,
+        (false, IdentitySource::Spire) => start_spire(&args, &client, metrics.clone()).await?,
     }
     wait_for_crds(&client, &args.watch_namespace).await;
     if let Some(synced) = &webhooks_synced {
@@ -340,7 +377,11 @@ async fn start_webhooks(
         }));
     }
     inject.trust_bundle_configmap = args.spiffe.trust_bundle_configmap.clone();
-    if !args.spiffe.no_identity {
+    inject.identity_source = args.spiffe.identity_source;
+    if args.spiffe.identity_source == IdentitySource::Spire {
+        inject.spiffe_csi_driver = args.spiffe.spiffe_csi_driver.clone();
+        inject.operator_spiffe_id = args.spiffe.operator_spiffe_id.clone();
+    } else if !args.spiffe.no_identity {
         inject.svid_server = Some(args.spiffe.svid_server_url.clone().unwrap_or_else(|| {
             format!(
                 "https://mandate-operator.{}.svc:{}",
@@ -467,19 +508,13 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
     // The policy service: every replica, mutual TLS with SVIDs.
     let accept_agents: mandate_operator::spiffe::verify::Accept = Arc::new(|_| true);
     let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::new(ca.load().bundle_der(), &td, accept_agents);
-    let mtls = certs.server_config_mtls(verifier)?;
-    let distributor = mandate_operator::distribute::Distributor::start(client.clone(), td.clone(), metrics.clone());
-    let policy_app = tonic::service::Routes::new(mandate_proto::policy::v1::policies_server::PoliciesServer::new(
-        distributor,
-    ))
-    .into_axum_router();
-    let policy_addr = id.policy_addr;
-    tokio::spawn(async move {
-        if let Err(e) = webhook::serve_tls(policy_addr, mtls, policy_app, std::future::pending()).await {
-            tracing::error!(error = %e, "the policy service stopped");
-            std::process::exit(1);
-        }
-    });
+    serve_policies(
+        client,
+        &td,
+        metrics,
+        id.policy_addr,
+        certs.server_config_mtls(verifier)?,
+    );
     tokio::spawn(async move {
         if let Err(e) = webhook::serve(addr, serving, app, std::future::pending()).await {
             tracing::error!(error = %e, "the SVID signing service stopped");
@@ -553,6 +588,86 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
         }
     });
     tracing::info!(%addr, "SVID signing service listening (TLS)");
+    Ok(())
+}
+
+/// The policy service (`mandate.policy.v1.Policies`) on `addr`, over `mtls`.
+fn serve_policies(client: &Client, td: &str, metrics: Arc<Metrics>, addr: SocketAddr, mtls: rustls::ServerConfig) {
+    let distributor = mandate_operator::distribute::Distributor::start(client.clone(), td.to_string(), metrics);
+    let policy_app = tonic::service::Routes::new(mandate_proto::policy::v1::policies_server::PoliciesServer::new(
+        distributor,
+    ))
+    .into_axum_router();
+    tokio::spawn(async move {
+        if let Err(e) = webhook::serve_tls(addr, mtls, policy_app, std::future::pending()).await {
+            tracing::error!(error = %e, "the policy service stopped");
+            std::process::exit(1);
+        }
+    });
+    tracing::info!(%addr, "policy service listening (mutual TLS)");
+}
+
+/// SPIRE mode: no CA, no signing service. The operator's own SVID and the
+/// trust bundle come from the SPIFFE Workload API (waited for here: the
+/// operator is not ready before); the policy service presents that SVID and
+/// verifies sidecars against that bundle, both swapped as SPIRE rotates
+/// them. Should the SVID expire with no update, the policy service keeps
+/// presenting it and sidecars refuse it (they keep their last policy set).
+async fn start_spire(args: &Args, client: &Client, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use mandate_operator::spiffe::verify::{SharedRoots, SpiffeVerifier};
+    use mandate_operator::spiffe::workload::{self, WorkloadConfig};
+    let td = args.trust_domain.clone();
+    let own_id = args
+        .spiffe
+        .operator_spiffe_id
+        .clone()
+        .unwrap_or_else(|| format!("spiffe://{td}/mandate/operator"));
+    let endpoint = args
+        .spiffe
+        .spiffe_endpoint_socket
+        .clone()
+        .context("--identity-source spire needs --spiffe-endpoint-socket")?;
+    tracing::info!(%endpoint, spiffe_id = %own_id, "SPIRE mode: waiting for the operator's X.509-SVID from the Workload API");
+    let mut current = workload::start(WorkloadConfig {
+        endpoint,
+        trust_domain: td.clone(),
+        want: Some(own_id),
+    });
+    let first = loop {
+        if let Some(svid) = current.borrow_and_update().clone() {
+            break svid;
+        }
+        current.changed().await.context("the Workload API watcher stopped")?;
+    };
+    let certs = Arc::new(tls::CertStore::new(first.material()).context("the operator's SVID from the Workload API")?);
+    let roots: SharedRoots = Arc::new(arc_swap::ArcSwap::from_pointee(first.bundle.clone()));
+    let verifier = SpiffeVerifier::with_shared_roots(roots.clone(), &td, Arc::new(|_| true));
+    serve_policies(
+        client,
+        &td,
+        metrics,
+        args.spiffe.policy_addr,
+        certs.server_config_mtls(verifier)?,
+    );
+    tokio::spawn(async move {
+        while current.changed().await.is_ok() {
+            let now = current.borrow_and_update().clone();
+            match now {
+                Some(svid) => {
+                    roots.store(Arc::new(svid.bundle.clone()));
+                    match certs.update(svid.material()) {
+                        Ok(_) => tracing::info!(serial = %svid.serial, "the policy service presents the rotated SVID"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot use the SVID from the Workload API; keeping the current one")
+                        }
+                    }
+                }
+                None => tracing::error!(
+                    "the operator's SVID expired with no update from the Workload API; sidecars will refuse the policy service until SPIRE issues a new one"
+                ),
+            }
+        }
+    });
     Ok(())
 }
 

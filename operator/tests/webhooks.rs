@@ -545,3 +545,100 @@ async fn a_rotated_certificate_is_served_and_with_the_operator_down_enforced_pod
     op.delete().await?;
     agents.delete().await
 }
+
+#[tokio::test]
+async fn spire_mode_injection_mounts_the_workload_api_through_the_apiserver() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-spire").await?;
+    // SPIRE mode; no policy service here (--no-identity), only the injection.
+    let hooks = Webhooks::start_with(
+        &cluster,
+        &op,
+        &agents,
+        [
+            "--identity-source",
+            "spire",
+            "--spiffe-endpoint-socket",
+            "unix:///nonexistent/agent.sock",
+            "--operator-spiffe-id",
+            "spiffe://example.org/spire/operator",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await?;
+    identity(&agents, "researcher", json!({"matchLabels": {"agent": "researcher"}})).await?;
+    let got = create_agent_pod(
+        &agents,
+        &pod("agent-1", json!({"agent": "researcher"}), json!({})),
+        true,
+    )
+    .await?;
+    ensure!(
+        names(&got) == ["mandate-envoy", "mandate-sidecar", "agent"],
+        "containers: {:?}\n{}",
+        names(&got),
+        hooks.logs()
+    );
+    // The pod as the apiserver stored it: the CSI volume, no token, no bundle.
+    let spec = got.spec.as_ref().context("no spec")?;
+    let vols = spec.volumes.clone().unwrap_or_default();
+    let csi = vols
+        .iter()
+        .find(|v| v.name == "mandate-spiffe-workload-api")
+        .and_then(|v| v.csi.as_ref())
+        .with_context(|| format!("no SPIFFE CSI volume: {vols:?}"))?;
+    ensure!(csi.driver == "csi.spiffe.io" && csi.read_only == Some(true), "{csi:?}");
+    ensure!(
+        vols.iter().all(
+            |v| v.name != "mandate-token" && v.name != "mandate-bundle" && v.projected.is_none()
+                || v.name.starts_with("default-token")
+        ),
+        "a token or bundle volume in SPIRE mode: {vols:?}"
+    );
+    ensure!(
+        env(&got, "mandate-sidecar", "SPIFFE_ENDPOINT_SOCKET").as_deref()
+            == Some("unix:///spiffe-workload-api/spire-agent.sock")
+    );
+    ensure!(env(&got, "mandate-sidecar", "MANDATE_IDENTITY_SOURCE").as_deref() == Some("spire"));
+    ensure!(
+        env(&got, "mandate-sidecar", "MANDATE_OPERATOR_SPIFFE_ID").as_deref()
+            == Some("spiffe://example.org/spire/operator")
+    );
+    ensure!(
+        env(&got, "mandate-sidecar", "MANDATE_AGENT_SPIFFE_ID").as_deref()
+            == Some(format!("spiffe://example.org/ns/{}/agent/researcher", agents.name()).as_str())
+    );
+    ensure!(env(&got, "mandate-sidecar", "MANDATE_AGENT_IDENTITY").as_deref() == Some("researcher"));
+    ensure!(env(&got, "mandate-sidecar", "MANDATE_SVID_SERVER").is_none());
+    let sidecar = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "mandate-sidecar")
+        .context("no sidecar")?;
+    ensure!(
+        sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "mandate-spiffe-workload-api"
+                && m.mount_path == "/spiffe-workload-api"
+                && m.read_only == Some(true)),
+        "{:?}",
+        sidecar.volume_mounts
+    );
+    // The stored pod passes the guard as injected (an update is admitted).
+    agents
+        .api::<Pod>()
+        .patch(
+            "agent-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .with_context(|| hooks.logs())?;
+    op.delete().await?;
+    agents.delete().await
+}

@@ -16,3 +16,12 @@ pub mod policy {
         tonic::include_proto!("mandate.policy.v1");
     }
 }
+
+/// The SPIFFE Workload API (X.509 part, server side only), written from the
+/// SPIFFE specification for tests that stand up a Workload API of their own.
+/// Mandate's sidecar and operator are clients through the `spiffe` crate.
+pub mod spiffe_workload {
+    #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+    // The specification's proto has no package.
+    tonic::include_proto!("_");
+}

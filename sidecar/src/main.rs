@@ -12,12 +12,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use mandate_operator::spiffe::workload::{IdentitySource, WorkloadConfig};
 use mandate_sidecar::decision_log::DecisionLog;
 use mandate_sidecar::engine::{EngineKind, PolicySet, SharedPolicies};
 use mandate_sidecar::input::{Agent, Limits};
 use mandate_sidecar::loader::Loader;
 use mandate_sidecar::metrics::{self, Metrics};
 use mandate_sidecar::server::Authz;
+use mandate_sidecar::svid::{Bundle, OperatorTrust, SharedBundle, SharedSvid, SvidConfig};
 
 /// Mandate's sidecar: decides each request Envoy sends to ext_authz against
 /// AgentPolicy files, denies on any doubt, and logs every decision (one JSON
@@ -103,7 +105,8 @@ struct Args {
     #[arg(long, env = "MANDATE_SVID_SERVER")]
     svid_server: Option<String>,
 
-    /// The pod's projected service-account token for the audience `mandate`.
+    /// The pod's projected service-account token for the audience `mandate`
+    /// (built-in CA only).
     #[arg(
         long,
         env = "MANDATE_SVID_TOKEN_FILE",
@@ -111,7 +114,8 @@ struct Args {
     )]
     svid_token_file: PathBuf,
 
-    /// PEM trust bundle of the trust domain.
+    /// PEM trust bundle of the trust domain (built-in CA; with
+    /// --identity-source spire the Workload API sends the bundle).
     #[arg(
         long,
         env = "MANDATE_TRUST_BUNDLE_FILE",
@@ -123,16 +127,34 @@ struct Args {
     #[arg(long, env = "MANDATE_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
 
-    /// The SPIFFE ID the signing service must present (default
-    /// `spiffe://<trust domain>/mandate/operator`).
+    /// The SPIFFE ID the operator (signing and policy services) must
+    /// present (default `spiffe://<trust domain>/mandate/operator`).
     #[arg(long, env = "MANDATE_OPERATOR_SPIFFE_ID")]
     operator_spiffe_id: Option<String>,
 
+    /// Where the sidecar's X.509-SVID comes from: `builtin` — the
+    /// operator's CA, when --svid-server is given (without it the sidecar
+    /// runs with no SVID, e.g. standalone); `spire` — the SPIFFE Workload
+    /// API at --spiffe-endpoint-socket, which pushes the SVID, its rotations
+    /// and the trust bundle (the bundle then also verifies the operator; no
+    /// bundle file is read). With `spire` the sidecar is not ready and denies
+    /// everything until it holds a valid SVID. An SVID whose SPIFFE ID is
+    /// not --agent-spiffe-id (when given) is not taken.
+    #[arg(long, env = "MANDATE_IDENTITY_SOURCE", value_enum, default_value_t = IdentitySource::Builtin)]
+    identity_source: IdentitySource,
+
+    /// The SPIFFE Workload API socket (`unix:///path`), with
+    /// --identity-source spire. The SPIFFE CSI driver mounts the SPIRE
+    /// agent's socket into the pod.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    spiffe_endpoint_socket: Option<String>,
+
     /// The operator's policy service (`https://host:port`): receive the
     /// policy set bound to this sidecar's agent from there (pushed, over
-    /// mutual TLS with the SVID) instead of reading --policy files. Needs
-    /// --svid-server. Not ready until the first set arrives.
-    #[arg(long, env = "MANDATE_POLICY_SERVER", requires = "svid_server")]
+    /// mutual TLS with the SVID) instead of reading --policy files. Needs an
+    /// SVID: --svid-server, or --identity-source spire. Not ready until the
+    /// first set arrives.
+    #[arg(long, env = "MANDATE_POLICY_SERVER")]
     policy_server: Option<String>,
 
     /// How long --wait-ready waits.
@@ -152,6 +174,18 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.no_tcp && args.listen_unix.is_none() {
         anyhow::bail!("--no-tcp needs --listen-unix: ext_authz must be served somewhere");
+    }
+    let spire = args.identity_source == IdentitySource::Spire;
+    if spire && args.svid_server.is_some() {
+        anyhow::bail!(
+            "--svid-server is the built-in CA's; with --identity-source spire the SVID comes from the Workload API"
+        );
+    }
+    if spire && args.spiffe_endpoint_socket.is_none() {
+        anyhow::bail!("--identity-source spire needs --spiffe-endpoint-socket (or SPIFFE_ENDPOINT_SOCKET)");
+    }
+    if args.policy_server.is_some() && !spire && args.svid_server.is_none() {
+        anyhow::bail!("--policy-server needs an SVID: --svid-server, or --identity-source spire");
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -198,30 +232,62 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    let svid_cfg = args
-        .svid_server
+    let server_id = args
+        .operator_spiffe_id
         .clone()
-        .map(|server| mandate_sidecar::svid::SvidConfig {
-            server,
-            token_file: args.svid_token_file.clone(),
-            bundle_file: args.trust_bundle_file.clone(),
-            trust_domain: args.trust_domain.clone(),
-            server_id: args
-                .operator_spiffe_id
-                .clone()
-                .unwrap_or_else(|| format!("spiffe://{}/mandate/operator", args.trust_domain)),
-        });
-    let svid = svid_cfg.clone().map(|cfg| {
-        let shared: mandate_sidecar::svid::SharedSvid = Arc::default();
-        metrics.svid_required.store(true, std::sync::atomic::Ordering::Relaxed);
-        let metrics = metrics.clone();
-        tokio::spawn(mandate_sidecar::svid::keep(cfg, shared.clone(), move |have| {
-            metrics.svid_valid.set(i64::from(have));
-        }));
-        shared
+        .unwrap_or_else(|| format!("spiffe://{}/mandate/operator", args.trust_domain));
+    let svid_cfg = args.svid_server.clone().map(|server| SvidConfig {
+        server,
+        token_file: args.svid_token_file.clone(),
+        bundle_file: args.trust_bundle_file.clone(),
+        trust_domain: args.trust_domain.clone(),
+        server_id: server_id.clone(),
     });
+    let on_change = {
+        let metrics = metrics.clone();
+        move |svid: Option<&mandate_sidecar::svid::Svid>| metrics.svid_held(svid)
+    };
+    // The SVID (when there is a source) and how the operator is recognised.
+    let (svid, trust): (Option<SharedSvid>, Option<OperatorTrust>) = match (&svid_cfg, &args.spiffe_endpoint_socket) {
+        (Some(cfg), _) => {
+            let shared: SharedSvid = Arc::default();
+            metrics.svid_required.store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(mandate_sidecar::svid::keep(cfg.clone(), shared.clone(), on_change));
+            let trust = OperatorTrust {
+                bundle: Bundle::File(cfg.bundle_file.clone()),
+                trust_domain: cfg.trust_domain.clone(),
+                server_id: cfg.server_id.clone(),
+            };
+            (Some(shared), Some(trust))
+        }
+        (None, Some(endpoint)) if spire => {
+            let shared: SharedSvid = Arc::default();
+            let bundle: SharedBundle = Arc::default();
+            metrics.svid_required.store(true, std::sync::atomic::Ordering::Relaxed);
+            let cfg = WorkloadConfig {
+                endpoint: endpoint.clone(),
+                trust_domain: args.trust_domain.clone(),
+                want: args.agent_spiffe_id.clone(),
+            };
+            tracing::info!(endpoint = %cfg.endpoint, want = ?cfg.want, "X.509-SVID from the SPIFFE Workload API");
+            tokio::spawn(mandate_sidecar::svid::keep_from_workload_api(
+                cfg,
+                args.agent_identity.clone(),
+                shared.clone(),
+                bundle.clone(),
+                on_change,
+            ));
+            let trust = OperatorTrust {
+                bundle: Bundle::WorkloadApi(bundle),
+                trust_domain: args.trust_domain.clone(),
+                server_id,
+            };
+            (Some(shared), Some(trust))
+        }
+        _ => (None, None),
+    };
 
-    if let (Some(server), Some(cfg), Some(shared)) = (args.policy_server.clone(), svid_cfg.clone(), svid.clone()) {
+    if let (Some(server), Some(trust), Some(shared)) = (args.policy_server.clone(), trust, svid.clone()) {
         let src = mandate_sidecar::subscribe::PolicySource {
             server,
             pod: args.agent_pod.clone().unwrap_or_default(),
@@ -229,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
         };
         tokio::spawn(mandate_sidecar::subscribe::run(
             src,
-            cfg,
+            trust,
             shared,
             policies.clone(),
             metrics.clone(),

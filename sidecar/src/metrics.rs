@@ -38,10 +38,15 @@ pub struct Metrics {
     policy_info: Family<PolicyLabels, Gauge>,
     pub load_errors: Counter,
     pub ready: AtomicBool,
-    /// Whether this sidecar must hold an SVID to be ready (`--svid-server`).
+    /// Whether this sidecar must hold an SVID to be ready (`--svid-server`,
+    /// or `--identity-source spire`).
     pub svid_required: AtomicBool,
     /// 1 while the sidecar holds a valid SVID.
     pub svid_valid: Gauge,
+    /// When the SVID held expires (Unix seconds; 0 with none).
+    pub svid_expiry: Gauge,
+    /// SVIDs taken into use (the first and every rotation).
+    pub svid_updates: Counter,
 }
 
 impl Default for Metrics {
@@ -66,8 +71,20 @@ impl Default for Metrics {
         let svid_valid = Gauge::default();
         registry.register(
             "svid_valid",
-            "1 while the sidecar holds a valid X.509-SVID (with --svid-server)",
+            "1 while the sidecar holds a valid X.509-SVID (with --svid-server or --identity-source spire)",
             svid_valid.clone(),
+        );
+        let svid_expiry = Gauge::default();
+        registry.register(
+            "svid_expiry_timestamp_seconds",
+            "When the X.509-SVID held expires, in Unix seconds (0 with none)",
+            svid_expiry.clone(),
+        );
+        let svid_updates = Counter::default();
+        registry.register(
+            "svid_updates",
+            "X.509-SVIDs taken into use (the first and each renewal or rotation)",
+            svid_updates.clone(),
         );
         Self {
             registry,
@@ -78,11 +95,25 @@ impl Default for Metrics {
             ready: AtomicBool::new(false),
             svid_required: AtomicBool::new(false),
             svid_valid,
+            svid_expiry,
+            svid_updates,
         }
     }
 }
 
 impl Metrics {
+    /// Record the SVID now held (or none).
+    pub fn svid_held(&self, svid: Option<&crate::svid::Svid>) {
+        self.svid_valid.set(i64::from(svid.is_some()));
+        let expiry = svid
+            .and_then(|s| s.expires_at.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.svid_expiry.set(expiry);
+        if svid.is_some() {
+            self.svid_updates.inc();
+        }
+    }
+
     pub fn observe(&self, d: &Decision, latency: Duration) {
         let result = if d.allow { "allow" } else { "deny" };
         self.decisions.get_or_create(&ResultLabels { result }).inc();

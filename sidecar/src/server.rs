@@ -77,7 +77,13 @@ impl Authz {
             Some(Some(s)) if s.valid_now() => {
                 agent_now = Agent {
                     spiffe_id: Some(s.spiffe_id.clone()),
-                    identity: Some(s.identity.clone()),
+                    // SPIRE's SVIDs do not name an AgentIdentity; the one the
+                    // pod was injected as (checked against the SVID) stands.
+                    identity: if s.identity.is_empty() {
+                        self.agent.identity.clone()
+                    } else {
+                        Some(s.identity.clone())
+                    },
                     ..self.agent.clone()
                 };
                 &agent_now

@@ -15,7 +15,7 @@ use rand::Rng;
 
 use crate::engine::{EngineKind, LoadedPolicy, PolicySet, SharedPolicies};
 use crate::metrics::Metrics;
-use crate::svid::{SharedSvid, SvidConfig};
+use crate::svid::{OperatorTrust, SharedSvid};
 
 /// Where policies come from.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ pub fn build(set: &WireSet, engine: EngineKind) -> Result<PolicySet> {
 /// One subscription, until the stream ends or fails.
 async fn stream_once(
     src: &PolicySource,
-    svid_cfg: &SvidConfig,
+    trust: &OperatorTrust,
     svid: &SharedSvid,
     policies: &SharedPolicies,
     metrics: &Metrics,
@@ -84,12 +84,12 @@ async fn stream_once(
     let Some(current) = svid.load_full().filter(|s| s.valid_now()) else {
         bail!("no valid SVID yet");
     };
-    let roots = crate::svid::read_bundle(svid_cfg)?;
+    let roots = trust.bundle.load()?;
     let channel = crate::svid::channel(
         &src.server,
         roots,
-        &svid_cfg.trust_domain,
-        &svid_cfg.server_id,
+        &trust.trust_domain,
+        &trust.server_id,
         Some(&current),
     )
     .await?;
@@ -136,7 +136,7 @@ async fn stream_once(
 /// Stay subscribed: reconnect after any loss, with backoff and jitter.
 pub async fn run(
     src: PolicySource,
-    svid_cfg: SvidConfig,
+    trust: OperatorTrust,
     svid: SharedSvid,
     policies: SharedPolicies,
     metrics: Arc<Metrics>,
@@ -144,7 +144,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = tokio::time::Instant::now();
-        match stream_once(&src, &svid_cfg, &svid, &policies, &metrics).await {
+        match stream_once(&src, &trust, &svid, &policies, &metrics).await {
             Ok(()) => tracing::warn!("the policy stream ended; the current set stays in force; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "no policy stream; the current set stays in force; retrying")

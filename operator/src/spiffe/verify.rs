@@ -37,9 +37,13 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
 /// Which peer SPIFFE IDs are acceptable.
 pub type Accept = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// A trust bundle that can change while it is in use (SPIRE mode: the
+/// Workload API pushes bundle updates; each handshake reads the current one).
+pub type SharedRoots = Arc<arc_swap::ArcSwap<Vec<CertificateDer<'static>>>>;
+
 /// Verifies SVIDs against a trust bundle.
 pub struct SpiffeVerifier {
-    roots: Vec<CertificateDer<'static>>,
+    roots: SharedRoots,
     trust_domain: String,
     accept: Accept,
     provider: Arc<CryptoProvider>,
@@ -49,7 +53,7 @@ impl std::fmt::Debug for SpiffeVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpiffeVerifier")
             .field("trust_domain", &self.trust_domain)
-            .field("roots", &self.roots.len())
+            .field("roots", &self.roots.load().len())
             .finish()
     }
 }
@@ -60,6 +64,11 @@ fn bad(why: impl std::fmt::Display) -> rustls::Error {
 
 impl SpiffeVerifier {
     pub fn new(roots: Vec<CertificateDer<'static>>, trust_domain: &str, accept: Accept) -> Arc<Self> {
+        Self::with_shared_roots(Arc::new(arc_swap::ArcSwap::from_pointee(roots)), trust_domain, accept)
+    }
+
+    /// Verify against whatever `roots` holds at each handshake.
+    pub fn with_shared_roots(roots: SharedRoots, trust_domain: &str, accept: Accept) -> Arc<Self> {
         Arc::new(Self {
             roots,
             trust_domain: trust_domain.into(),
@@ -81,8 +90,8 @@ impl SpiffeVerifier {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<String, rustls::Error> {
-        let anchors = self
-            .roots
+        let roots = self.roots.load();
+        let anchors = roots
             .iter()
             .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use json_patch::{AddOperation, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    CSIVolumeSource, Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
     ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
     VolumeProjection,
 };
@@ -18,6 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::spiffe::workload::IdentitySource;
+
 /// Names of what Mandate injects; a pod may not use them for its own containers.
 pub const ENVOY_CONTAINER: &str = "mandate-envoy";
 pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
@@ -25,6 +27,8 @@ pub const RUN_VOLUME: &str = "mandate-run";
 pub const POLICY_VOLUME: &str = "mandate-policies";
 pub const TOKEN_VOLUME: &str = "mandate-token";
 pub const BUNDLE_VOLUME: &str = "mandate-bundle";
+/// SPIRE mode: the SPIFFE CSI driver's volume with the Workload API socket.
+pub const SPIFFE_VOLUME: &str = "mandate-spiffe-workload-api";
 /// Annotation marking a pod as injected (its value: the injection's digest).
 pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";
 /// Annotation naming the AgentIdentity the pod was injected as.
@@ -94,6 +98,21 @@ pub struct InjectConfig {
     pub trust_bundle_configmap: String,
     /// Lifetime of the projected token the sidecar proves its pod with.
     pub token_expiration_seconds: i64,
+    /// Where sidecars get their X.509-SVIDs: `builtin` (the operator's CA,
+    /// with `svidServer`: a projected token and the bundle ConfigMap are
+    /// mounted) or `spire` (the SPIFFE Workload API: the SPIFFE CSI driver's
+    /// volume is mounted and `SPIFFE_ENDPOINT_SOCKET` set; no token, no
+    /// bundle ConfigMap, no signing service).
+    pub identity_source: IdentitySource,
+    /// SPIRE mode: the CSI driver that mounts the Workload API socket.
+    pub spiffe_csi_driver: String,
+    /// SPIRE mode: where that volume is mounted in the sidecar.
+    pub spiffe_socket_dir: String,
+    /// SPIRE mode: the socket's file name in that directory.
+    pub spiffe_socket_name: String,
+    /// SPIRE mode: the SPIFFE ID the operator's policy service presents
+    /// (default `spiffe://<trust domain>/mandate/operator`).
+    pub operator_spiffe_id: Option<String>,
     pub envoy_resources: ResourceRequirements,
     pub sidecar_resources: ResourceRequirements,
     /// UID the injected containers run as.
@@ -133,6 +152,11 @@ impl Default for InjectConfig {
             trust_domain: "cluster.local".into(),
             trust_bundle_configmap: "mandate-trust-bundle".into(),
             token_expiration_seconds: 600,
+            identity_source: IdentitySource::Builtin,
+            spiffe_csi_driver: "csi.spiffe.io".into(),
+            spiffe_socket_dir: "/spiffe-workload-api".into(),
+            spiffe_socket_name: "spire-agent.sock".into(),
+            operator_spiffe_id: None,
             envoy_resources: resources("50m", "64Mi", "256Mi"),
             sidecar_resources: resources("20m", "32Mi", "128Mi"),
             run_as_user: 65532,
@@ -294,7 +318,33 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
             ..VolumeMount::default()
         },
     ];
-    if let Some(server) = &cfg.svid_server {
+    if cfg.identity_source == IdentitySource::Spire {
+        // The SVID and bundle come from the SPIRE agent through the CSI
+        // driver's socket; the AgentIdentity name above is checked against
+        // the SVID (the sidecar takes only an SVID with the SPIFFE ID below).
+        sidecar_env.push(env("MANDATE_IDENTITY_SOURCE", "spire"));
+        sidecar_env.push(env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            &format!(
+                "unix://{}/{}",
+                cfg.spiffe_socket_dir.trim_end_matches('/'),
+                cfg.spiffe_socket_name
+            ),
+        ));
+        sidecar_env.push(env("MANDATE_TRUST_DOMAIN", &cfg.trust_domain));
+        if let Some(id) = &cfg.operator_spiffe_id {
+            sidecar_env.push(env("MANDATE_OPERATOR_SPIFFE_ID", id));
+        }
+        if let Some(policy_server) = &cfg.policy_server {
+            sidecar_env.push(env("MANDATE_POLICY_SERVER", policy_server));
+        }
+        sidecar_mounts.push(VolumeMount {
+            name: SPIFFE_VOLUME.into(),
+            mount_path: cfg.spiffe_socket_dir.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    } else if let Some(server) = &cfg.svid_server {
         sidecar_env.push(env("MANDATE_SVID_SERVER", server));
         sidecar_env.push(env("MANDATE_TRUST_DOMAIN", &cfg.trust_domain));
         sidecar_env.push(env("MANDATE_SVID_TOKEN_FILE", "/var/run/secrets/mandate/token"));
@@ -397,7 +447,17 @@ fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
             ..Volume::default()
         },
     ];
-    if cfg.svid_server.is_some() {
+    if cfg.identity_source == IdentitySource::Spire {
+        vols.push(Volume {
+            name: SPIFFE_VOLUME.into(),
+            csi: Some(CSIVolumeSource {
+                driver: cfg.spiffe_csi_driver.clone(),
+                read_only: Some(true),
+                ..CSIVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    } else if cfg.svid_server.is_some() {
         vols.push(Volume {
             name: TOKEN_VOLUME.into(),
             projected: Some(ProjectedVolumeSource {
@@ -622,7 +682,7 @@ fn reserved_volume(pod: &Pod) -> Option<String> {
         .iter()
         .flatten()
         .map(|v| v.name.clone())
-        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME].contains(&n.as_str()))
+        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, SPIFFE_VOLUME].contains(&n.as_str()))
 }
 
 /// Whether the pod holds exactly what Mandate injects for it now (its
@@ -910,6 +970,120 @@ mod tests {
             spiffe_id: None,
         };
         assert!(!injected_as_expected(&out, &cfg, &other, false));
+    }
+
+    #[test]
+    fn spire_mode_mounts_the_workload_api_socket_and_no_token() {
+        let spire = InjectConfig {
+            identity_source: IdentitySource::Spire,
+            trust_domain: "example.org".into(),
+            policy_server: Some("https://mandate-operator.mandate-system.svc:9445".into()),
+            operator_spiffe_id: Some("spiffe://example.org/spire/mandate-operator".into()),
+            // Even if one were configured, SPIRE mode uses no signing service.
+            svid_server: Some("https://mandate-operator.mandate-system.svc:9444".into()),
+            ..InjectConfig::default()
+        };
+        let p = pod(json!({}));
+        let inj = inject(&p, &spire, &agent(), false).unwrap().unwrap();
+        // The volume as the patch writes it.
+        let added: Vec<Value> = inj
+            .patch
+            .iter()
+            .filter_map(|op| match op {
+                PatchOperation::Add(a) if a.path == "/spec/volumes" => Some(a.value.clone()),
+                _ => None,
+            })
+            .collect();
+        let vols = added[0].as_array().unwrap();
+        assert!(vols.contains(&json!({"name": SPIFFE_VOLUME, "csi": {"driver": "csi.spiffe.io", "readOnly": true}})));
+        assert!(
+            vols.iter()
+                .all(|v| v.get("projected").is_none() && v["name"] != TOKEN_VOLUME && v["name"] != BUNDLE_VOLUME),
+            "no token or bundle ConfigMap in SPIRE mode: {vols:?}"
+        );
+
+        let out = apply(&p, &inj);
+        let spec = out.spec.as_ref().unwrap();
+        let sidecar = spec.containers.iter().find(|c| c.name == SIDECAR_CONTAINER).unwrap();
+        let env = |n: &str| {
+            sidecar
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(env("MANDATE_IDENTITY_SOURCE").as_deref(), Some("spire"));
+        assert_eq!(
+            env("SPIFFE_ENDPOINT_SOCKET").as_deref(),
+            Some("unix:///spiffe-workload-api/spire-agent.sock")
+        );
+        assert_eq!(env("MANDATE_TRUST_DOMAIN").as_deref(), Some("example.org"));
+        assert_eq!(
+            env("MANDATE_OPERATOR_SPIFFE_ID").as_deref(),
+            Some("spiffe://example.org/spire/mandate-operator")
+        );
+        assert_eq!(
+            env("MANDATE_POLICY_SERVER").as_deref(),
+            Some("https://mandate-operator.mandate-system.svc:9445")
+        );
+        // Who the pod is: the sidecar takes only an SVID with this SPIFFE ID.
+        assert_eq!(env("MANDATE_AGENT_IDENTITY").as_deref(), Some("x"));
+        assert_eq!(
+            env("MANDATE_AGENT_SPIFFE_ID").as_deref(),
+            Some("spiffe://example.org/ns/ns/agent/x")
+        );
+        for absent in [
+            "MANDATE_SVID_SERVER",
+            "MANDATE_SVID_TOKEN_FILE",
+            "MANDATE_TRUST_BUNDLE_FILE",
+        ] {
+            assert_eq!(env(absent), None, "{absent} in SPIRE mode");
+        }
+        let mounts = sidecar.volume_mounts.as_ref().unwrap();
+        assert!(mounts.contains(&VolumeMount {
+            name: SPIFFE_VOLUME.into(),
+            mount_path: "/spiffe-workload-api".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }));
+        assert!(mounts.iter().all(|m| m.name != TOKEN_VOLUME && m.name != BUNDLE_VOLUME));
+        // The agent's own containers do not get the socket.
+        let agent_c = spec.containers.iter().find(|c| c.name == "agent").unwrap();
+        assert!(agent_c.volume_mounts.is_none());
+
+        // Idempotent; and not what the built-in CA mode would inject.
+        assert_eq!(inject(&out, &spire, &agent(), false), Ok(None));
+        let builtin = InjectConfig {
+            identity_source: IdentitySource::Builtin,
+            ..spire.clone()
+        };
+        assert!(!injected_as_expected(&out, &builtin, &agent(), false));
+        // A pod bringing its own volume of that name is refused.
+        let squat =
+            pod(json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": SPIFFE_VOLUME, "emptyDir": {}}]}}));
+        assert_eq!(
+            inject(&squat, &spire, &agent(), false),
+            Err(InjectError::ReservedVolume(SPIFFE_VOLUME.into()))
+        );
+    }
+
+    #[test]
+    fn builtin_mode_mounts_the_projected_token_for_the_operators_audience() {
+        let cfg = InjectConfig {
+            svid_server: Some("https://op:9444".into()),
+            ..InjectConfig::default()
+        };
+        let p = pod(json!({}));
+        let out = apply(&p, &inject(&p, &cfg, &agent(), false).unwrap().unwrap());
+        let vols = out.spec.unwrap().volumes.unwrap();
+        let token = vols.iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+        let projection = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+            .service_account_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(projection.audience.as_deref(), Some("mandate"));
+        assert!(vols.iter().all(|v| v.csi.is_none()));
     }
 
     #[test]
