@@ -28,9 +28,7 @@ import yaml
 
 # Environment variables the chart sets that the operator in this tree does not
 # read yet, with the work that adds them.
-PENDING_ENV = {
-    "MANDATE_IDENTITY_SOURCE": "--identity-source builtin|spire (SPIRE mode, in progress)",
-}
+PENDING_ENV = {}
 # On each document of an --expect-invalid file: text its refusal must contain.
 EXPECT_ANNOTATION = "chart-check.mandate.dev/expect"
 
