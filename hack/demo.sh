@@ -45,6 +45,7 @@ echo
 echo "Policies in force (mandate-sidecar --policy $policies), agent identity 'researcher':"
 curl -s "http://127.0.0.1:$admin/metrics" | sed -n 's/^mandate_sidecar_policy_info{policy="\([^"]*\)",version="sha256:\(.\{12\}\).*/  \1  \2/p'
 echo
+sidecar_up=1
 lines() { wc -l <"$tmp/decisions.log"; }
 more_than() { [ "$(lines)" -gt "$1" ]; }
 call() { # METHOD HOST PATH [BODY]: the call, then its decision record
@@ -53,7 +54,7 @@ call() { # METHOD HOST PATH [BODY]: the call, then its decision record
   out="$(curl -s -o "$tmp/body" -w '%{http_code}' -X "$1" -H "Host: $2" ${4:+-H 'content-type: application/json' -d "$4"} \
     "http://127.0.0.1:$front$3")"
   printf '  %-6s %s%s %s-> HTTP %s\n' "$1" "$2" "$3" "${4:+$4 }" "$out"
-  if [ "$out" = 000 ] || ! wait_for "the decision record" 5 more_than "$n"; then
+  if ((!sidecar_up)) || ! wait_for "the decision record" 5 more_than "$n"; then
     echo "      (no decision recorded: the sidecar is not there; Envoy fails closed)"
     return 0
   fi
@@ -87,6 +88,7 @@ echo
 echo "Stopping the sidecar: Envoy now denies everything (failure_mode_allow: false):"
 kill "${pids[1]}" 2>/dev/null || true
 wait "${pids[1]}" 2>/dev/null || true
+sidecar_up=0
 call GET api.search.example.com /v1/search?q=rust
 echo
 echo "Run the example policies' own tests: $B/mandate test policies/"
