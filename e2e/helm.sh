@@ -50,15 +50,17 @@ dump() {
     echo "--- events in $ns"
     K get events -n "$ns" --sort-by=.lastTimestamp 2>/dev/null | tail -n 30 || true
     for p in $(K get pods -n "$ns" -o name 2>/dev/null); do
-      for c in $(K get -n "$ns" "$p" -o jsonpath='{.spec.containers[*].name}' 2>/dev/null); do
+      for c in $(K get -n "$ns" "$p" -o jsonpath='{.spec.initContainers[*].name} {.spec.containers[*].name}' 2>/dev/null); do
         echo "--- logs $ns/${p#pod/}/$c"
         K logs -n "$ns" "$p" -c "$c" --tail=60 2>&1 || true
       done
     done
   done
 }
+dumped=0
 fail() {
   log "FAIL: $*"
+  dumped=1
   dump
   exit 1
 }
@@ -66,6 +68,11 @@ pass() { log "ok: $*"; }
 
 cleanup() {
   local rc=$?
+  # A command that failed under set -e, not through fail: explain it too.
+  if ((rc != 0 && !dumped)) && [ -f "$CLUSTER_DIR/kubeconfig" ]; then
+    log "FAIL: exit status $rc"
+    dump
+  fi
   if ((started)); then
     hack/cluster.sh down >/dev/null 2>&1 || log "teardown incomplete; run hack/cluster.sh down"
   elif [ -f "$CLUSTER_DIR/cluster.env" ]; then
@@ -112,8 +119,9 @@ namespaces_gone() {
 wait_for "a previous run's namespaces to be deleted" 180 namespaces_gone || die "namespaces $OP_NS/$AGENTS/$PLAIN are still there"
 
 log "building and importing Mandate's images"
-mapfile -t images < <(hack/image.sh mandate)
-hack/image.sh import "${images[@]}"
+built="$(hack/image.sh mandate)" || fail "building Mandate's images"
+mapfile -t images <<<"$built"
+hack/image.sh import "${images[@]}" || fail "importing Mandate's images"
 
 cat >"$tmp/values.yaml" <<EOF
 trustDomain: ${TRUST_DOMAIN}
@@ -201,20 +209,12 @@ decision := {"allow": false, "reason": "shadow paths will be denied"} if {
   contains(input.attributes.request.http.path, "shadow")
 }'
 
-K apply -n "$AGENTS" -f - >/dev/null <<EOF
-apiVersion: mandate.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: researcher}
-spec:
-  selector: {matchLabels: {agent: researcher}}
-  svidTtl: 10m
-EOF
 policy reads-only Enforce "$READS_ONLY" | K apply -n "$AGENTS" -f - >/dev/null || fail "applying reads-only"
 policy shadow DryRun "$SHADOW" | K apply -n "$AGENTS" -f - >/dev/null || fail "applying shadow"
 has_version() { [ -n "$(K get agentpolicy -n "$AGENTS" "$1" -o jsonpath='{.status.version}')" ]; }
 until_ok "reads-only to be compiled" 60 has_version reads-only
 until_ok "shadow to be compiled" 60 has_version shadow
-pass "AgentIdentity and AgentPolicies applied"
+pass "AgentPolicies applied and compiled"
 
 # ------------------------------------------------------------------ the agent
 
@@ -233,17 +233,19 @@ spec:
     readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
 EOF
 )"
-# The webhook learns of a just-created identity within moments; a pod created
-# before that would go in uninjected, and is made again.
-create_injected_agent() {
-  K apply -n "$AGENTS" -f - <<<"$AGENT_POD" >/dev/null 2>&1 || return 1
-  if [ "$(K get pod -n "$AGENTS" agent -o jsonpath='{.metadata.annotations.mandate\.dev/injected}')" != "" ]; then
-    return 0
-  fi
-  K delete pod -n "$AGENTS" agent --grace-period=0 --force >/dev/null 2>&1 || true
-  return 1
-}
-until_ok "the agent pod to be created injected" 60 create_injected_agent
+# Created right after its AgentIdentity (one apply of both, as GitOps does):
+# the very first pod must come out injected.
+K apply -n "$AGENTS" -f - >/dev/null <<EOF || fail "applying the AgentIdentity"
+apiVersion: mandate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: researcher}
+spec:
+  selector: {matchLabels: {agent: researcher}}
+  svidTtl: 10m
+EOF
+K apply -n "$AGENTS" -f - <<<"$AGENT_POD" >/dev/null || fail "creating the agent pod"
+[ -n "$(K get pod -n "$AGENTS" agent -o jsonpath='{.metadata.annotations.mandate\.dev/injected}')" ] ||
+  fail "the agent pod, created right after its AgentIdentity, was not injected"
 until_ok "the agent pod to be ready" 180 pod_ready "$AGENTS" agent
 agent="$(K get pod -n "$AGENTS" agent -o json)"
 names="$(jq -c '[.spec.initContainers[]?.name, .spec.containers[].name]' <<<"$agent")"
@@ -277,7 +279,7 @@ until_ok "reads-only to be 1/1 in force" 60 in_force reads-only
 # ------------------------------------------------------------------ decisions
 
 r="$(do_req GET /allowed/1)" || fail "the agent could not make a request"
-[ "$(jq -r .status <<<"$r")" = 200 ] && jq -r .body <<<"$r" | grep -q '"server":"upstream"' ||
+[ "$(jq -r .status <<<"$r")" = 200 ] && jq -r .body <<<"$r" | has '"server":"upstream"' ||
   fail "an allowed GET did not reach the upstream: $r"
 pass "an allowed request reaches the upstream"
 
@@ -364,9 +366,15 @@ pass "with every operator pod gone, the last policy stays enforced"
 K scale deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate --replicas=2 >/dev/null || fail "scaling the operator up"
 operator_ready() { [ "$(K get deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate -o jsonpath='{.items[0].status.readyReplicas}')" = 2 ]; }
 until_ok "the operator to be back with 2 ready replicas" 120 operator_ready
+# The sidecar reconnects to a new replica and keeps what it enforced (a
+# replica that has not loaded its caches must not hand it an empty set).
+for _ in 1 2 3 4 5; do
+  status_is 200 GET /secret || fail "after the operator's return, the policy in force was lost"
+done
 # The sidecar resyncs: a change made now is enforced.
 policy reads-only Enforce "$READS_ONLY" | K apply -n "$AGENTS" -f - >/dev/null || fail "re-applying reads-only"
 until_ok "the policy applied after the operator's return to be enforced" 60 status_is 403 GET /secret
+status_is 200 GET /allowed/after-return || fail "the policy applied after the operator's return denies what it allows"
 pass "the operator is back and the sidecar resynced"
 
 # ------------------------------------------------------------------ helm upgrade
@@ -401,8 +409,12 @@ K delete pod -n kube-system mandate-e2e-probe --grace-period=0 --force >/dev/nul
 K label ns kube-system mandate.dev/enforce- >/dev/null
 [ "$(jq '.spec.containers | length' <<<"$p")" = 1 ] && [ "$(jq -r '.metadata.annotations["mandate.dev/injected"] // ""' <<<"$p")" = "" ] ||
   fail "a kube-system pod was injected: $(jq -c '[.spec.containers[].name]' <<<"$p")"
-if K get pods -n kube-system -o json | jq -e '.items[].spec.containers[] | select(.name | startswith("mandate-"))' >/dev/null; then
+ks="$(K get pods -n kube-system -o json)" || fail "listing kube-system's pods"
+if jq -e '.items[].spec | (.containers + (.initContainers // []))[] | select(.name | startswith("mandate-"))' <<<"$ks" >/dev/null; then
   fail "a kube-system pod carries Mandate's containers"
+fi
+if K get configmap -n kube-system mandate-trust-bundle >/dev/null 2>&1; then
+  fail "the operator published its trust bundle into kube-system"
 fi
 pass "kube-system is never affected, even labelled for enforcement"
 

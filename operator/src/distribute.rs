@@ -107,6 +107,22 @@ impl Distributor {
         }
     }
 
+    /// Both watches have listed once. Until then this replica knows no
+    /// policies: a set it sent would be empty, and a sidecar would swap its
+    /// last good set for nothing. The sidecar keeps its set and retries.
+    async fn loaded(&self) -> Result<(), Status> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+        let ready = async {
+            self.policies.wait_until_ready().await.is_ok() && self.identities.wait_until_ready().await.is_ok()
+        };
+        match tokio::time::timeout(WAIT, ready).await {
+            Ok(true) => Ok(()),
+            _ => Err(Status::unavailable(
+                "this operator replica has not loaded AgentPolicies and AgentIdentities yet; retry",
+            )),
+        }
+    }
+
     /// The AgentIdentity `(namespace, name, spec)` whose SPIFFE ID is `id`.
     fn identity_of(&self, id: &str) -> Option<(String, String, AgentIdentity)> {
         self.identities.state().iter().find_map(|i| {
@@ -235,6 +251,7 @@ impl Policies for Distributor {
     type SubscribeStream = SetStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<SetStream>, Status> {
+        self.loaded().await?;
         let (ns, identity, pod) = self.caller(request.extensions(), &request.get_ref().pod).await?;
         let labels = pod.labels().clone();
         let pod_name = pod.name_any();
@@ -265,6 +282,7 @@ impl Policies for Distributor {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        self.loaded().await?;
         let (ns, _, pod) = self.caller(request.extensions(), &request.get_ref().pod).await?;
         let in_force = request.get_ref().in_force.join(",");
         let patch = serde_json::json!({"metadata": {"annotations": {IN_FORCE_ANNOTATION: in_force}}});

@@ -448,6 +448,7 @@ async fn start_webhooks(
 
     let (identities, namespaces, synced) = webhook::stores(client);
     let state = WebhookState {
+        client: client.clone(),
         inject: Arc::new(inject),
         trust_domain: args.trust_domain.clone(),
         operator_namespace: args.operator_namespace.clone(),
@@ -540,6 +541,9 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
                 match event {
                     Ok(namespace) => {
                         let Some(target) = namespace.metadata.name else { continue };
+                        if target == "kube-system" {
+                            continue; // never Mandate's, labelled or not
+                        }
                         if let Err(e) = ca.load().publish_bundle(&client, &target, &cm).await {
                             tracing::warn!(namespace = %target, error = %e, "cannot publish the trust bundle");
                         }
@@ -577,7 +581,12 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
                 .await;
             let mut targets = vec![ns.clone()];
             match enforced {
-                Ok(list) => targets.extend(list.items.into_iter().filter_map(|n| n.metadata.name)),
+                Ok(list) => targets.extend(
+                    list.items
+                        .into_iter()
+                        .filter_map(|n| n.metadata.name)
+                        .filter(|n| n != "kube-system" && *n != ns),
+                ),
                 Err(e) => tracing::warn!(error = %e, "cannot list enforced namespaces for the trust bundle"),
             }
             for target in targets {

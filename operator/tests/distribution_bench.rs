@@ -30,11 +30,20 @@ fn port() -> u16 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// The process's peak resident set so far.
+fn peak_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
         })
         .unwrap_or(0.0)
@@ -262,8 +271,9 @@ async fn distribution_benchmark() -> Result<()> {
         tokio::time::sleep(secs(1)).await;
     }
     println!(
-        "operator RSS with 1 000 policies, 10 000 identities, {SIDECARS} streams: {:.1} MiB (target <= 150 MiB)",
-        rss_mib(pid)
+        "operator RSS with 1 000 policies, 10 000 identities, {SIDECARS} streams: {:.1} MiB, peak {:.1} MiB (target <= 150 MiB)",
+        rss_mib(pid),
+        peak_mib(pid)
     );
     operator.kill().await?;
     drop(children);

@@ -67,6 +67,9 @@ pub struct WebhookState {
     /// Both stores have listed once (set by [`stores`]' watcher task).
     pub synced: Arc<std::sync::atomic::AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// For live reads when the caches say "not ours": a namespace labelled,
+    /// or an AgentIdentity created, moments ago may not have reached them.
+    pub client: Client,
 }
 
 impl std::fmt::Debug for WebhookState {
@@ -272,16 +275,50 @@ impl WebhookState {
             .map(|n| n.labels().get(ENFORCE_LABEL).map(String::as_str) == Some("true"))
     }
 
-    /// The identity this pod is an agent of: `Ok(None)` when it is not
-    /// selected (and not opted in), an error when more than one selects it.
+    /// The identity this pod is an agent of, by the cached identities:
+    /// `Ok(None)` when it is not selected (and not opted in), an error when
+    /// more than one selects it.
     fn agent_of(&self, pod: &Pod, ns: &str) -> Result<Option<AgentRef>, String> {
-        let labels = pod.labels();
-        let mut matching: Vec<(String, AgentIdentity)> = self
-            .identities
-            .state()
+        let state = self.identities.state();
+        let cached = state
             .iter()
             .filter(|i| i.metadata.namespace.as_deref() == Some(ns))
-            .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.clone())))
+            .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.clone())));
+        self.choose(pod, ns, cached)
+    }
+
+    /// The same, by the identities the apiserver has now.
+    async fn agent_of_live(&self, pod: &Pod, ns: &str) -> Result<Option<AgentRef>, String> {
+        let api = Api::<Lenient<AgentIdentity>>::namespaced(self.client.clone(), ns);
+        let list = tokio::time::timeout(LIVE_READ_TIMEOUT, api.list(&Default::default()))
+            .await
+            .map_err(|_| format!("Mandate's operator could not list AgentIdentities in {ns} in time; retry shortly"))?
+            .map_err(|e| format!("Mandate's operator could not list AgentIdentities in {ns} ({e}); retry shortly"))?;
+        let live = list
+            .items
+            .into_iter()
+            .filter_map(|i| i.parsed.ok().map(|p| (p.name_any(), p)));
+        self.choose(pod, ns, live)
+    }
+
+    /// Whether `ns` is labelled for enforcement, asked of the apiserver.
+    async fn enforced_live(&self, ns: &str) -> Result<bool, String> {
+        let api = Api::<Namespace>::all(self.client.clone());
+        let got = tokio::time::timeout(LIVE_READ_TIMEOUT, api.get_opt(ns))
+            .await
+            .map_err(|_| format!("Mandate's operator could not read namespace {ns} in time; retry shortly"))?
+            .map_err(|e| format!("Mandate's operator could not read namespace {ns} ({e}); retry shortly"))?;
+        Ok(got.is_some_and(|n| n.labels().get(ENFORCE_LABEL).map(String::as_str) == Some("true")))
+    }
+
+    fn choose(
+        &self,
+        pod: &Pod,
+        ns: &str,
+        identities: impl Iterator<Item = (String, AgentIdentity)>,
+    ) -> Result<Option<AgentRef>, String> {
+        let labels = pod.labels();
+        let mut matching: Vec<(String, AgentIdentity)> = identities
             .filter(|(_, i)| {
                 Selector::try_from(i.spec.selector.clone())
                     .map(|s| !s.selects_all() && s.matches(labels))
@@ -324,25 +361,38 @@ enum PodScope {
     Refuse(String),
 }
 
-fn pod_scope(state: &WebhookState, req: &AdmissionRequest<Pod>, pod: &Pod) -> PodScope {
+/// How long a live read (when the caches say "not ours") may take; the
+/// apiserver's webhook timeout is a few seconds.
+const LIVE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The caches answer first; a pod they call "not ours" is checked against
+/// the apiserver before it is let in unmediated, so an agent created right
+/// after its namespace was labelled or its AgentIdentity applied (one
+/// `kubectl apply` of both, a GitOps sync) is injected, not missed.
+async fn pod_scope(state: &WebhookState, req: &AdmissionRequest<Pod>, pod: &Pod) -> PodScope {
     let ns = req.namespace.clone().or_else(|| pod.namespace()).unwrap_or_default();
     if !state.synced() {
         return PodScope::Refuse(
             "Mandate's operator has not loaded namespaces and identities yet; retry shortly".into(),
         );
     }
-    match state.enforced(&ns) {
-        Some(true) => {}
-        Some(false) => return PodScope::NotOurs,
-        None => {
-            return PodScope::Refuse(format!(
-                "Mandate's operator does not know namespace {ns} yet; retry shortly"
-            ));
+    if ns == "kube-system" || ns == state.operator_namespace {
+        return PodScope::NotOurs;
+    }
+    if state.enforced(&ns) != Some(true) {
+        match state.enforced_live(&ns).await {
+            Ok(true) => {}
+            Ok(false) => return PodScope::NotOurs,
+            Err(e) => return PodScope::Refuse(e),
         }
     }
     match state.agent_of(pod, &ns) {
         Ok(Some(agent)) => PodScope::Agent(agent),
-        Ok(None) => PodScope::NotOurs,
+        Ok(None) => match state.agent_of_live(pod, &ns).await {
+            Ok(Some(agent)) => PodScope::Agent(agent),
+            Ok(None) => PodScope::NotOurs,
+            Err(e) => PodScope::Refuse(e),
+        },
         Err(e) => PodScope::Refuse(e),
     }
 }
@@ -353,19 +403,19 @@ async fn mutate_pod(State(state): State<WebhookState>, body: Bytes) -> Response 
         Ok(r) => r,
         Err(why) => return bad_request(why),
     };
-    let resp = mutate_pod_inner(&state, &req);
+    let resp = mutate_pod_inner(&state, &req).await;
     state.observe("mutate-pods", &resp, started);
     answer(resp)
 }
 
-fn mutate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+async fn mutate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
     if req.operation != Operation::Create {
         return AdmissionResponse::from(req);
     }
     let Some(pod) = &req.object else {
         return deny(req, "the request carries no pod");
     };
-    let agent = match pod_scope(state, req, pod) {
+    let agent = match pod_scope(state, req, pod).await {
         PodScope::NotOurs => return AdmissionResponse::from(req),
         PodScope::Refuse(why) => return deny(req, why),
         PodScope::Agent(a) => a,
@@ -398,16 +448,16 @@ async fn validate_pod(State(state): State<WebhookState>, body: Bytes) -> Respons
         Ok(r) => r,
         Err(why) => return bad_request(why),
     };
-    let resp = validate_pod_inner(&state, &req);
+    let resp = validate_pod_inner(&state, &req).await;
     state.observe("validate-pods", &resp, started);
     answer(resp)
 }
 
-fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+async fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
     let Some(pod) = &req.object else {
         return AdmissionResponse::from(req); // DELETE
     };
-    let agent = match pod_scope(state, req, pod) {
+    let agent = match pod_scope(state, req, pod).await {
         PodScope::NotOurs => return AdmissionResponse::from(req),
         PodScope::Refuse(why) => return deny(req, why),
         PodScope::Agent(a) => a,
