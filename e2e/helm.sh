@@ -80,6 +80,7 @@ cleanup() {
     H uninstall "$RELEASE" -n "$OP_NS" >/dev/null 2>&1 || true
     K label ns kube-system mandate.dev/enforce- >/dev/null 2>&1 || true
     K delete pod -n kube-system mandate-e2e-probe --grace-period=0 --wait=false >/dev/null 2>&1 || true
+    K delete configmap -n kube-system mandate-trust-bundle >/dev/null 2>&1 || true
     K delete ns "$AGENTS" "$PLAIN" "$OP_NS" --wait=false >/dev/null 2>&1 || true
   fi
   rm -rf "$tmp"

@@ -508,7 +508,16 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
 
     // The policy service: every replica, mutual TLS with SVIDs.
     let accept_agents: mandate_operator::spiffe::verify::Accept = Arc::new(|_| true);
-    let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::new(ca.load().bundle_der(), &td, accept_agents);
+    // The roots follow the CA: after a rotation (reloaded hourly below) the
+    // bundle holds the new and the previous CA, so sidecars with SVIDs of
+    // either keep their streams.
+    let policy_roots: mandate_operator::spiffe::verify::SharedRoots =
+        Arc::new(arc_swap::ArcSwap::from_pointee(ca.load().bundle_der()));
+    let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::with_shared_roots(
+        policy_roots.clone(),
+        &td,
+        accept_agents,
+    );
     serve_policies(
         client,
         &td,
@@ -571,6 +580,7 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
                         }
                         Err(e) => tracing::error!(error = %e, "cannot renew the operator SVID"),
                     }
+                    policy_roots.store(Arc::new(fresh.bundle_der()));
                     ca.store(Arc::new(fresh));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot reload the SPIFFE CA; keeping the current one"),
