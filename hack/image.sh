@@ -166,20 +166,31 @@ cmd_base() {
 # that user), on a base with CA certificates. The test agent image too.
 MUSL_TARGET="x86_64-unknown-linux-musl"
 cmd_mandate() {
-  local version out="${MANDATE_ROOT}/target/${MUSL_TARGET}/release" b
+  local version target_args=() out b static=1
   version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "${MANDATE_ROOT}/Cargo.toml" | head -n1)"
   [ -n "$version" ] || die "no workspace version in Cargo.toml"
-  need_cmd musl-gcc musl-tools
-  rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET" ||
-    die "the Rust target ${MUSL_TARGET} is not installed; run make deps"
-  log "building static release binaries (${MUSL_TARGET})"
-  (cd "$MANDATE_ROOT" && cargo build --release --locked --quiet --target "$MUSL_TARGET" \
-    --bin mandate-operator --bin mandate-sidecar --bin mandate --bin mandate-testbin) || die "the musl build failed"
-  for b in mandate-operator mandate-sidecar mandate mandate-testbin; do
-    file -b "$out/$b" | grep -q 'static' || die "$out/$b is not statically linked"
-  done
+  if command -v musl-gcc >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | has "^${MUSL_TARGET}\$"; then
+    target_args=(--target "$MUSL_TARGET")
+    out="${MANDATE_ROOT}/target/${MUSL_TARGET}/release"
+    log "building static release binaries (${MUSL_TARGET})"
+  else
+    # Without the musl target (rustup could not fetch it): glibc binaries,
+    # packed with the libraries ldd names. Same code, not static.
+    static=0
+    out="${MANDATE_ROOT}/target/release"
+    log "warning: no ${MUSL_TARGET} target or musl-gcc; building glibc release binaries (images carry their libraries)"
+  fi
+  (cd "$MANDATE_ROOT" && cargo build --release --locked --quiet "${target_args[@]}" \
+    --bin mandate-operator --bin mandate-sidecar --bin mandate --bin mandate-testbin) || die "the release build failed"
+  if ((static)); then
+    for b in mandate-operator mandate-sidecar mandate mandate-testbin; do
+      file -b "$out/$b" | has 'static' || die "$out/$b is not statically linked"
+    done
+  fi
   local certs=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt
   cmd_build "mandate.local/operator:${version}" "$out/mandate-operator" --user 65532:65532 --add "$certs"
+  # The CLI beside the sidecar, from the same build (copied with its libraries
+  # when dynamic: both binaries need the same ones).
   cmd_build "mandate.local/sidecar:${version}" "$out/mandate-sidecar" --user 65532:65532 --add "$certs" \
     --add "$out/mandate:/usr/local/bin/mandate"
   cmd_build "mandate.local/testbin:${version}" "$out/mandate-testbin" --user 65532:65532

