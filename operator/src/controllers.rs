@@ -11,8 +11,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -551,7 +551,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
     let mut stop_a = stop_tx.subscribe();
     let mut stop_b = stop_tx.subscribe();
 
-    let policy_ctl = Controller::new(policies, watcher::Config::default());
+    // The controllers' caches hold slimmed objects (see `lenient::slim_meta`).
+    let (policy_reader, policy_writer) = reflector::store();
+    let policy_objects = reflector::reflector(
+        policy_writer,
+        watcher(policies, watcher::Config::default())
+            .default_backoff()
+            .modify(Lenient::slim),
+    )
+    .applied_objects();
+    let policy_ctl = Controller::for_stream(policy_objects, policy_reader);
     let policy_store = policy_ctl.store();
     // A pod's change (an Ack, a new or gone agent) recounts the policies of its namespace.
     let policy_ctl = policy_ctl
@@ -573,7 +582,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
             }
         });
 
-    let identity_ctl = Controller::new(identities, watcher::Config::default());
+    let (identity_reader, identity_writer) = reflector::store();
+    let identity_objects = reflector::reflector(
+        identity_writer,
+        watcher(identities, watcher::Config::default())
+            .default_backoff()
+            .modify(Lenient::slim),
+    )
+    .applied_objects();
+    let identity_ctl = Controller::for_stream(identity_objects, identity_reader);
     let store = identity_ctl.store();
     // Map each pod event to the identities in its namespace that select it.
     let identity_ctl = identity_ctl

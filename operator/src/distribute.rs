@@ -68,7 +68,8 @@ impl Distributor {
                     Api::<Lenient<AgentPolicy>>::all(client.clone()),
                     watcher::Config::default(),
                 )
-                .default_backoff(),
+                .default_backoff()
+                .modify(Lenient::slim),
             )
             .for_each(move |e| {
                 match e {
@@ -86,7 +87,8 @@ impl Distributor {
                     Api::<Lenient<AgentIdentity>>::all(client.clone()),
                     watcher::Config::default(),
                 )
-                .default_backoff(),
+                .default_backoff()
+                .modify(Lenient::slim),
             )
             .for_each(move |e| {
                 match e {

@@ -96,7 +96,9 @@ pub fn stores(client: &Client) -> Stores {
     tokio::spawn(
         reflector::reflector(
             ids_writer,
-            watcher(identities, watcher::Config::default()).default_backoff(),
+            watcher(identities, watcher::Config::default())
+                .default_backoff()
+                .modify(Lenient::slim),
         )
         .for_each(|e| async move {
             if let Err(e) = e {
@@ -109,7 +111,9 @@ pub fn stores(client: &Client) -> Stores {
     tokio::spawn(
         reflector::reflector(
             ns_writer,
-            watcher(namespaces, watcher::Config::default()).default_backoff(),
+            watcher(namespaces, watcher::Config::default())
+                .default_backoff()
+                .modify(|n| crate::lenient::slim_meta(&mut n.metadata)),
         )
         .for_each(|e| async move {
             if let Err(e) = e {
