@@ -66,7 +66,13 @@ async fn distribution_benchmark() -> Result<()> {
     let log = std::env::temp_dir().join(format!("mandate-bench-{}.log", ns.name()));
     let (identity, policy) = (port(), port());
     let admin = port();
-    let mut operator = tokio::process::Command::new(PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")))
+    // The operator binary: this build's, or another one to compare (e.g. the
+    // static musl build in the images: MANDATE_BENCH_OPERATOR=target/x86_64-unknown-linux-musl/release/mandate-operator).
+    let operator_bin = std::env::var_os("MANDATE_BENCH_OPERATOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")));
+    println!("operator binary: {}", operator_bin.display());
+    let mut operator = tokio::process::Command::new(&operator_bin)
         .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
         .args(["--watch-namespace", ns.name(), "--lease-namespace", op.name()])
         .args(["--operator-namespace", op.name(), "--trust-domain", TD])
@@ -79,6 +85,10 @@ async fn distribution_benchmark() -> Result<()> {
         .args(["--policy-addr", &format!("127.0.0.1:{policy}")])
         .env("KUBECONFIG", &cluster.info().kubeconfig)
         .env("MANDATE_LOG", "warn")
+        // As the chart runs it: glibc's malloc limited to two arenas (without
+        // it, fragmentation across per-thread arenas costs ~60 MiB here; musl
+        // builds ignore it).
+        .env("MALLOC_ARENA_MAX", "2")
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(&log)?))
         .kill_on_drop(true)
