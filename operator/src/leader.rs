@@ -164,13 +164,13 @@ impl Elector {
                     tracing::warn!(error = %e, "leader lease: API error");
                 }
             }
-            if let Some(t) = last_ok {
-                if t.elapsed() >= renew_deadline {
-                    let _ = tx.send(false);
-                    anyhow::bail!(
-                        "could not renew the leader lease within {renew_deadline:?}; stopping so that only one replica writes"
-                    );
-                }
+            if let Some(t) = last_ok
+                && t.elapsed() >= renew_deadline
+            {
+                let _ = tx.send(false);
+                anyhow::bail!(
+                    "could not renew the leader lease within {renew_deadline:?}; stopping so that only one replica writes"
+                );
             }
             tokio::time::sleep(retry_every).await;
         }

@@ -513,11 +513,8 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
     // either keep their streams.
     let policy_roots: mandate_operator::spiffe::verify::SharedRoots =
         Arc::new(arc_swap::ArcSwap::from_pointee(ca.load().bundle_der()));
-    let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::with_shared_roots(
-        policy_roots.clone(),
-        &td,
-        accept_agents,
-    );
+    let verifier =
+        mandate_operator::spiffe::verify::SpiffeVerifier::with_shared_roots(policy_roots.clone(), &td, accept_agents);
     serve_policies(
         client,
         &td,
@@ -549,7 +546,9 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
             while let Some(event) = events.next().await {
                 match event {
                     Ok(namespace) => {
-                        let Some(target) = namespace.metadata.name else { continue };
+                        let Some(target) = namespace.metadata.name else {
+                            continue;
+                        };
                         if target == "kube-system" {
                             continue; // never Mandate's, labelled or not
                         }
