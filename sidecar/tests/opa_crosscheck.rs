@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use mandate_operator::crd::AgentPolicy;
+use mandate_operator::crd::{AgentPolicy, PolicyMode};
 use mandate_sidecar::engine::{EngineKind, LoadedPolicy, PolicySet};
 use serde_json::{Value, json};
 
@@ -92,18 +92,22 @@ fn inputs() -> Vec<Value> {
     let mut v = Vec::new();
     let admin = jwt(json!({"sub": "alice", "role": "admin"}));
     let guest = jwt(json!({"sub": "bob", "role": "guest"}));
-    for (method, host, path) in [
-        ("GET", "api.search.example.com", "/v1/search"),
-        ("POST", "api.tickets.example.com", "/v2/tickets"),
-        ("DELETE", "api.tickets.example.com", "/v2/tickets/7"),
-        ("GET", "data.internal.example", "/datasets/sales"),
-        ("PUT", "data.internal.example", "/datasets/sales"),
-        ("GET", "data.internal.example", "/admin"),
-        ("GET", "people.example.com", "/people"),
-        ("POST", "people.example.com", "/people"),
-        ("GET", "people.example.com", "/people/bob"),
-        ("GET", "people.example.com", "/people/alice"),
-        ("PATCH", "evil.example.net", "/x"),
+    let none = Value::Null;
+    let ticket = json!({"title": "printer on fire"});
+    let personal = json!({"title": "call me", "email": "ann@example.com", "phone": "555-0100"});
+    for (method, host, path, body) in [
+        ("GET", "api.search.example.com", "/v1/search", &none),
+        ("POST", "api.tickets.example.com", "/v2/tickets", &ticket),
+        ("POST", "api.tickets.example.com", "/v2/tickets", &personal),
+        ("DELETE", "api.tickets.example.com", "/v2/tickets/7", &none),
+        ("GET", "data.internal.example", "/datasets/sales", &none),
+        ("PUT", "data.internal.example", "/datasets/sales", &personal),
+        ("GET", "data.internal.example", "/admin", &none),
+        ("GET", "people.example.com", "/people", &none),
+        ("POST", "people.example.com", "/people", &ticket),
+        ("GET", "people.example.com", "/people/bob", &none),
+        ("GET", "people.example.com", "/people/alice", &none),
+        ("PATCH", "evil.example.net", "/x", &none),
     ] {
         for (agent, auth) in [("researcher", &guest), ("operator-bot", &admin)] {
             let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -114,7 +118,7 @@ fn inputs() -> Vec<Value> {
                 }}},
                 "parsed_path": segments,
                 "parsed_query": {},
-                "parsed_body": null,
+                "parsed_body": body,
                 "truncated_body": false,
                 "version": {"encoding": "protojson", "ext_authz": "v3"},
                 "agent": {"identity": agent},
@@ -183,20 +187,27 @@ fn example_policies_decide_alike_under_opa_and_mandate() -> Result<()> {
                 ours == theirs,
                 "{name}: input {i}: the VM decided {ours:?}, the interpreter {theirs:?}"
             );
+            // A DryRun policy never blocks: compare its own verdict.
+            let dry_run = p.spec.mode == PolicyMode::DryRun;
+            let ours_allows = if dry_run {
+                ours.verdicts.first().is_some_and(|v| v.result == "allow")
+            } else {
+                ours.allow
+            };
             ensure!(
-                ours.allow == opa_allows,
+                ours_allows == opa_allows,
                 "{name}: input {i} ({} {}{} as {}): OPA says {opa_value}, Mandate says allow={} ({})",
                 input["attributes"]["request"]["http"]["method"],
                 input["attributes"]["request"]["http"]["host"],
                 input["attributes"]["request"]["http"]["path"],
                 input["agent"]["identity"],
-                ours.allow,
+                ours_allows,
                 ours.reason
             );
             if let Some(status) = opa_value
                 .get("http_status")
                 .and_then(Value::as_u64)
-                .filter(|_| !opa_allows)
+                .filter(|_| !opa_allows && !dry_run)
             {
                 ensure!(
                     ours.http_status == u16::try_from(status).ok(),
