@@ -137,6 +137,14 @@ identity:
   policyServerURL: https://${SERVICE_IP}:9445
 EOF
 
+# CRDs applied earlier with kubectl (the cargo tests on this node do) are
+# adopted into the release the way charts/mandate/README.md tells admins to.
+for crd in $(K get crd -o name | grep '\.mandate\.dev$' || true); do
+  K annotate "$crd" meta.helm.sh/release-name="$RELEASE" meta.helm.sh/release-namespace="$OP_NS" --overwrite >/dev/null
+  K label "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+  log "adopted ${crd#*/} into the release"
+done
+
 log "helm install $RELEASE charts/mandate"
 t_install=$SECONDS
 H install "$RELEASE" charts/mandate -n "$OP_NS" --create-namespace -f "$tmp/values.yaml" --wait --timeout 180s ||
