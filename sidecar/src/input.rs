@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use envoy_types::pb::envoy::config::core::v3::{Address, Metadata, address};
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
-use serde_json::{Map, Value, json};
+use regorus::Value;
+use regorus::value::Object;
 
 /// Limits on what is parsed out of a request.
 #[derive(Debug, Clone, Copy)]
@@ -70,7 +71,8 @@ pub struct Summary {
 }
 
 /// Build the input document (without `policy`, which the engine adds per
-/// policy). Errors are reasons to deny.
+/// policy), directly as the value regorus evaluates (no intermediate JSON
+/// tree). Errors are reasons to deny.
 pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value, Summary), InputError> {
     let attrs = req.attributes.as_ref();
     let http = attrs
@@ -102,42 +104,78 @@ pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value
         parse_body(content_type, body_bytes, limits)?
     };
 
-    let mut attributes = Map::new();
+    let mut attributes = Object::new();
     if let Some(a) = attrs {
         if let Some(p) = &a.source {
-            attributes.insert("source".into(), peer(p));
+            attributes.insert(key("source"), peer(p));
         }
         if let Some(p) = &a.destination {
-            attributes.insert("destination".into(), peer(p));
+            attributes.insert(key("destination"), peer(p));
         }
         if let Some(r) = &a.request {
-            attributes.insert("request".into(), request(r));
+            attributes.insert(key("request"), request(r));
         }
         if !a.context_extensions.is_empty() {
-            let ext: BTreeMap<_, _> = a.context_extensions.iter().collect();
-            attributes.insert("contextExtensions".into(), json!(ext));
+            attributes.insert(key("contextExtensions"), string_map(&a.context_extensions));
         }
         attributes.insert(
-            "metadataContext".into(),
-            a.metadata_context.as_ref().map(metadata).unwrap_or_else(|| json!({})),
+            key("metadataContext"),
+            a.metadata_context
+                .as_ref()
+                .map(metadata)
+                .unwrap_or_else(Value::new_object),
         );
     }
 
-    let input = json!({
-        "attributes": attributes,
-        "parsed_path": path_segments(path_only),
-        "parsed_query": parse_query(query),
-        "parsed_body": parsed_body,
-        "truncated_body": truncated,
-        "version": {"encoding": "protojson", "ext_authz": "v3"},
-        "agent": agent,
-    });
+    let input = object([
+        ("attributes", attributes.into()),
+        ("parsed_path", path_segments(path_only)),
+        ("parsed_query", parse_query(query)),
+        ("parsed_body", parsed_body),
+        ("truncated_body", Value::Bool(truncated)),
+        (
+            "version",
+            object([("encoding", Value::from("protojson")), ("ext_authz", Value::from("v3"))]),
+        ),
+        ("agent", agent_value(agent)),
+    ]);
     let summary = Summary {
         method: http.method.clone(),
         host: http.host.clone(),
         path: path_only.to_string(),
     };
     Ok((input, summary))
+}
+
+fn key(k: &str) -> Value {
+    Value::from(k)
+}
+
+/// An object from fixed keys.
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    fields.into_iter().map(|(k, v)| (key(k), v)).collect::<Object>().into()
+}
+
+fn string_map<'a>(m: impl IntoIterator<Item = (&'a String, &'a String)>) -> Value {
+    m.into_iter()
+        .map(|(k, v)| (key(k), Value::from(v.as_str())))
+        .collect::<Object>()
+        .into()
+}
+
+/// `input.agent`: only the fields the sidecar knows.
+fn agent_value(a: &Agent) -> Value {
+    [
+        ("spiffe_id", &a.spiffe_id),
+        ("identity", &a.identity),
+        ("namespace", &a.namespace),
+        ("pod", &a.pod),
+        ("service_account", &a.service_account),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_deref().map(|v| (key(k), Value::from(v))))
+    .collect::<Object>()
+    .into()
 }
 
 fn split_path(path: &str) -> (&str, &str) {
@@ -149,9 +187,14 @@ fn split_path(path: &str) -> (&str, &str) {
 fn path_segments(path: &str) -> Value {
     let trimmed = path.strip_prefix('/').unwrap_or(path);
     if trimmed.is_empty() {
-        return json!([""]);
+        return Value::from(vec![Value::from("")]);
     }
-    Value::Array(trimmed.split('/').map(|s| Value::String(percent_decode(s))).collect())
+    Value::from(
+        trimmed
+            .split('/')
+            .map(|s| Value::from(percent_decode(s)))
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// `a=1&a=2&b` → `{"a": ["1", "2"], "b": [""]}`.
@@ -159,11 +202,12 @@ fn parse_query(query: &str) -> Value {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.entry(form_decode(k))
-            .or_default()
-            .push(Value::String(form_decode(v)));
+        out.entry(form_decode(k)).or_default().push(Value::from(form_decode(v)));
     }
-    json!(out)
+    out.into_iter()
+        .map(|(k, v)| (Value::from(k), Value::from(v)))
+        .collect::<Object>()
+        .into()
 }
 
 fn parse_body(content_type: &str, body: &[u8], limits: Limits) -> Result<Value, InputError> {
@@ -175,7 +219,8 @@ fn parse_body(content_type: &str, body: &[u8], limits: Limits) -> Result<Value, 
         if json_depth_exceeds(body, limits.max_json_depth) {
             return Err(InputError::TooDeep(limits.max_json_depth));
         }
-        return serde_json::from_slice(body).map_err(|e| InputError::BadJson(e.to_string()));
+        let text = std::str::from_utf8(body).map_err(|e| InputError::BadJson(format!("not UTF-8: {e}")))?;
+        return Value::from_json_str(text).map_err(|e| InputError::BadJson(e.to_string()));
     }
     if mime == "application/x-www-form-urlencoded" {
         return Ok(parse_query(&String::from_utf8_lossy(body)));
@@ -236,57 +281,60 @@ fn form_decode(s: &str) -> String {
 }
 
 fn peer(p: &Peer) -> Value {
-    let mut m = Map::new();
+    let mut m = Object::new();
     if let Some(a) = &p.address {
-        m.insert("address".into(), address_json(a));
+        m.insert(key("address"), address_value(a));
     }
     if !p.service.is_empty() {
-        m.insert("service".into(), json!(p.service));
+        m.insert(key("service"), Value::from(p.service.as_str()));
     }
     if !p.labels.is_empty() {
-        let labels: BTreeMap<_, _> = p.labels.iter().collect();
-        m.insert("labels".into(), json!(labels));
+        m.insert(key("labels"), string_map(&p.labels));
     }
     if !p.principal.is_empty() {
-        m.insert("principal".into(), json!(p.principal));
+        m.insert(key("principal"), Value::from(p.principal.as_str()));
     }
     if !p.certificate.is_empty() {
-        m.insert("certificate".into(), json!(p.certificate));
+        m.insert(key("certificate"), Value::from(p.certificate.as_str()));
     }
-    Value::Object(m)
+    m.into()
 }
 
-fn address_json(a: &Address) -> Value {
+fn address_value(a: &Address) -> Value {
     match &a.address {
         Some(address::Address::SocketAddress(s)) => {
             let port = match &s.port_specifier {
-                Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => json!(p),
+                Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => {
+                    Value::from(*p)
+                }
                 _ => Value::Null,
             };
-            json!({"socketAddress": {"address": s.address, "portValue": port}})
+            object([(
+                "socketAddress",
+                object([("address", Value::from(s.address.as_str())), ("portValue", port)]),
+            )])
         }
-        Some(address::Address::Pipe(p)) => json!({"pipe": {"path": p.path}}),
-        _ => json!({}),
+        Some(address::Address::Pipe(p)) => object([("pipe", object([("path", Value::from(p.path.as_str()))]))]),
+        _ => Value::new_object(),
     }
 }
 
 fn request(r: &Request) -> Value {
-    let mut m = Map::new();
+    let mut m = Object::new();
     if let Some(t) = &r.time {
-        m.insert("time".into(), json!(format_time(t.seconds, t.nanos)));
+        m.insert(key("time"), Value::from(format_time(t.seconds, t.nanos)));
     }
     if let Some(h) = &r.http {
-        m.insert("http".into(), http_json(h));
+        m.insert(key("http"), http_value(h));
     }
-    Value::Object(m)
+    m.into()
 }
 
-fn http_json(h: &HttpRequest) -> Value {
-    let headers: BTreeMap<_, _> = h.headers.iter().collect();
-    let mut m = Map::new();
+fn http_value(h: &HttpRequest) -> Value {
+    let mut m = Object::new();
     let mut put = |k: &str, v: &str| {
         if !v.is_empty() {
-            m.insert(k.into(), json!(v));
+            m.insert(key(k), Value::from(v));
         }
     };
     put("id", &h.id);
@@ -298,36 +346,40 @@ fn http_json(h: &HttpRequest) -> Value {
     put("fragment", &h.fragment);
     put("protocol", &h.protocol);
     put("body", &h.body);
-    m.insert("headers".into(), json!(headers));
+    m.insert(key("headers"), string_map(&h.headers));
     if h.size != 0 {
         // protojson writes int64 as a string
-        m.insert("size".into(), json!(h.size.to_string()));
+        m.insert(key("size"), Value::from(h.size.to_string()));
     }
-    Value::Object(m)
+    m.into()
 }
 
 fn metadata(md: &Metadata) -> Value {
-    let filter: BTreeMap<_, _> = md
+    let filter: Object = md
         .filter_metadata
         .iter()
-        .map(|(k, v)| (k.clone(), struct_json(v)))
+        .map(|(k, v)| (key(k), struct_value(v)))
         .collect();
-    json!({"filterMetadata": filter})
+    object([("filterMetadata", filter.into())])
 }
 
-fn struct_json(s: &envoy_types::pb::google::protobuf::Struct) -> Value {
-    Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect())
+fn struct_value(s: &envoy_types::pb::google::protobuf::Struct) -> Value {
+    s.fields
+        .iter()
+        .map(|(k, v)| (key(k), proto_value(v)))
+        .collect::<Object>()
+        .into()
 }
 
-fn value_json(v: &envoy_types::pb::google::protobuf::Value) -> Value {
+fn proto_value(v: &envoy_types::pb::google::protobuf::Value) -> Value {
     use envoy_types::pb::google::protobuf::value::Kind;
     match &v.kind {
         Some(Kind::NullValue(_)) | None => Value::Null,
-        Some(Kind::NumberValue(n)) => json!(n),
-        Some(Kind::StringValue(s)) => json!(s),
-        Some(Kind::BoolValue(b)) => json!(b),
-        Some(Kind::StructValue(s)) => struct_json(s),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_json).collect()),
+        Some(Kind::NumberValue(n)) => Value::from(*n),
+        Some(Kind::StringValue(s)) => Value::from(s.as_str()),
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StructValue(s)) => struct_value(s),
+        Some(Kind::ListValue(l)) => Value::from(l.values.iter().map(proto_value).collect::<Vec<_>>()),
     }
 }
 
@@ -341,6 +393,17 @@ fn format_time(seconds: i64, nanos: i32) -> String {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use serde_json::json;
+
+    /// The document as JSON, to index in assertions.
+    fn build_json(req: &CheckRequest) -> (serde_json::Value, Summary) {
+        let (v, summary) = build(req, &Agent::default(), Limits::default()).unwrap();
+        (serde_json::to_value(&v).unwrap(), summary)
+    }
+
+    fn to_json(v: Value) -> serde_json::Value {
+        serde_json::to_value(&v).unwrap()
+    }
 
     fn check(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> CheckRequest {
         CheckRequest {
@@ -369,7 +432,7 @@ mod tests {
             &[("content-type", "application/json")],
             r#"{"tool":"search"}"#,
         );
-        let (input, summary) = build(&req, &Agent::default(), Limits::default()).unwrap();
+        let (input, summary) = build_json(&req);
         assert_eq!(input["attributes"]["request"]["http"]["method"], "POST");
         assert_eq!(
             input["attributes"]["request"]["http"]["headers"]["content-type"],
@@ -391,6 +454,86 @@ mod tests {
     }
 
     #[test]
+    fn the_whole_document_is_what_opa_envoy_gives_plus_the_agent() {
+        use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+        use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+        use envoy_types::pb::google::protobuf::value::Kind;
+        use envoy_types::pb::google::protobuf::{ListValue, Struct, Timestamp, Value as PValue};
+        let mut req = check("GET", "/a?q=1", &[("accept", "text/plain")], "");
+        let attrs = req.attributes.as_mut().unwrap();
+        attrs.source = Some(Peer {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "10.1.2.3".into(),
+                    port_specifier: Some(PortSpecifier::PortValue(43210)),
+                    ..SocketAddress::default()
+                })),
+            }),
+            principal: "spiffe://example.org/agent".into(),
+            labels: [("app".to_string(), "agent".to_string())].into(),
+            ..Peer::default()
+        });
+        attrs.context_extensions = [("team".to_string(), "research".to_string())].into();
+        let n = |k| PValue { kind: Some(k) };
+        attrs.metadata_context = Some(Metadata {
+            filter_metadata: [(
+                "mandate".to_string(),
+                Struct {
+                    fields: [
+                        ("n".to_string(), n(Kind::NumberValue(2.5))),
+                        ("ok".to_string(), n(Kind::BoolValue(true))),
+                        (
+                            "l".to_string(),
+                            n(Kind::ListValue(ListValue {
+                                values: vec![n(Kind::StringValue("x".into()))],
+                            })),
+                        ),
+                    ]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Metadata::default()
+        });
+        attrs.request.as_mut().unwrap().time = Some(Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        });
+        let agent = Agent {
+            identity: Some("researcher".into()),
+            pod: Some("agent-0".into()),
+            ..Agent::default()
+        };
+        let (doc, _) = build(&req, &agent, Limits::default()).unwrap();
+        let got = serde_json::to_value(&doc).unwrap();
+        let want = json!({
+            "attributes": {
+                "source": {
+                    "address": {"socketAddress": {"address": "10.1.2.3", "portValue": 43210}},
+                    "labels": {"app": "agent"},
+                    "principal": "spiffe://example.org/agent"
+                },
+                "request": {
+                    "time": "2023-11-14T22:13:20Z",
+                    "http": {"method": "GET", "path": "/a?q=1", "host": "api.example.com",
+                             "headers": {"accept": "text/plain"}}
+                },
+                "contextExtensions": {"team": "research"},
+                "metadataContext": {"filterMetadata": {"mandate": {"n": 2.5, "ok": true, "l": ["x"]}}}
+            },
+            "parsed_path": ["a"],
+            "parsed_query": {"q": ["1"]},
+            "parsed_body": null,
+            "truncated_body": false,
+            "version": {"encoding": "protojson", "ext_authz": "v3"},
+            "agent": {"identity": "researcher", "pod": "agent-0"}
+        });
+        assert_eq!(got, want);
+        // What regorus evaluates is exactly that JSON, read the usual way.
+        assert_eq!(doc, Value::from(want));
+    }
+
+    #[test]
     fn form_bodies_are_parsed_and_others_are_not() {
         let req = check(
             "POST",
@@ -398,11 +541,11 @@ mod tests {
             &[("content-type", "application/x-www-form-urlencoded")],
             "a=1&b=two+words",
         );
-        let (input, _) = build(&req, &Agent::default(), Limits::default()).unwrap();
+        let (input, _) = build_json(&req);
         assert_eq!(input["parsed_body"], json!({"a": ["1"], "b": ["two words"]}));
         let req = check("POST", "/", &[("content-type", "text/plain")], "hello");
-        let (input, _) = build(&req, &Agent::default(), Limits::default()).unwrap();
-        assert_eq!(input["parsed_body"], Value::Null);
+        let (input, _) = build_json(&req);
+        assert_eq!(input["parsed_body"], serde_json::Value::Null);
     }
 
     #[test]
@@ -439,8 +582,8 @@ mod tests {
 
     #[test]
     fn paths_split_like_opa_envoy() {
-        assert_eq!(path_segments("/"), json!([""]));
-        assert_eq!(path_segments("/a/b/"), json!(["a", "b", ""]));
+        assert_eq!(to_json(path_segments("/")), json!([""]));
+        assert_eq!(to_json(path_segments("/a/b/")), json!(["a", "b", ""]));
         assert_eq!(split_path("/a?q=1#frag"), ("/a", "q=1"));
         assert_eq!(percent_decode("%zz%41"), "%zzA");
     }

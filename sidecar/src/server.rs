@@ -99,7 +99,7 @@ impl Authz {
                 },
                 summary,
             ),
-            Ok((doc, summary)) => (set.decide(&doc), summary),
+            Ok((doc, summary)) => (set.decide_prepared(doc), summary),
             Err(e) => {
                 let summary = http_summary(req);
                 (

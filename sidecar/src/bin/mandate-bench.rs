@@ -6,6 +6,7 @@
 //!   mandate-bench grpc 127.0.0.1:9191 --max              Check throughput, closed loop
 //!   mandate-bench http http://127.0.0.1:15001/ --rate 1000   HTTP latency at a fixed rate
 //!   mandate-bench export POLICY.yaml DIR                 the policy as files for `opa bench`
+//!   mandate-bench grpc-body FILE                         the Check request, gRPC-framed, for h2load
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,6 +57,9 @@ enum Command {
     ServeNoop { listen: std::net::SocketAddr },
     /// Write a policy's modules and data as files OPA loads; print its entrypoint.
     Export { policy: PathBuf, dir: PathBuf },
+    /// Write the benchmark's CheckRequest as a gRPC message (5-byte frame
+    /// header + protobuf), the request body `h2load -d FILE` sends.
+    GrpcBody { out: PathBuf },
     /// Send HTTP GETs at a fixed rate and report latency.
     Http {
         url: String,
@@ -105,6 +109,15 @@ fn main() -> Result<()> {
                 std::fs::write(dir.join("data.json"), data.to_string())?;
             }
             println!("{}", p.spec.entrypoint);
+            Ok(())
+        }
+        Command::GrpcBody { out } => {
+            let msg = prost::Message::encode_to_vec(&check_request());
+            let len = u32::try_from(msg.len())?;
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&msg);
+            std::fs::write(&out, framed).with_context(|| format!("writing {}", out.display()))?;
             Ok(())
         }
         Command::Http {
