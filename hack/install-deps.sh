@@ -22,6 +22,8 @@ APT_PACKAGES=(
   python3-venv protobuf-compiler
   # linting the shell scripts
   shellcheck
+  # make bench: h2load, an independent gRPC client beside mandate-bench's
+  nghttp2-client
   # misc used by the scripts
   curl ca-certificates jq
 )

@@ -2,6 +2,7 @@
 //! `hack/bench.sh` runs them all, beside OPA and Envoy, and prints a table.
 //!
 //!   mandate-bench engine POLICY.yaml --input IN.json    per-decision evaluation time
+//!   mandate-bench handler POLICY.yaml --log FILE          the whole Check handler, in process
 //!   mandate-bench grpc 127.0.0.1:9191 --rate 1000        Check latency at a fixed rate
 //!   mandate-bench grpc 127.0.0.1:9191 --max              Check throughput, closed loop
 //!   mandate-bench http http://127.0.0.1:15001/ --rate 1000   HTTP latency at a fixed rate
@@ -39,6 +40,17 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
+    /// Time the whole Check handler in process, without gRPC: the input
+    /// document, evaluation, the decision log record (chained, written to
+    /// --log) and the response.
+    Handler {
+        policy: PathBuf,
+        /// Where the decision log goes (a file, a pipe, /dev/null).
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
     /// Send Check requests over gRPC: at a fixed rate (latency), or as fast as possible (--max).
     Grpc {
         target: String,
@@ -54,7 +66,12 @@ enum Command {
     },
     /// Serve a Check that allows everything at once: the transport's floor, to
     /// compare the sidecar with.
-    ServeNoop { listen: std::net::SocketAddr },
+    ServeNoop {
+        listen: std::net::SocketAddr,
+        /// Also serve on this unix socket (as the sidecar does for Envoy).
+        #[arg(long)]
+        unix: Option<PathBuf>,
+    },
     /// Write a policy's modules and data as files OPA loads; print its entrypoint.
     Export { policy: PathBuf, dir: PathBuf },
     /// Write the benchmark's CheckRequest as a gRPC message (5-byte frame
@@ -77,6 +94,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Engine { policy, input, seconds } => engine(&policy, &input, seconds),
+        Command::Handler { policy, log, seconds } => handler(&policy, &log, seconds),
         Command::Grpc {
             target,
             rate,
@@ -87,15 +105,25 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(grpc(target, rate, seconds, max, concurrency))
         }
-        Command::ServeNoop { listen } => {
+        Command::ServeNoop { listen, unix } => {
+            use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
+                if let Some(path) = unix {
+                    let _ = std::fs::remove_file(&path);
+                    let uds =
+                        tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+                    tokio::spawn(
+                        tonic::transport::Server::builder()
+                            .add_service(AuthorizationServer::new(Noop))
+                            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds)),
+                    );
+                }
                 tonic::transport::Server::builder()
-                    .add_service(
-                        envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer::new(Noop),
-                    )
+                    .add_service(AuthorizationServer::new(Noop))
                     .serve(listen)
                     .await
+                    .context("serving the no-op Check")
             })?;
             Ok(())
         }
@@ -208,6 +236,40 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
         "{{\"policy\":\"{name}\",\"evaluator\":\"{evaluator}\",\"allow\":{allow},\"ns_per_op\":{median:.0},\"eval_ns_per_op\":{eval_median:.0},\"interpreter_ns_per_op\":{interp_median:.0},\"batches\":{}}}",
         per_op.len()
     );
+    Ok(())
+}
+
+fn handler(policy: &PathBuf, log: &PathBuf, seconds: u64) -> Result<()> {
+    use mandate_sidecar::decision_log::DecisionLog;
+    use mandate_sidecar::server::Authz;
+    let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(policy)?)?;
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let set = PolicySet {
+        policies: vec![LoadedPolicy::compile(name, &p).map_err(anyhow::Error::msg)?],
+    };
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let authz = Authz {
+        policies: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
+        log: Arc::new(DecisionLog::new(Box::new(out), &[])),
+        metrics: Arc::default(),
+        agent: mandate_sidecar::input::Agent::default(),
+        limits: mandate_sidecar::input::Limits::default(),
+        svid: None,
+    };
+    let req = check_request();
+    let allow = authz.decide(&req).1.allow;
+    let mut lat = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        std::hint::black_box(authz.decide(std::hint::black_box(&req)));
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    println!("{{\"mode\":\"handler\",\"allow\":{allow},{}}}", percentiles(lat));
     Ok(())
 }
 
