@@ -95,7 +95,7 @@ echo "== 2. Check over gRPC on loopback at 1000/s (sidecar on one core, tool-all
 echo "   log to a file; the same client against a no-op Check server is the floor: what gRPC and this"
 echo "   machine cost before any decision; $ROUNDS interleaved rounds of ${ROUND_SECONDS}s, medians across rounds)"
 grpc=$(free_port) admin=$(free_port)
-TOKIO_WORKER_THREADS=1 taskset -c 0 "$SIDECAR" --policy policies/tool-allowlist.yaml \
+taskset -c 0 "$SIDECAR" --workers 1 --policy policies/tool-allowlist.yaml \
   --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" --admin-listen "127.0.0.1:$admin" \
   >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
@@ -181,7 +181,7 @@ for i in $(seq 1 100); do
     policies/tool-allowlist.yaml >"$tmp/p100/p$i.yaml"
 done
 g2=$(free_port) a2=$(free_port)
-TOKIO_WORKER_THREADS=1 taskset -c 0 "$SIDECAR" --policy "$tmp/p100" \
+taskset -c 0 "$SIDECAR" --workers 1 --policy "$tmp/p100" \
   --listen "127.0.0.1:$g2" --admin-listen "127.0.0.1:$a2" >/dev/null 2>"$tmp/sidecar100.err" &
 pid=$!
 pids+=("$pid")
