@@ -153,7 +153,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the apiserver or Mandate's CRDs are not reachable yet\n",
+            "not ready: starting (the apiserver or Mandate's CRDs not reachable yet) or stopping\n",
         )
     }
 }

@@ -69,6 +69,14 @@ struct Args {
     #[arg(long, env = "MANDATE_LOG_JSON")]
     log_json: bool,
 
+    /// On SIGTERM the replica reports not ready at once (so its Service
+    /// stops routing to it), the leader hands its lease over, and admission,
+    /// the policy stream and SVID signing go on being served for this many
+    /// seconds before it exits: requests already routed here during a
+    /// rollout are answered, not dropped (webhooks fail closed).
+    #[arg(long, env = "MANDATE_SHUTDOWN_DRAIN_SECONDS", default_value_t = 5)]
+    shutdown_drain_seconds: u64,
+
     /// The operator's own namespace: its generated webhook certificate lives
     /// here, and its pods are never injected.
     #[arg(long, env = "POD_NAMESPACE", default_value = "mandate-system")]
@@ -293,9 +301,21 @@ async fn main() -> anyhow::Result<()> {
     // One shutdown signal, seen by whoever needs it (tokio wakes every
     // listener of a signal, so there must be exactly one).
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
+    let drain_until: Arc<std::sync::OnceLock<tokio::time::Instant>> = Arc::default();
+    tokio::spawn({
+        let state = state.clone();
+        let drain_until = drain_until.clone();
+        let drain = Duration::from_secs(args.shutdown_drain_seconds);
+        async move {
+            shutdown_signal().await;
+            state.ready.store(false, Ordering::Relaxed);
+            let _ = drain_until.set(tokio::time::Instant::now() + drain);
+            tracing::info!(
+                seconds = drain.as_secs(),
+                "stopping: not ready; still serving while the Service drains"
+            );
+            let _ = stop_tx.send(true);
+        }
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -325,7 +345,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(true)
     };
 
-    tokio::select! {
+    let res = tokio::select! {
         res = elector.run(tx) => {
             // Lost the lease: stop at once, before another replica starts writing.
             metrics.leader.set(0);
@@ -342,7 +362,13 @@ async fn main() -> anyhow::Result<()> {
             }
             res.map(|_| ())
         }
+    };
+    // Stopping on a signal: go on serving until the drain ends.
+    if let Some(until) = drain_until.get() {
+        tokio::time::sleep_until(*until).await;
+        tracing::info!("drained; exiting");
     }
+    res
 }
 
 /// Serve the admission webhooks (every replica does), with their certificate

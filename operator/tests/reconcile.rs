@@ -603,6 +603,33 @@ async fn sigterm_releases_the_lease_for_a_fast_handover() -> Result<()> {
         .args(["-TERM", &pid.to_string()])
         .status()?;
     ensure!(status.success(), "kill -TERM failed");
+    // Draining: not ready at once, the lease handed over, and the process
+    // still serving (the default drain is 5 s).
+    let deadline = tokio::time::Instant::now() + secs(3);
+    loop {
+        match http_get(&format!("{}/readyz", a.admin)).await {
+            Ok((200, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok((503, _)) => break,
+            other => bail!("/readyz during the drain: {other:?}\n{}", a.logs()),
+        }
+    }
+    ns.wait(
+        "mandate-operator",
+        "the lease released",
+        secs(5),
+        |l: Option<&Lease>| match l.and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.clone()) {
+            None => Check::Done,
+            other => Check::Pending(format!("holder {other:?}")),
+        },
+    )
+    .await?;
+    ensure!(
+        a.child.try_wait()?.is_none() && http_get(&format!("{}/livez", a.admin)).await?.0 == 200,
+        "the operator stopped serving before its drain ended:\n{}",
+        a.logs()
+    );
     let exit = tokio::time::timeout(secs(20), a.child.wait())
         .await
         .context("the operator did not exit on SIGTERM")??;
