@@ -9,7 +9,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,21 +22,10 @@ use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use mandate_operator::crd::AgentPolicy;
 use serde_json::json;
 
+mod support;
+use support::{port, sibling};
+
 const TD: &str = "example.org";
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` first",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Ports {
     identity: u16,

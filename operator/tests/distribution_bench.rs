@@ -7,7 +7,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // a benchmark harness
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -21,13 +20,12 @@ use mandate_e2e::{Cluster, http_get, secs};
 use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use serde_json::json;
 
+mod support;
+use support::port;
+
 const TD: &str = "example.org";
 const SIDECARS: usize = 50;
 const CHANGES: usize = 20;
-
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn rss_mib(pid: u32) -> f64 {
     status_mib(pid, "VmRSS:")

@@ -30,17 +30,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
-const TD: &str = "example.org";
+mod support;
+use support::sibling;
 
-fn sibling(name: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` first",
-        path.display()
-    );
-    Ok(path)
-}
+const TD: &str = "example.org";
 
 struct Operator {
     _child: tokio::process::Child,

@@ -16,9 +16,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-mod support;
-
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -26,23 +23,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use serde_json::{Value, json};
-use support::Webhooks;
+
+mod support;
+use support::{Webhooks, sibling};
 
 const TESTBIN: &str = "mandate.local/testbin:dev";
 const SIDECAR: &str = "mandate.local/sidecar:dev";
-
-/// A binary built beside this test's operator binary (same profile); `cargo
-/// test --workspace` builds every package's binaries first.
-fn sibling(name: &str) -> Result<PathBuf> {
-    let op = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator"));
-    let path = op.with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` (or `cargo test --workspace`) first",
-        path.display()
-    );
-    Ok(path)
-}
 
 const POLICY: &str = r#"apiVersion: mandate.dev/v1alpha1
 kind: AgentPolicy

@@ -1,6 +1,6 @@
-//! Shared by the cluster tests of the webhooks: an operator process serving
-//! them on 127.0.0.1, with webhook configurations scoped to the test's
-//! namespaces (removed afterwards).
+//! Shared by the operator's cluster tests: an operator process serving the
+//! webhooks on 127.0.0.1, with webhook configurations scoped to the test's
+//! namespaces (removed afterwards); the workspace's other binaries; free ports.
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)] // each test file uses a part
 
@@ -16,6 +16,23 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use serde_json::{Value, json};
+
+/// Another binary of the workspace (the sidecar, the test agent), built
+/// beside the operator.
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name(name);
+    ensure!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A free port on 127.0.0.1.
+pub fn port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
 
 /// The operator process, its webhook configurations, and a way to reach them.
 pub struct Webhooks {
