@@ -178,6 +178,8 @@ expect_refused "Additional property imagePullPolicy is not allowed" --set inject
 expect_refused "differs from image.sidecar.pullPolicy" --set image.envoy.pullPolicy=Always
 expect_refused "needs webhook.certificate.secretName" --set webhook.certificate.source=secret
 expect_refused "needs webhook.certificate.source=certManager" --set webhook.certificate.patchCABundle=false
+expect_refused "must be below operator.terminationGracePeriodSeconds" --set operator.shutdownDrainSeconds=30
+expect_refused "operator.shutdownDrainSeconds" --set operator.shutdownDrainSeconds=-1
 pass "bad values: ${refused} cases refused by values.schema.json or the chart's checks"
 
 if ((failures)); then
