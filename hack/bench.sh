@@ -122,6 +122,8 @@ for pass in "${passes[@]}"; do
   python3 hack/bench_report.py rounds "$tmp/grpc.jsonl" sidecar=sidecar noop="no-op server" \
     --share "sidecar-noop=the sidecar's share (minus the no-op server, same round)"
 done
+# So far the log holds only decisions made at 1000/s (warm-ups included).
+python3 hack/bench_report.py handler "$tmp/decisions.log"
 # An independent client (nghttp2's h2load, in C), back to back on one
 # connection: every request finds the server awake.
 "$B/mandate-bench" grpc-body "$tmp/check.bin"
@@ -136,7 +138,6 @@ python3 hack/bench_report.py h2load "$tmp/h2load-sidecar.tsv" "$tmp/h2load-noop.
 echo "max:        $(taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$grpc" --max --seconds 5 --concurrency 32)"
 echo "baseline, a no-op Check server, max:       $(taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$noop" --max --seconds 5 --concurrency 32)"
 "$B/mandate" verify-log "$tmp/decisions.log" | sed 's/^/decision log: /'
-python3 hack/bench_report.py handler "$tmp/decisions.log"
 echo "the whole Check handler in process, no gRPC (input, evaluation, chained log record written to a file, response;"
 echo "  $B's build): $(taskset -c 0 "$B/mandate-bench" handler policies/tool-allowlist.yaml --log "$tmp/handler.log" --seconds 3)"
 

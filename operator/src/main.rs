@@ -74,7 +74,7 @@ struct Args {
     /// the policy stream and SVID signing go on being served for this many
     /// seconds before it exits: requests already routed here during a
     /// rollout are answered, not dropped (webhooks fail closed).
-    #[arg(long, env = "MANDATE_SHUTDOWN_DRAIN_SECONDS", default_value_t = 5)]
+    #[arg(long, env = "MANDATE_SHUTDOWN_DRAIN_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
     shutdown_drain_seconds: u64,
 
     /// The operator's own namespace: its generated webhook certificate lives

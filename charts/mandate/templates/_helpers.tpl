@@ -140,7 +140,7 @@ matchExpressions:
 {{- if and (eq $v.webhook.certificate.source "secret") (not $v.webhook.certificate.secretName) }}
 {{- fail "webhook.certificate.source=secret needs webhook.certificate.secretName (a Secret in the release namespace with tls.crt, tls.key and ca.crt)" }}
 {{- end }}
-{{- if ge (int $v.operator.shutdownDrainSeconds) (int $v.operator.terminationGracePeriodSeconds) }}
+{{- if and (gt (int $v.operator.shutdownDrainSeconds) 0) (ge (int $v.operator.shutdownDrainSeconds) (int $v.operator.terminationGracePeriodSeconds)) }}
 {{- fail (printf "operator.shutdownDrainSeconds (%v) must be below operator.terminationGracePeriodSeconds (%v): the kubelet kills a replica still draining at the end of its grace period" $v.operator.shutdownDrainSeconds $v.operator.terminationGracePeriodSeconds) }}
 {{- end }}
 {{- if and (not $v.webhook.certificate.patchCABundle) (ne $v.webhook.certificate.source "certManager") }}
