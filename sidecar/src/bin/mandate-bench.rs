@@ -180,12 +180,19 @@ impl envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizat
     }
 }
 
-fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
+/// One AgentPolicy file, compiled as the sidecar compiles it: its name, the
+/// policy, and a set holding only it.
+fn load_one(policy: &PathBuf) -> Result<(String, AgentPolicy, PolicySet)> {
     let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(policy)?)?;
     let name = p.metadata.name.clone().unwrap_or_default();
     let set = PolicySet {
         policies: vec![LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?],
     };
+    Ok((name, p, set))
+}
+
+fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
+    let (name, p, set) = load_one(policy)?;
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(input)?)?;
     let allow = set.decide(&doc).allow;
     for _ in 0..2000 {
@@ -242,11 +249,7 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
 fn handler(policy: &PathBuf, log: &PathBuf, seconds: u64) -> Result<()> {
     use mandate_sidecar::decision_log::DecisionLog;
     use mandate_sidecar::server::Authz;
-    let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(policy)?)?;
-    let name = p.metadata.name.clone().unwrap_or_default();
-    let set = PolicySet {
-        policies: vec![LoadedPolicy::compile(name, &p).map_err(anyhow::Error::msg)?],
-    };
+    let (_, _, set) = load_one(policy)?;
     let out = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
