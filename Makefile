@@ -1,10 +1,11 @@
 # The few commands a contributor needs. Cluster targets need root.
 .PHONY: deps demo test e2e images bench bench-distribution lint chart-check build crds chart-crds cluster-up node-up cluster-down cluster-status
 
-## deps: install packages (Debian, PyPI) and build Kubernetes v1.20.2 (cached in ~/.cache/mandate)
+## deps: install packages (Debian, PyPI, npm) and build Kubernetes and containerd from their Go modules (cached in ~/.cache/mandate)
 deps:
 	hack/install-deps.sh
 	hack/build-k8s.sh >/dev/null
+	hack/build-containerd.sh >/dev/null
 
 ## demo: an agent's calls through a real Envoy + mandate-sidecar with the example policies (no cluster)
 demo:

@@ -259,6 +259,10 @@ until_ok "the agent pod to be ready" 180 pod_ready "$AGENTS" agent
 agent="$(K get pod -n "$AGENTS" agent -o json)"
 names="$(jq -c '[.spec.initContainers[]?.name, .spec.containers[].name]' <<<"$agent")"
 [ "$names" = '["mandate-envoy","mandate-sidecar","agent"]' ] || fail "the agent pod's containers are $names"
+# On this cluster (>= 1.29) the chart's default (nativeSidecars: auto) injects
+# native sidecars: restartable init containers.
+restartable="$(jq -c '[.spec.initContainers[]? | select(.restartPolicy == "Always") | .name]' <<<"$agent")"
+[ "$restartable" = '["mandate-envoy","mandate-sidecar"]' ] || fail "Envoy and the sidecar are not native sidecars: restartable init containers are $restartable"
 AGENT_IP="$(jq -r .status.podIP <<<"$agent")"
 AGENT_UID="$(jq -r .metadata.uid <<<"$agent")"
 pass "the agent pod runs with Envoy and mandate-sidecar injected ($names)"
@@ -316,7 +320,12 @@ pass "a DryRun policy's violation is logged but does not block"
 
 # ------------------------------------------------------------------ a change
 
-restarts() { K get pod -n "$AGENTS" agent -o jsonpath='{.status.containerStatuses[?(@.name=="mandate-sidecar")].restartCount}'; }
+# The sidecar's status: a native sidecar's is among the init containers'.
+sidecar_status() {
+  K get pod -n "$AGENTS" agent -o json |
+    jq -e '[(.status.containerStatuses // [])[], (.status.initContainerStatuses // [])[] | select(.name == "mandate-sidecar")] | first'
+}
+restarts() { sidecar_status | jq -r .restartCount; }
 before="$(restarts)"
 status_is 403 GET /secret || fail "GET /secret was not denied before the change"
 ms() { echo $(($(date +%s%N) / 1000000)); }
@@ -344,9 +353,9 @@ pass "a bad policy is refused by kubectl apply: $(grep -o 'authz\.rego:[0-9]*:[0
 # ------------------------------------------------------------------ the sidecar dies
 
 sock="$(sed -n 's/^MANDATE_CONTAINERD_SOCK=//p' "$CLUSTER_DIR/cluster.env")"
-cid="$(K get pod -n "$AGENTS" agent -o json | jq -r '.status.containerStatuses[] | select(.name == "mandate-sidecar") | .containerID | sub("containerd://"; "")')"
+cid="$(sidecar_status | jq -r '.containerID | sub("containerd://"; "")')"
 before="$(restarts)"
-ctr --address "$sock" --namespace k8s.io task kill --signal SIGKILL "$cid" >/dev/null || fail "ctr task kill"
+"$CONTAINERD_BIN/ctr" --address "$sock" --namespace k8s.io task kill --signal SIGKILL "$cid" >/dev/null || fail "ctr task kill"
 denied_while_down=0
 back_and_allowing() {
   local s

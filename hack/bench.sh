@@ -148,9 +148,9 @@ echo "   server is the floor; $ROUNDS interleaved rounds of ${ROUND_SECONDS}s, m
 up=$(free_port) with=$(free_port) with_noop=$(free_port) without=$(free_port) eadmin=$(free_port)
 taskset -c 1 "$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name upstream >/dev/null 2>&1 &
 pids+=($!)
-sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$with/; s/WITH_NOOP_AUTHZ/$with_noop/; s/WITHOUT_AUTHZ/$without/" \
-  -e "s#SIDECAR_SOCKET#$tmp/authz.sock#; s#NOOP_SOCKET#$tmp/noop.sock#; s/UPSTREAM/$up/g" \
-  "$MANDATE_ROOT/hack/bench-envoy.yaml" >"$tmp/envoy.yaml"
+render_template "$MANDATE_ROOT/hack/bench-envoy.yaml" "$tmp/envoy.yaml" ENVOY_ADMIN="$eadmin" \
+  WITH_AUTHZ="$with" WITH_NOOP_AUTHZ="$with_noop" WITHOUT_AUTHZ="$without" \
+  SIDECAR_SOCKET="$tmp/authz.sock" NOOP_SOCKET="$tmp/noop.sock" UPSTREAM="$up"
 taskset -c 1 "$ENVOY_BIN" -c "$tmp/envoy.yaml" --concurrency 1 --log-level error --use-dynamic-base-id >"$tmp/envoy.log" 2>&1 &
 pids+=($!)
 wait_for "Envoy" 30 ready "http://127.0.0.1:$eadmin/ready" || die "Envoy did not start: $(tail "$tmp/envoy.log")"

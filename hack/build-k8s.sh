@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Build the Kubernetes v1.20.2 binaries the test clusters run, from Debian
-# bookworm's `kubernetes` source package (no registry carries them).
+# Build the Kubernetes binaries the test clusters run, with `go build` on the
+# k8s.io/kubernetes module from the Go module proxy (no registry carries
+# release binaries that this machine can reach).
 #
 #   hack/build-k8s.sh            # build what is missing, print the bin dir
 #   hack/build-k8s.sh --force    # rebuild
 #
+# k8s.io/kubernetes requires its staging modules (k8s.io/api, client-go, ...)
+# at v0.0.0 and points them at ./staging with replace lines, which only apply
+# inside its own repository. A small wrapper module requires
+# k8s.io/kubernetes ${K8S_VERSION} and replaces each staging module with the
+# published v0.<minor>.<patch> of the same release.
+#
 # The result lives in $MANDATE_CACHE/k8s/<version>/bin, so only the first run
-# on a machine pays (~5 minutes on 2 cores). The Go build cache is removed
-# afterwards (~1 GB).
+# on a machine pays (docs/test-cluster.md has the timings). The Go build cache
+# is removed afterwards; the module cache stays for a rebuild.
 # shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 
@@ -30,97 +37,93 @@ if ((force == 0)) && have_all; then
   exit 0
 fi
 
-for c in go dpkg-source rsync; do need_cmd "$c" "golang-go dpkg-dev rsync"; done
-[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] ||
-  die "Debian's reflect2 sources are missing; run: make deps (apt-get install golang-github-modern-go-reflect2-dev)"
+need_go 25
+need_cmd gcc gcc
 
-work="${MANDATE_CACHE}/k8s/build-${K8S_DEB_VERSION}"
-src_tar_dir="${MANDATE_CACHE}/k8s/src-${K8S_DEB_VERSION}"
+ver="${K8S_VERSION#v}" # 1.35.4
+minor="${ver#*.}"
+minor="${minor%%.*}" # 35
+staging_ver="v0.${ver#*.}" # v0.35.4
 
-# 1. The source package. apt-get source needs a deb-src entry; add one with the
-#    same mirrors and keyring as the machine's own sources.
-if [ ! -f "$src_tar_dir/.complete" ]; then
-  require_root "fetching the kubernetes source package"
-  srcs=/etc/apt/sources.list.d/mandate-deb-src.sources
-  if ! apt-cache showsrc "kubernetes=${K8S_DEB_VERSION}" 2>/dev/null | has "^Version: $(re "${K8S_DEB_VERSION}")$"; then
-    if [ ! -f "$srcs" ]; then
-      log "adding Debian deb-src entries (${srcs})"
-      cat >"$srcs" <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-    fi
-    apt-get update -qq
-  fi
-  rm -rf "$src_tar_dir"
-  mkdir -p "$src_tar_dir"
-  log "downloading source package kubernetes=${K8S_DEB_VERSION}"
-  (cd "$src_tar_dir" && apt-get source -qq --download-only "kubernetes=${K8S_DEB_VERSION}") ||
-    die "apt-get source kubernetes=${K8S_DEB_VERSION} failed; is deb.debian.org reachable and does bookworm still carry that version?"
-  touch "$src_tar_dir/.complete"
-fi
-
-# 2. Unpack into a GOPATH: module mode fails on this tree (go.mod needs updates).
+work="${MANDATE_CACHE}/k8s/build-${K8S_VERSION}"
 rm -rf "$work"
-mkdir -p "$work/gopath/src/k8s.io"
-log "unpacking source"
-dsc=$(ls "$src_tar_dir"/kubernetes_*.dsc)
-dpkg-source --no-check -x "$dsc" "$work/kubernetes" >/dev/null
-ln -s "$work/kubernetes" "$work/gopath/src/k8s.io/kubernetes"
-tree="$work/gopath/src/k8s.io/kubernetes"
+mkdir -p "$work/mod"
+export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 GOCACHE="$work/gocache"
+export GOTOOLCHAIN=local
 
-# 3. Fix one: vendored reflect2 v1.0.1 breaks with Go >= 1.18; use Debian's 1.0.2.
-rm -rf "$tree/vendor/github.com/modern-go/reflect2"
-mkdir -p "$tree/vendor/github.com/modern-go/reflect2"
-cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2/. "$tree/vendor/github.com/modern-go/reflect2/"
+t0=$SECONDS
+log "fetching k8s.io/kubernetes@${K8S_VERSION} from the Go module proxy"
+modfile="$(cd "$work/mod" && go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')"
+[ -f "$modfile" ] || die "go mod download k8s.io/kubernetes@${K8S_VERSION} failed; is the Go module proxy reachable (go env GOPROXY)?"
+src="$(cd "$work/mod" && go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
 
-export GOPATH="$work/gopath" GO111MODULE=off CGO_ENABLED=0 GOCACHE="$work/gocache"
+# The staging modules: every `k8s.io/X => ./staging/src/k8s.io/X` line.
+mapfile -t staging < <(sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$modfile")
+((${#staging[@]} > 10)) || die "found only ${#staging[@]} staging modules in ${modfile}; has the module layout changed?"
+go_line="$(sed -n 's/^go \(.*\)/\1/p' "$modfile")"
+{
+  echo "module mandate.local/k8s-build"
+  echo
+  echo "go ${go_line}"
+  echo
+  # godebug as upstream builds it (go.mod's godebug line applies only to the main module)
+  sed -n 's/^godebug .*/&/p' "$modfile"
+  echo
+  echo "require k8s.io/kubernetes ${K8S_VERSION}"
+  echo
+  echo "replace ("
+  for m in "${staging[@]}"; do echo "	${m} => ${m} ${staging_ver}"; done
+  echo ")"
+} >"$work/mod/go.mod"
+{
+  echo "//go:build tools"
+  echo
+  echo "package tools"
+  echo
+  echo "import ("
+  for b in "${BINARIES[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/${b}\""; done
+  echo ")"
+} >"$work/mod/tools.go"
+(cd "$work/mod" && go mod tidy >"$work/tidy.log" 2>&1) || {
+  tail -30 "$work/tidy.log" >&2
+  die "go mod tidy of the Kubernetes wrapper module failed (log: $work/tidy.log)"
+}
+log "modules resolved in $((SECONDS - t0))s"
 
-# 4. Fix two: the generated OpenAPI definitions are not shipped.
-if [ ! -f "$tree/pkg/generated/openapi/zz_generated.openapi.go" ]; then
-  log "generating OpenAPI definitions (make gen_openapi)"
-  (cd "$tree" && make gen_openapi >"$work/gen_openapi.log" 2>&1) || {
-    tail -30 "$work/gen_openapi.log" >&2
-    die "make gen_openapi failed; full log in $work/gen_openapi.log"
-  }
-fi
-
-# 5. Build, with the version stamped so /version reports v1.20.2.
-commit="faecb196815e248d3ecfb03c680a4507229c2a56" # upstream v1.20.2 tag
+# The version stamped as upstream's hack/lib/version.sh does: /version must
+# report it (the injector's native-sidecar check and Helm's kubeVersion read it).
+# The module proxy carries no commit hash; the build date is the release's
+# time from the proxy's .info.
+info="${modfile%.mod}.info"
+build_date="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info" 2>/dev/null)"
+[ -n "$build_date" ] || build_date="1970-01-01T00:00:00Z"
 ldflags="-s -w"
-for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
-  ldflags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=20"
-  ldflags+=" -X ${pkg}.gitCommit=${commit} -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=2021-01-13T13:20:00Z"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ldflags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor}"
+  ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=${build_date}"
 done
 
 out="$work/bin"
 mkdir -p "$out"
 for b in "${BINARIES[@]}"; do
-  log "go build ./cmd/${b}"
-  (cd "$tree" && go build -o "$out/$b" -ldflags "$ldflags" "./cmd/$b") ||
-    die "building ${b} failed"
+  t1=$SECONDS
+  (cd "$work/mod" && go build -trimpath -o "$out/$b" -ldflags "$ldflags" "k8s.io/kubernetes/cmd/${b}") >"$work/build-$b.log" 2>&1 || {
+    tail -30 "$work/build-$b.log" >&2
+    die "building ${b} failed (log: $work/build-$b.log)"
+  }
+  log "built ${b} in $((SECONDS - t1))s"
 done
 
-# The pause image's program, from the same tree.
-gcc -Os -static -o "$out/pause" "$tree/build/pause/linux/pause.c" || die "building pause failed"
+# The pause image's program, from the same release.
+gcc -Os -static -o "$out/pause" "$src/build/pause/linux/pause.c" || die "building pause failed"
 strip "$out/pause" 2>/dev/null || true
 
-"$out/kube-apiserver" --version | has "$(re "${K8S_VERSION}")" || die "kube-apiserver does not report ${K8S_VERSION}"
+"$out/kube-apiserver" --version | has "$(re "${K8S_VERSION}")\$" || die "kube-apiserver does not report ${K8S_VERSION}"
 
 rm -rf "$K8S_BIN"
 mkdir -p "$(dirname "$K8S_BIN")"
 mv "$out" "$K8S_BIN"
 touch "$K8S_BIN/.complete"
-# The Go cache and the unpacked tree are ~2 GB; the source package stays cached.
-rm -rf "$work"
-log "built: $(ls "$K8S_BIN" | tr '\n' ' ')"
+rm -rf "$work" # the Go build cache (~3 GB); the module cache stays
+log "built Kubernetes ${K8S_VERSION} in $((SECONDS - t0))s: $(ls "$K8S_BIN" | tr '\n' ' ')"
 echo "$K8S_BIN"

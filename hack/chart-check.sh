@@ -7,13 +7,15 @@
 #      against its CRD's schema, and each deliberately broken one in
 #      hack/testdata/invalid-crs.yaml is refused for its stated reason;
 #   3. `helm lint --strict` with each value set in charts/mandate/ci/;
-#   4. `helm template` of each value set: validated with kubernetes-validate
-#      --strict against Kubernetes 1.25, 1.30 and 1.37 (custom resources of
+#   4. `helm template` of each value set (for the Kubernetes version the test
+#      cluster runs): validated with kubernetes-validate --strict against
+#      Kubernetes 1.35 and 1.37 (custom resources of
 #      cert-manager and the Prometheus operator have no schema there and are
 #      only named), and checked by hack/chart_check.py (CRDs equal crds/, RBAC
 #      least-privilege, hardened pod, webhooks match the operator's routes and
 #      exemptions, every MANDATE_* variable is one the operator reads);
-#      also rendered for Kubernetes 1.20 (policy/v1beta1 PodDisruptionBudget);
+#      below the chart's kubeVersion floor (1.35, the oldest version tested)
+#      it refuses to render;
 #   5. values.schema.json and the chart's own checks refuse bad values
 #      (each case must make `helm template` fail with the expected message).
 #
@@ -27,7 +29,7 @@ CRDS=crds/mandate.dev.yaml
 CHART_CRDS="$CHART/files/mandate.dev.yaml"
 NS=mandate-system
 RELEASE=mandate
-K8S_VERSIONS=(1.25.0 1.30.0 1.37.0)
+K8S_VERSIONS=(1.35.0 1.37.0)
 # Custom resources the chart may render that kubernetes-validate has no schema for.
 CUSTOM_KINDS='(ServiceMonitor with api version monitoring.coreos.com/v1|(Certificate|Issuer) with api version cert-manager.io/v1)'
 
@@ -35,7 +37,17 @@ CUSTOM_KINDS='(ServiceMonitor with api version monitoring.coreos.com/v1|(Certifi
 [ -x "$CHARTCHECK_VENV/bin/kubernetes-validate" ] || die "kubernetes-validate is not installed in ${CHARTCHECK_VENV}; run: make deps"
 PY="$CHARTCHECK_VENV/bin/python"
 helm_env
-helm() { "$HELM_BIN" "$@"; }
+# Helm 3.10 renders for Kubernetes 1.25 offline, below the chart's floor:
+# `helm template` renders for the version the test cluster runs (a later
+# --kube-version in the arguments wins).
+helm() {
+  if [ "$1" = template ]; then
+    shift
+    "$HELM_BIN" template --kube-version "$K8S_VERSION" "$@"
+  else
+    "$HELM_BIN" "$@"
+  fi
+}
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -128,20 +140,15 @@ for values in "$CHART"/ci/*-values.yaml; do
   fi
 done
 
-# Kubernetes 1.20 (the test cluster): policy/v1beta1 PodDisruptionBudget.
-# kubernetes-validate has no schemas before 1.25; the rest equals the default rendering.
-if helm template "$RELEASE" "$CHART" -n "$NS" --kube-version 1.20.2 >"$tmp/k120.yaml" 2>"$tmp/k120.err"; then
-  before=$failures
-  check_render "$tmp/k120.yaml" "kube 1.20" policy/v1beta1
-  if ! diff <(grep -v '^apiVersion: policy/' "$tmp/k120.yaml") <(grep -v '^apiVersion: policy/' "$tmp/default.yaml") >/dev/null; then
-    fail "the rendering for Kubernetes 1.20 differs from the default one beyond the PodDisruptionBudget's apiVersion"
-  fi
-  ((failures > before)) || pass "kube 1.20: policy/v1beta1 PodDisruptionBudget, otherwise the default rendering"
+# Below the floor: the chart refuses to render (its kubeVersion is the oldest
+# Kubernetes its behaviour is tested on).
+floor="$(sed -n 's/^kubeVersion: *"\(.*\)"$/\1/p' "$CHART/Chart.yaml")"
+if out="$(helm template "$RELEASE" "$CHART" -n "$NS" --kube-version 1.34.9 2>&1)"; then
+  fail "the chart renders for Kubernetes 1.34, below its kubeVersion (${floor})"
+elif grep -q "chart requires kubeVersion" <<<"$out"; then
+  pass "below its kubeVersion (${floor}) the chart refuses to render: $(grep -o 'chart requires kubeVersion.*' <<<"$out" | head -n1)"
 else
-  fail "helm template --kube-version 1.20.2: $(cat "$tmp/k120.err")"
-fi
-if helm template "$RELEASE" "$CHART" -n "$NS" --kube-version 1.19.0 >/dev/null 2>&1; then
-  fail "the chart renders for Kubernetes 1.19, below its kubeVersion (>= 1.20)"
+  fail "helm template --kube-version 1.34.9 failed, but not for the kubeVersion floor: $out"
 fi
 
 # 5. Bad values are refused: each case must fail `helm template` with a

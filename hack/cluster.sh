@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A real Kubernetes v1.20.2 on this machine, for tests. Two shapes:
+# A real, current Kubernetes on this machine, for tests (the version is
+# K8S_VERSION in hack/lib.sh; hack/build-k8s.sh builds it). Two shapes:
 #
 #   hack/cluster.sh up            control plane: etcd + kube-apiserver on 127.0.0.1
 #                                 (~2 s; for operator and webhook tests; no root needed)
@@ -134,10 +135,18 @@ require_free_port() { # PORT WHAT
 
 preflight() {
   local node="$1" missing=() c
+  local bins=(kube-apiserver kubectl) b
+  ((node)) && bins+=(kube-scheduler kube-controller-manager kubelet kube-proxy pause)
+  for b in "${bins[@]}"; do
+    [ -x "$K8S_BIN/$b" ] || die "no ${b} in ${K8S_BIN}; build the Kubernetes binaries with: hack/build-k8s.sh"
+  done
   for c in etcd openssl ss python3; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
   if ((node)); then
-    for c in containerd containerd-shim-runc-v2 runc ctr iptables ip conntrack umoci skopeo busybox sysctl mount; do
+    for c in runc iptables ip conntrack umoci skopeo busybox sysctl mount; do
       command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+    done
+    for c in containerd containerd-shim-runc-v2 ctr; do
+      [ -x "$CONTAINERD_BIN/$c" ] || missing+=("$CONTAINERD_BIN/$c (hack/build-containerd.sh)")
     done
     [ -x /usr/lib/cni/bridge ] || missing+=("/usr/lib/cni/bridge (containernetworking-plugins)")
   fi
@@ -146,11 +155,6 @@ preflight() {
     require_root "hack/cluster.sh up --node"
     ensure_kernel_modules
   fi
-  local bins=(kube-apiserver kubectl) b
-  ((node)) && bins+=(kube-scheduler kube-controller-manager kubelet kube-proxy pause)
-  for b in "${bins[@]}"; do
-    [ -x "$K8S_BIN/$b" ] || die "no ${b} in ${K8S_BIN}; build the Kubernetes binaries with: hack/build-k8s.sh"
-  done
 }
 
 # leftovers: print what an earlier run left behind (nothing if clean).
@@ -271,7 +275,7 @@ start_control_plane() {
 
   local args=(
     --etcd-servers "http://127.0.0.1:${etcd_port}"
-    --bind-address "$bind" --secure-port "$port" --insecure-port 0
+    --bind-address "$bind" --secure-port "$port"
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key"
     --client-ca-file "$PKI/ca.crt"
     --token-auth-file "$PKI/tokens.csv"
@@ -463,7 +467,10 @@ authentication:
   anonymous: {enabled: true}
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
+containerRuntimeEndpoint: unix://${CTRD_SOCK}
 cgroupDriver: cgroupfs
+# This machine has cgroup v1 only; kubelet 1.35 refuses it unless told (KEP-5573).
+failCgroupV1: false
 failSwapOn: false
 makeIPTablesUtilChains: false
 resolvConf: $CLUSTER_DIR/resolv.conf
@@ -498,8 +505,9 @@ start_node() {
   mkdir -p "$KUBELET_ROOT"
 
   write_containerd_config
-  start containerd containerd --config "$CTRD_DIR/config.toml"
-  wait_for "containerd" 20 ctr --address "$CTRD_SOCK" version || fail_start containerd containerd
+  # containerd finds its shim on PATH.
+  start containerd env PATH="$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" --config "$CTRD_DIR/config.toml"
+  wait_for "containerd" 20 "$CONTAINERD_BIN/ctr" --address "$CTRD_SOCK" version || fail_start containerd containerd
   # Base images from the cache (built once per machine).
   local imgs
   imgs="$("$MANDATE_ROOT/hack/image.sh" base)" || fail_start "base images" containerd
@@ -512,25 +520,22 @@ start_node() {
   kubeconfig "system:node:${NODE_NAME}" "$CLUSTER_DIR/kubelet.kubeconfig" "$server"
 
   start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \
-    --port 0 --secure-port 0 --leader-elect=false --v=1
+    --secure-port 0 --leader-elect=false --v=1
   start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
     --kubeconfig "$CLUSTER_DIR/controller-manager.kubeconfig" \
-    --port 0 --secure-port 0 --leader-elect=false \
+    --secure-port 0 --leader-elect=false \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --use-service-account-credentials=true \
     --cluster-cidr "$POD_CIDR" --service-cluster-ip-range "$SERVICE_CIDR" \
-    --controllers '*,-nodeipam,-cloud-node-lifecycle,-route,-service' --v=1
+    --controllers '*,-node-ipam-controller,-cloud-node-lifecycle-controller,-node-route-controller,-service-lb-controller' --v=1
 
   write_kubelet_config
-  # AWS_EC2_METADATA_DISABLED keeps kubelet 1.20's AWS credential provider
-  # from calling 169.254.169.254; the guard chain drops it regardless.
-  start kubelet env AWS_EC2_METADATA_DISABLED=true "$K8S_BIN/kubelet" \
+  # Pod networking is containerd's CNI plugin's (the config above).
+  start kubelet "$K8S_BIN/kubelet" \
     --config "$CLUSTER_DIR/kubelet.yaml" \
     --kubeconfig "$CLUSTER_DIR/kubelet.kubeconfig" \
     --root-dir "$KUBELET_ROOT" --cert-dir "$CLUSTER_DIR/kubelet-pki" \
-    --container-runtime remote --container-runtime-endpoint "unix://$CTRD_SOCK" \
     --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
-    --network-plugin cni --cni-bin-dir /usr/lib/cni --cni-conf-dir "$CLUSTER_DIR/cni/net.d" \
     --v=1
 
   write_proxy_config
@@ -711,6 +716,7 @@ MANDATE_KUBECONFIG=$CLUSTER_DIR/kubeconfig
 MANDATE_KUBECTL=$K8S_BIN/kubectl
 MANDATE_APISERVER=$server
 MANDATE_CONTAINERD_SOCK=$( ((node)) && echo "$CTRD_SOCK")
+MANDATE_CTR=$( ((node)) && echo "$CONTAINERD_BIN/ctr")
 MANDATE_NODE_NAME=$( ((node)) && echo "$NODE_NAME")
 MANDATE_K8S_VERSION=$K8S_VERSION
 EOF

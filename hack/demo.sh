@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 ready() { curl -sf "$1" >/dev/null; }
 
-grpc=$(free_port) admin=$(free_port) front=$(free_port) nocheck=$(free_port) up=$(free_port) eadmin=$(free_port)
+grpc=$(free_port) admin=$(free_port) front=$(free_port) nocheck=$(free_port) noop=$(free_port) up=$(free_port) eadmin=$(free_port)
 "$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name tool-api >/dev/null 2>&1 &
 pids+=($!)
 # Four of the examples together: every Enforce policy must allow (deny wins);
@@ -34,8 +34,11 @@ policies="policies/tool-allowlist.yaml,policies/read-only-data-api.yaml,policies
 "$B/mandate-sidecar" --policy "$policies" --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" \
   --admin-listen "127.0.0.1:$admin" --agent-identity researcher >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
-sed -e "s/ENVOY_ADMIN/$eadmin/; s/WITH_AUTHZ/$front/; s/WITHOUT_AUTHZ/$nocheck/; s#SIDECAR_SOCKET#$tmp/authz.sock#; s/UPSTREAM/$up/g" \
-  hack/bench-envoy.yaml >"$tmp/envoy.yaml"
+# The bench's Envoy: the demo calls only its ext_authz listener; the no-op
+# authz listener points at a socket nothing serves (it would deny).
+render_template hack/bench-envoy.yaml "$tmp/envoy.yaml" ENVOY_ADMIN="$eadmin" WITH_AUTHZ="$front" \
+  WITH_NOOP_AUTHZ="$noop" WITHOUT_AUTHZ="$nocheck" SIDECAR_SOCKET="$tmp/authz.sock" \
+  NOOP_SOCKET="$tmp/no-such-server.sock" UPSTREAM="$up"
 "$ENVOY_BIN" -c "$tmp/envoy.yaml" --log-level error --use-dynamic-base-id >"$tmp/envoy.log" 2>&1 &
 pids+=($!)
 wait_for "the sidecar" 30 ready "http://127.0.0.1:$admin/readyz" || die "sidecar: $(cat "$tmp/sidecar.err")"

@@ -137,7 +137,7 @@ cmd_import() {
   sock="$(node_socket)"
   for t in "$@"; do
     [ -f "$t" ] || die "image archive '${t}' not found"
-    ctr --address "$sock" --namespace k8s.io images import --no-unpack=false "$t" >/dev/null ||
+    "$CONTAINERD_BIN/ctr" --address "$sock" --namespace k8s.io images import --no-unpack=false "$t" >/dev/null ||
       die "importing ${t} into containerd failed"
     log "imported $(basename "$t")"
   done

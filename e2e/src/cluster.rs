@@ -30,6 +30,8 @@ pub struct ClusterInfo {
     pub kubectl: PathBuf,
     pub apiserver: String,
     pub containerd_socket: Option<PathBuf>,
+    /// containerd's `ctr`, as the node runs it (built with it).
+    pub ctr: Option<PathBuf>,
     pub node_name: Option<String>,
 }
 
@@ -85,9 +87,18 @@ impl ClusterInfo {
             kubectl: get("MANDATE_KUBECTL")?.into(),
             apiserver: get("MANDATE_APISERVER")?.to_string(),
             containerd_socket: opt("MANDATE_CONTAINERD_SOCK").map(PathBuf::from),
+            ctr: opt("MANDATE_CTR").map(PathBuf::from),
             node_name: opt("MANDATE_NODE_NAME"),
         })
     }
+}
+
+/// What one kubectl run printed.
+#[derive(Debug, Clone)]
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// A connection to the running test cluster.
@@ -161,13 +172,23 @@ impl Cluster {
         result.and(deleted)
     }
 
-    /// Run the cluster's own kubectl (v1.20.2) with the admin kubeconfig; its stdout.
+    /// Run the cluster's own kubectl (its version) with the admin kubeconfig; its stdout.
     pub async fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.kubectl_with_input(args, "").await
     }
 
     /// Run kubectl with `input` on its standard input (`apply -f -`); its stdout.
     pub async fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<String> {
+        let out = self.kubectl_output(args, input).await?;
+        if !out.success {
+            bail!("kubectl {} failed: {}", args.join(" "), out.stderr.trim());
+        }
+        Ok(out.stdout)
+    }
+
+    /// Run kubectl with `input` on its standard input, whatever its outcome:
+    /// what a user would see (exit status, stdout, stderr with warnings).
+    pub async fn kubectl_output(&self, args: &[&str], input: &str) -> Result<KubectlOutput> {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new(&self.info.kubectl)
             .arg("--kubeconfig")
@@ -185,15 +206,11 @@ impl Cluster {
                 .context("writing kubectl's input")?;
         }
         let out = child.wait_with_output().await.context("waiting for kubectl")?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(KubectlOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
     /// Install (or update) Mandate's CRDs from `crds/mandate.dev.yaml` and

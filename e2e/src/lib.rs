@@ -28,7 +28,7 @@ pub mod pods;
 mod wait;
 pub mod workload_api;
 
-pub use cluster::{Cluster, ClusterInfo, Mode};
+pub use cluster::{Cluster, ClusterInfo, KubectlOutput, Mode, repo_dir};
 pub use namespace::TestNamespace;
 pub use wait::{Check, wait_until};
 

@@ -57,15 +57,15 @@ impl TestNamespace {
             done: false,
         };
         if ns.cluster.info().mode == Mode::Node {
-            // Pods are rejected until the controller-manager has given the
-            // namespace's default ServiceAccount its token (v1.20 keeps it in a Secret).
+            // Pods are rejected until the controller-manager has made the
+            // namespace's default ServiceAccount (its tokens are projected by
+            // kubelet from the TokenRequest API; no Secret since 1.24).
             ns.wait(
                 "default",
-                "the namespace's default ServiceAccount and its token",
+                "the namespace's default ServiceAccount",
                 Duration::from_secs(30),
                 |sa: Option<&ServiceAccount>| match sa {
-                    Some(sa) if sa.secrets.as_ref().is_some_and(|s| !s.is_empty()) => Check::Done,
-                    Some(_) => Check::Pending("ServiceAccount default has no token yet".into()),
+                    Some(_) => Check::Done,
                     None => Check::Pending("no ServiceAccount default yet".into()),
                 },
             )

@@ -42,6 +42,10 @@ pub const DEFAULT_ENTRYPOINT: &str = "data.mandate.authz.decision";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "size(self.modules) > 0", "message": "spec.modules needs at least one Rego module"},
+    {"rule": "self.entrypoint.startsWith('data.')", "message": "spec.entrypoint names a rule under data, e.g. data.mandate.authz.decision"},
+]))]
 pub struct AgentPolicySpec {
     /// Which agent pods this policy binds, by their labels, in the policy's
     /// namespace. Combined with `identities`: a pod is bound when either
@@ -83,8 +87,10 @@ pub struct AgentPolicySpec {
 
     /// The destinations the agents may be steered to, with how Envoy reaches
     /// them. Requests to other hosts are still decided, on host and port only
-    /// when they are encrypted end to end.
+    /// when they are encrypted end to end. At most 256 (a bound the
+    /// apiserver needs to cost the CEL rule on each host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub egress: Vec<EgressDestination>,
 }
 
@@ -117,6 +123,10 @@ pub struct RegoModule {
 #[serde(rename_all = "camelCase")]
 pub struct EgressDestination {
     /// Host name (exact, or `*.example.com` for its subdomains).
+    #[schemars(length(max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self != '' && !self.contains('/') && !self.contains(':')", "message": "a host name alone: no scheme, port or path (the port has its own field)"},
+    ]))]
     pub host: String,
     /// TCP port.
     #[schemars(range(min = 1, max = 65535))]
@@ -201,6 +211,11 @@ pub struct AgentPolicyStatus {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && size(self.selector.matchExpressions) > 0)", "message": "spec.selector is empty: it would make every pod in the namespace this agent; select the agent's pods by label"},
+    {"rule": "!has(self.spiffeIdTemplate) || self.spiffeIdTemplate.startsWith('spiffe://')", "message": "spec.spiffeIdTemplate must be a spiffe:// URI, e.g. spiffe://{trustDomain}/ns/{namespace}/agent/{name}"},
+    {"rule": "!has(self.svidTtl) || self.svidTtl.matches('^[0-9]+[smh]$')", "message": "spec.svidTtl is a duration like 10m, 1h or 90s"},
+]))]
 pub struct AgentIdentitySpec {
     /// The pods that are this agent, by their labels, in this namespace.
     pub selector: LabelSelector,
@@ -306,6 +321,9 @@ pub struct SvidIssue {
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self == oldSelf", "message": "an AgentApproval's spec cannot change; only its decision (status.phase) can"},
+]))]
 pub struct AgentApprovalSpec {
     /// The AgentIdentity (in this namespace) whose action this is.
     pub agent: String,
@@ -340,6 +358,11 @@ pub struct ActionFingerprint {
 /// The decision on an approval.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "oldSelf.phase == 'Pending' || self == oldSelf", "message": "this approval was already decided; a decision cannot change"},
+    {"rule": "!(self.phase in ['Approved', 'Denied']) || (has(self.decidedBy) && has(self.decidedAt))", "message": "an Approved or Denied approval records status.decidedBy and status.decidedAt"},
+    {"rule": "self.phase != 'Pending' || (!has(self.decidedBy) && !has(self.decidedAt))", "message": "status.decidedBy and status.decidedAt are set by Mandate with a decision, not on a Pending approval"},
+]))]
 pub struct AgentApprovalStatus {
     /// Pending until someone decides; Expired once `expiresAt` passes undecided.
     #[serde(default)]

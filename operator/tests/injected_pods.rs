@@ -12,6 +12,12 @@
 //! that SVID; the policy's status counts the sidecar as running its version
 //! (`1/1`); a change is enforced without restarting anything.
 //!
+//! It runs twice: with native sidecars (restartable init containers, the
+//! default on Kubernetes >= 1.29), where the agent's own init container already
+//! calls out through the ready proxy and is decided, and with
+//! `--native-sidecars never` (ordinary containers held by a postStart hook,
+//! the pre-1.29 path).
+//!
 //! Needs `hack/cluster.sh up --node` (root); `make test` does all of it.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
@@ -19,7 +25,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use serde_json::{Value, json};
@@ -55,17 +62,33 @@ async fn agent_does(agent_ip: &str, method: &str, url: &str) -> Result<Value> {
     Ok(serde_json::from_str(&body)?)
 }
 
+/// The status of a container of a pod, ordinary or init (native sidecars
+/// are init containers).
+fn status_of<'a>(pod: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
+    let st = pod.status.as_ref()?;
+    st.container_statuses
+        .iter()
+        .flatten()
+        .chain(st.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+}
+
 /// The containerd id of a container of a pod.
 fn container_id(pod: &Pod, name: &str) -> Option<String> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == name)?
+    status_of(pod, name)?
         .container_id
         .as_ref()
         .map(|id| id.trim_start_matches("containerd://").to_string())
+}
+
+/// When a container's current run started (running, or terminated).
+fn started_at(pod: &Pod, name: &str) -> Option<Time> {
+    let state = status_of(pod, name)?.state.as_ref()?;
+    state
+        .running
+        .as_ref()
+        .and_then(|r| r.started_at.clone())
+        .or_else(|| state.terminated.as_ref().and_then(|t| t.started_at.clone()))
 }
 
 async fn until<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
@@ -85,14 +108,24 @@ async fn until<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() ->
 }
 
 #[tokio::test]
-async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
+async fn an_injected_agent_pod_is_decided_by_its_native_sidecars() -> Result<()> {
+    injected_agent(true).await
+}
+
+#[tokio::test]
+async fn an_injected_agent_pod_is_decided_by_its_sidecar_before_native_sidecars() -> Result<()> {
+    injected_agent(false).await
+}
+
+async fn injected_agent(native: bool) -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.require_node()?;
     cluster.install_crds().await?;
     cluster.load_image(TESTBIN, &sibling("mandate-testbin")?).await?;
     cluster.load_image(SIDECAR, &sibling("mandate-sidecar")?).await?;
-    let op = cluster.namespace("inj-op").await?;
-    let agents = cluster.namespace("inj-agents").await?;
+    let mode = if native { "native" } else { "never" };
+    let op = cluster.namespace(&format!("inj-op-{mode}")).await?;
+    let agents = cluster.namespace(&format!("inj-{mode}")).await?;
     // The sidecars reach the operator's signing service on the node's
     // address (the test cluster's own bridge).
     let node_ip = cluster
@@ -122,10 +155,13 @@ async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
             format!("{node_ip}:{policy_port}"),
             "--policy-server-url".into(),
             format!("https://{node_ip}:{policy_port}"),
+            "--native-sidecars".into(),
+            // auto: the operator reads the apiserver's /version (1.29 and later: native)
+            if native { "auto" } else { "never" }.into(),
         ],
     )
     .await?;
-    let result = run(&cluster, &agents).await;
+    let result = run(&cluster, &agents, native).await;
     if result.is_err() {
         eprintln!("operator log:\n{}", hooks.logs());
         eprintln!("{}", agents.dump().await);
@@ -136,7 +172,7 @@ async fn an_injected_agent_pod_is_decided_by_its_sidecar() -> Result<()> {
     agents.delete().await
 }
 
-async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
+async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<()> {
     // The upstream the agent calls (not an agent: not injected).
     agents
         .create::<Pod>(&serde_json::from_value(json!({
@@ -169,21 +205,32 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
         )
         .await?;
 
-    // The agent: a pod that says nothing about Mandate.
-    let agent_pod: Pod = serde_json::from_value(json!({
+    // The agent: a pod that says nothing about Mandate. With native sidecars
+    // its own init container runs behind the ready proxy and is decided: it
+    // fetches an allowed URL through it (and fails the pod otherwise).
+    let mut agent_pod = json!({
         "metadata": {"name": "agent", "labels": {"agent": "researcher"}},
         "spec": {"containers": [{
             "name": "agent", "image": TESTBIN, "imagePullPolicy": "Never",
             "command": ["/usr/local/bin/mandate-testbin"], "args": ["agent"],
             "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
         }]},
-    }))?;
+    });
+    if native {
+        agent_pod["spec"]["initContainers"] = json!([{
+            "name": "warm-up", "image": TESTBIN, "imagePullPolicy": "Never",
+            "command": ["/usr/local/bin/mandate-testbin"],
+            "args": ["get", format!("http://{up_ip}:8080/allowed/warm-up")],
+        }]);
+    }
+    let agent_pod: Pod = serde_json::from_value(agent_pod)?;
     let api = agents.api::<Pod>();
     // The webhook sees a just-created identity within a moment; until then
     // the pod is not (yet) an agent and would go in uninjected.
     until("the agent pod to be created injected", secs(20), async || {
         let created = api.create(&Default::default(), &agent_pod).await?;
-        if created.spec.as_ref().unwrap().containers.len() == 3 {
+        let spec = created.spec.as_ref().unwrap();
+        if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
             return Ok(Some(()));
         }
         api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
@@ -196,15 +243,51 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
     })
     .await?;
     let running = agents.wait_pod_ready("agent", secs(120)).await?;
-    let names: Vec<String> = running
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
-    ensure!(names == ["mandate-envoy", "mandate-sidecar", "agent"], "{names:?}");
+    let spec = running.spec.as_ref().unwrap();
+    let names = |cs: &[k8s_openapi::api::core::v1::Container]| cs.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    let (containers, init) = (
+        names(&spec.containers),
+        names(spec.init_containers.as_deref().unwrap_or_default()),
+    );
+    if native {
+        ensure!(containers == ["agent"], "{containers:?}");
+        ensure!(init == ["mandate-envoy", "mandate-sidecar", "warm-up"], "{init:?}");
+        // Ours are restartable init containers, started before the agent's
+        // own init container, which found the proxy ready.
+        for c in &spec.init_containers.as_ref().unwrap()[..2] {
+            ensure!(
+                c.restart_policy.as_deref() == Some("Always"),
+                "{} is not a native sidecar",
+                c.name
+            );
+        }
+        let sidecar_started = started_at(&running, "mandate-sidecar").context("the sidecar never started")?;
+        let warm_up_started = started_at(&running, "warm-up").context("warm-up never started")?;
+        let agent_started = started_at(&running, "agent").context("the agent never started")?;
+        ensure!(
+            sidecar_started.0 <= warm_up_started.0 && warm_up_started.0 <= agent_started.0,
+            "start order: sidecar {sidecar_started:?}, warm-up {warm_up_started:?}, agent {agent_started:?}"
+        );
+        let warm_up = status_of(&running, "warm-up").context("no warm-up status")?;
+        let exit = warm_up
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code);
+        ensure!(exit == Some(0) && warm_up.restart_count == 0, "warm-up: {warm_up:?}");
+        let log = agents.logs("agent", "mandate-sidecar").await?;
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("/allowed/warm-up") && l.contains(r#""result":"allow""#)),
+            "the init container's request was not decided by the sidecar:\n{log}"
+        );
+    } else {
+        ensure!(
+            containers == ["mandate-envoy", "mandate-sidecar", "agent"],
+            "{containers:?}"
+        );
+        ensure!(init.is_empty(), "{init:?}");
+    }
     let ip = running
         .status
         .clone()
@@ -288,14 +371,7 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
     .await?;
 
     // Kill the sidecar: everything is denied until it is back.
-    let restarts = |p: &Pod| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.name == "mandate-sidecar"))
-            .map(|c| c.restart_count)
-            .unwrap_or(0)
-    };
+    let restarts = |p: &Pod| status_of(p, "mandate-sidecar").map(|c| c.restart_count).unwrap_or(0);
     let before = restarts(&running);
     let id = container_id(&running, "mandate-sidecar").context("no sidecar container id")?;
     let sock = cluster
@@ -303,7 +379,8 @@ async fn run(cluster: &Cluster, agents: &TestNamespace) -> Result<()> {
         .containerd_socket
         .clone()
         .context("no containerd socket")?;
-    let out = tokio::process::Command::new("ctr")
+    let ctr = cluster.info().ctr.clone().context("no ctr for the node")?;
+    let out = tokio::process::Command::new(ctr)
         .arg("--address")
         .arg(&sock)
         .args(["--namespace", "k8s.io", "task", "kill", "--signal", "SIGKILL", &id])

@@ -805,10 +805,23 @@ pub fn inject(
     let mut warnings = Vec::new();
 
     // 1. Proxy variables on the agent's containers (indices before ours are
-    //    prepended). A value the pod set itself is kept, with a warning.
+    //    prepended). A value the pod set itself is kept, with a warning. With
+    //    native sidecars the agent's own init containers run after ours, behind
+    //    a ready proxy, so they get the variables too; before 1.29 they run
+    //    before the proxy exists.
     let proxy = format!("http://127.0.0.1:{}", cfg.proxy_port);
     let no_proxy = "localhost,127.0.0.1,::1".to_string();
-    for (i, c) in spec.containers.iter().enumerate() {
+    let agent_init: &[Container] = match (native_sidecars, spec.init_containers.as_ref()) {
+        (true, Some(init)) => init,
+        _ => &[],
+    };
+    let agent_containers = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ("containers", i, c))
+        .chain(agent_init.iter().enumerate().map(|(i, c)| ("initContainers", i, c)));
+    for (list, i, c) in agent_containers {
         let idx = i.to_string();
         let mut missing = Vec::new();
         for var in PROXY_VARS {
@@ -831,10 +844,10 @@ pub fn inject(
             }
         }
         if c.env.is_none() {
-            patch.push(add(ptr(&["spec", "containers", &idx, "env"]), to_value(&missing)?));
+            patch.push(add(ptr(&["spec", list, &idx, "env"]), to_value(&missing)?));
         } else {
             for e in missing {
-                patch.push(add(ptr(&["spec", "containers", &idx, "env", "-"]), to_value(&e)?));
+                patch.push(add(ptr(&["spec", list, &idx, "env", "-"]), to_value(&e)?));
             }
         }
     }
@@ -1102,6 +1115,53 @@ mod tests {
         );
         assert_eq!(spec.containers.len(), 2);
         assert!(init.iter().all(|c| c.lifecycle.is_none()));
+    }
+
+    #[test]
+    fn the_agents_own_init_containers_get_the_proxy_only_behind_native_sidecars() {
+        let p = pod(json!({"spec": {
+            "initContainers": [{"name": "fetch"}, {"name": "own-proxy", "env": [{"name": "HTTPS_PROXY", "value": "http://elsewhere:3128"}]}],
+            "containers": [{"name": "a"}],
+        }}));
+        let cfg = InjectConfig::default();
+        let proxy = format!("http://127.0.0.1:{}", cfg.proxy_port);
+        let env_of = |c: &Container, name: &str| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        // Native: ours first, then the agent's own, which go through the proxy.
+        let inj = inject(&p, &cfg, &agent(), true).unwrap().unwrap();
+        let out = apply(&p, &inj);
+        let init = out.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [ENVOY_CONTAINER, SIDECAR_CONTAINER, "fetch", "own-proxy"]);
+        assert_eq!(env_of(&init[2], "HTTP_PROXY"), Some(proxy.clone()));
+        assert_eq!(env_of(&init[2], "https_proxy"), Some(proxy.clone()));
+        assert_eq!(env_of(&init[2], "NO_PROXY").as_deref(), Some("localhost,127.0.0.1,::1"));
+        // A value the init container set itself is kept, and warned about.
+        assert_eq!(
+            env_of(&init[3], "HTTPS_PROXY").as_deref(),
+            Some("http://elsewhere:3128")
+        );
+        assert!(
+            inj.warnings
+                .iter()
+                .any(|w| w.contains("own-proxy") && w.contains("HTTPS_PROXY"))
+        );
+        // Ours get no proxy variables.
+        assert!(init[..2].iter().all(|c| env_of(c, "HTTP_PROXY").is_none()));
+        // Before 1.29 the agent's init containers run before any proxy exists:
+        // pointing them at it would only break them.
+        let out = apply(&p, &inject(&p, &cfg, &agent(), false).unwrap().unwrap());
+        let init = out.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        assert!(init.iter().all(|c| env_of(c, "HTTP_PROXY").is_none()));
+        assert_eq!(
+            env_of(&out.spec.as_ref().unwrap().containers[2], "HTTP_PROXY"),
+            Some(proxy)
+        );
     }
 
     #[test]

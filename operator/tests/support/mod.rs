@@ -182,7 +182,14 @@ impl Webhooks {
             ])
             .args(["--mutating-webhook-configuration", &self.name])
             .args(["--validating-webhook-configuration", &self.name])
-            .args(["--webhook-cert-reload-seconds", "1", "--native-sidecars", "never"])
+            .args(["--webhook-cert-reload-seconds", "1"])
+            // The pre-1.29 path unless the test picks the mode.
+            .args(
+                (!self.extra_args.iter().any(|a| a == "--native-sidecars"))
+                    .then_some(["--native-sidecars", "never"])
+                    .as_slice()
+                    .concat(),
+            )
             // No CA unless the test asks for it (with an address of its own).
             .args(
                 (!self.extra_args.iter().any(|a| a == "--identity-addr"))
