@@ -117,9 +117,14 @@ cmd_build() {
   umoci config --image "$layout:$tag" "${cfg[@]}" --config.workingdir / \
     --config.env PATH=/usr/local/bin:/usr/bin:/bin --architecture amd64 --os linux >/dev/null
   mkdir -p "$IMAGES_DIR"
-  rm -f "$out"
-  skopeo copy --quiet "oci:$layout:$tag" "docker-archive:$out:$ref" >/dev/null
-  echo "$key" >"$out.key"
+  # Written aside and renamed into place (archive first, then its key), so a
+  # build running at the same time (tests in one binary run in parallel)
+  # never reads half an archive.
+  rm -f "$out.$$.tmp"
+  skopeo copy --quiet "oci:$layout:$tag" "docker-archive:$out.$$.tmp:$ref" >/dev/null
+  echo "$key" >"$out.key.$$.tmp"
+  mv -f "$out.$$.tmp" "$out"
+  mv -f "$out.key.$$.tmp" "$out.key"
   log "built image ${ref} -> ${out}"
   echo "$out"
 }

@@ -117,7 +117,13 @@ async fn an_injected_agent_pod_is_decided_by_its_sidecar_before_native_sidecars(
     injected_agent(false).await
 }
 
+/// One at a time: each test runs an operator with a CA of its own, and an
+/// operator publishes its trust bundle into every enforced namespace (a
+/// cluster runs one operator), so two at once would overwrite each other's.
+static ONE_OPERATOR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn injected_agent(native: bool) -> Result<()> {
+    let _alone = ONE_OPERATOR.lock().await;
     let cluster = Cluster::connect().await?;
     cluster.require_node()?;
     cluster.install_crds().await?;
@@ -217,10 +223,10 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
         }]},
     });
     if native {
+        // busybox wget: an ordinary client that honours http_proxy.
         agent_pod["spec"]["initContainers"] = json!([{
-            "name": "warm-up", "image": TESTBIN, "imagePullPolicy": "Never",
-            "command": ["/usr/local/bin/mandate-testbin"],
-            "args": ["get", format!("http://{up_ip}:8080/allowed/warm-up")],
+            "name": "warm-up", "image": "mandate.local/busybox:1", "imagePullPolicy": "Never",
+            "command": ["wget", "-S", "-O", "-", format!("http://{up_ip}:8080/allowed/warm-up")],
         }]);
     }
     let agent_pod: Pod = serde_json::from_value(agent_pod)?;
