@@ -45,10 +45,10 @@ log "make demo ran in $((SECONDS - t0))s"
 
 expect "an allowed call passes Envoy" '^  GET +api\.search\.example\.com/v1/search\?q=rust -> HTTP 200$'
 expect_after "the allowed call's decision" 'GET +api\.search\.example\.com/v1/search\?q=rust -> HTTP 200' \
-  'decision ALLOW .*\(id [0-9a-f-]{36}\)'
+  'decision ALLOW .*\(id [0-9a-f]{32}\)'
 expect "a destructive call is refused by Envoy" '^  DELETE api\.tickets\.example\.com/v2/tickets/7 -> HTTP 403$'
 expect_after "the refused call's decision" 'DELETE api\.tickets\.example\.com/v2/tickets/7 -> HTTP 403' \
-  'decision DENY .*\(id [0-9a-f-]{36}\)'
+  'decision DENY .*\(id [0-9a-f]{32}\)'
 expect "an unknown host is refused" '^  GET +evil\.example\.net/exfiltrate -> HTTP 403$'
 expect "the DryRun policy's verdict is logged" 'pii-egress.* DryRun -> deny'
 expect "the decision log's hash chain verifies" '^  ok: [0-9]+ records in 1 chain\(s\)$'
@@ -61,6 +61,22 @@ else
   fail "with the sidecar stopped: $stopped"
 fi
 expect "the example policies' tests pass" 'passed, 0 failed'
+
+# The README's example AgentPolicy passes its own tests (the apiserver's view
+# of the whole example is checked by operator/tests/crd_rules.rs).
+python3 - "$MANDATE_ROOT/README.md" "$out.policy.yaml" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+block = re.search(r"```yaml\n(.*?)```", text, re.S)
+docs = [d for d in (block.group(1) if block else "").split("\n---\n") if "kind: AgentPolicy" in d]
+open(sys.argv[2], "w").write(docs[0] if docs else "")
+PY
+if [ -s "$out.policy.yaml" ] && tested="$("$MANDATE_ROOT/target/debug/mandate" test "$out.policy.yaml" 2>&1)"; then
+  pass "the README's example policy passes its tests: ${tested}"
+else
+  fail "the README's example policy: ${tested:-no AgentPolicy in the first yaml block of README.md}"
+fi
+rm -f "$out.policy.yaml"
 
 if ((failures)); then
   echo "---- make demo printed:" >&2

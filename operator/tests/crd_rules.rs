@@ -11,7 +11,7 @@
 //!   a decision records who and when;
 //! - `kubectl apply` of an object with a misspelled field fails naming the
 //!   field, and with `--validate=warn` the user sees the warning;
-//! - every example in `policies/` is accepted.
+//! - every example in `policies/`, and the README's, is accepted.
 //!
 //! The webhooks keep every one of these rules too (`webhooks.rs`), so nothing
 //! depends on CEL alone; rules that need the namespace (a SPIFFE ID bound to
@@ -277,5 +277,21 @@ async fn examples(ns: &TestNamespace) -> Result<()> {
         .kubectl_output(&["apply", "-n", ns.name(), "-f", &dir], "")
         .await?;
     ensure!(out.success, "the examples in policies/ were refused:\n{}", out.stderr);
+    // The README's example (an AgentIdentity and an AgentPolicy), as a user
+    // would apply it.
+    let readme = std::fs::read_to_string(mandate_e2e::repo_dir().join("README.md"))?;
+    let example = readme
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .filter(|y| y.contains("kind: AgentPolicy") && y.contains("kind: AgentIdentity"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("README.md's first yaml block is not the AgentIdentity + AgentPolicy example")
+        })?;
+    let out = ns
+        .cluster()
+        .kubectl_output(&["apply", "-n", ns.name(), "-f", "-"], example)
+        .await?;
+    ensure!(out.success, "the README's example was refused:\n{}", out.stderr);
     Ok(())
 }
