@@ -265,7 +265,7 @@ restartable="$(jq -c '[.spec.initContainers[]? | select(.restartPolicy == "Alway
 [ "$restartable" = '["mandate-envoy","mandate-sidecar"]' ] || fail "Envoy and the sidecar are not native sidecars: restartable init containers are $restartable"
 AGENT_IP="$(jq -r .status.podIP <<<"$agent")"
 AGENT_UID="$(jq -r .metadata.uid <<<"$agent")"
-pass "the agent pod runs with Envoy and mandate-sidecar injected ($names)"
+pass "the agent pod runs with Envoy and mandate-sidecar injected as native sidecars ($names; restartable: $restartable)"
 
 svid_issued() {
   K get agentidentity -n "$AGENTS" researcher -o json | jq -e '.status.svids[]? | select(.pod == "agent")' >/dev/null

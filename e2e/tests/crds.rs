@@ -30,6 +30,10 @@ async fn kubectl_until(cluster: &Cluster, args: &[&str], needle: &str, timeout: 
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn crds_install_and_explain_themselves() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;
@@ -46,6 +50,10 @@ async fn crds_install_and_explain_themselves() -> Result<()> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn kubectl_get_shows_the_printer_columns_and_the_schema_rejects_bad_input() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;

@@ -40,6 +40,10 @@ async fn wait_namespace_going(cluster: &Cluster, name: &str) -> Result<()> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn failures_are_reported_with_the_namespaces_state() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.require_node()?;
@@ -89,6 +93,10 @@ async fn failures_are_reported_with_the_namespaces_state() -> Result<()> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn a_dropped_namespace_is_deleted() -> Result<()> {
     let cluster = Cluster::connect().await?;
     let ns = cluster.namespace("helpers-drop").await?;

@@ -93,6 +93,10 @@ fn echo_pod(name: &str, listen: &str) -> Value {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn pod_runs_its_logs_are_readable_and_a_service_routes_to_it() -> Result<()> {
     let cluster = cluster().await?;
     cluster
@@ -202,6 +206,10 @@ static_resources:
 "#;
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn a_pod_with_an_envoy_sidecar_proxies_a_request_from_another_pod() -> Result<()> {
     let cluster = cluster().await?;
     cluster
@@ -261,6 +269,10 @@ async fn a_pod_with_an_envoy_sidecar_proxies_a_request_from_another_pod() -> Res
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn pods_reach_the_apiserver_service_and_nothing_beyond_this_machine() -> Result<()> {
     let cluster = cluster().await?;
     cluster

@@ -66,6 +66,10 @@ async fn accepted(ns: &TestNamespace, what: &str, obj: &Value) -> Result<()> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn the_apiserver_enforces_the_crd_rules_on_its_own() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;

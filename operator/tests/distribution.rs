@@ -145,6 +145,10 @@ fn policy(name: &str, identity: &str, rego_body: &str, test: Option<&str>) -> St
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn sidecars_receive_their_agents_policies_and_keep_them_through_operator_loss() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;

@@ -176,6 +176,10 @@ async fn token(ns: &TestNamespace, sa: &str, pod: &Pod, audience: &str) -> Resul
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn sidecars_get_their_agents_svid_and_nothing_else_is_signed() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;

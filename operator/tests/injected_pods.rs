@@ -108,11 +108,19 @@ async fn until<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() ->
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn an_injected_agent_pod_is_decided_by_its_native_sidecars() -> Result<()> {
     injected_agent(true).await
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn an_injected_agent_pod_is_decided_by_its_sidecar_before_native_sidecars() -> Result<()> {
     injected_agent(false).await
 }

@@ -148,6 +148,10 @@ async fn wait_compiled(ns: &TestNamespace, name: &str, want: bool) -> Result<Age
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn a_policy_compiles_to_a_stable_version_and_becomes_ready() -> Result<()> {
     let (cluster, ns) = setup("op-ready").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
@@ -222,6 +226,10 @@ async fn a_policy_compiles_to_a_stable_version_and_becomes_ready() -> Result<()>
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn a_broken_policy_says_where_and_keeps_the_last_good_version() -> Result<()> {
     let (cluster, ns) = setup("op-broken").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
@@ -274,6 +282,10 @@ async fn a_broken_policy_says_where_and_keeps_the_last_good_version() -> Result<
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn bad_input_gets_a_condition_and_never_wedges_the_operator() -> Result<()> {
     let (cluster, ns) = setup("op-bad").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
@@ -351,6 +363,10 @@ async fn bad_input_gets_a_condition_and_never_wedges_the_operator() -> Result<()
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn an_identity_resolves_and_counts_its_pods() -> Result<()> {
     let (cluster, ns) = setup("op-identity").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
@@ -401,6 +417,10 @@ async fn an_identity_resolves_and_counts_its_pods() -> Result<()> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> Result<()> {
     let (cluster, ns) = setup("op-leader").await?;
     let a = Operator::start(&cluster, ns.name(), "replica-a").await?;
@@ -459,6 +479,10 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> Result<()>
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn an_unreadable_status_is_rewritten_and_the_rest_reconcile() -> Result<()> {
     let (cluster, ns) = setup("op-unreadable").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
@@ -532,6 +556,10 @@ async fn an_unreadable_status_is_rewritten_and_the_rest_reconcile() -> Result<()
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn a_policy_whose_tests_fail_is_not_ready_and_keeps_the_last_good_version() -> Result<()> {
     let (cluster, ns) = setup("op-tests").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
@@ -603,6 +631,10 @@ async fn a_policy_whose_tests_fail_is_not_ready_and_keeps_the_last_good_version(
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn sigterm_releases_the_lease_for_a_fast_handover() -> Result<()> {
     let (cluster, ns) = setup("op-sigterm").await?;
     let mut a = Operator::start(&cluster, ns.name(), "replica-a").await?;

@@ -128,6 +128,10 @@ impl Sidecar {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn spire_mode_policy_stream_with_svids_from_the_workload_api() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;

@@ -142,6 +142,10 @@ fn review(kind: &str, group: &str, resource: &str, op: &str, object: Value, old:
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;
@@ -288,6 +292,20 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
         "not the ones Mandate injects",
     )
     .await?;
+    // Mandate's containers exactly as injected, but with the agent's own
+    // container slipped in before them (it would start before the proxy).
+    let mut early = injected.clone();
+    early["metadata"]["name"] = json!("early");
+    early["spec"]["containers"]
+        .as_array_mut()
+        .context("no containers")?
+        .insert(0, json!({"name": "early", "image": "evil/early:1"}));
+    refused(
+        "a container placed before Mandate's",
+        serde_json::from_value(early)?,
+        "must be the first two of containers",
+    )
+    .await?;
 
     // The guard, asked directly about an agent pod without the sidecar (as
     // if the mutating webhook had been bypassed): refused.
@@ -384,6 +402,10 @@ fn policy_yaml(name: &str, rego: &str, test: &str) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn kubectl_apply_refuses_bad_policies_with_the_reason_and_approvals_record_the_approver() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;
@@ -481,6 +503,10 @@ async fn kubectl_apply_refuses_bad_policies_with_the_reason_and_approvals_record
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn a_rotated_certificate_is_served_and_with_the_operator_down_enforced_pods_are_refused() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;
@@ -559,6 +585,10 @@ async fn a_rotated_certificate_is_served_and_with_the_operator_down_enforced_pod
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
 async fn spire_mode_injection_mounts_the_workload_api_through_the_apiserver() -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;

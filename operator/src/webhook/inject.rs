@@ -715,6 +715,20 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
             "its {INJECTED_ANNOTATION} is {marker:?}, not {want} (injected by another version or configuration of Mandate?)"
         ));
     }
+    // Ours come first in their list: an init container placed before them
+    // would run before the proxy exists (native sidecars), and a container
+    // before them would start before the postStart hold (the older path).
+    let (list, list_name) = if native_sidecars {
+        (spec.init_containers.as_deref().unwrap_or_default(), "initContainers")
+    } else {
+        (spec.containers.as_slice(), "containers")
+    };
+    let head: Vec<&str> = list.iter().take(2).map(|c| c.name.as_str()).collect();
+    if head != [ENVOY_CONTAINER, SIDECAR_CONTAINER] {
+        return Some(format!(
+            "{ENVOY_CONTAINER} and {SIDECAR_CONTAINER} must be the first two of {list_name}, but they start with {head:?}"
+        ));
+    }
     // The apiserver defaults fields we leave unset (terminationMessagePath,
     // probe thresholds...), so compare what we set, field by field.
     for ours in [&envoy, &sidecar] {
@@ -1115,6 +1129,31 @@ mod tests {
         );
         assert_eq!(spec.containers.len(), 2);
         assert!(init.iter().all(|c| c.lifecycle.is_none()));
+    }
+
+    #[test]
+    fn a_container_slipped_in_before_ours_is_refused() {
+        let cfg = InjectConfig::default();
+        for native in [true, false] {
+            let p = pod(json!({"spec": {"initContainers": [{"name": "fetch"}], "containers": [{"name": "a"}]}}));
+            let injected = apply(&p, &inject(&p, &cfg, &agent(), native).unwrap().unwrap());
+            assert!(injection_difference(&injected, &cfg, &agent(), native).is_none());
+            // A hostile spec: the same, but with its own container first, so
+            // it would run before the proxy (native) or before the hold.
+            let mut forged = serde_json::to_value(&injected).unwrap();
+            let list = if native { "initContainers" } else { "containers" };
+            forged["spec"][list]
+                .as_array_mut()
+                .unwrap()
+                .insert(0, json!({"name": "early", "image": "evil:1"}));
+            let forged: Pod = serde_json::from_value(forged).unwrap();
+            let why = injection_difference(&forged, &cfg, &agent(), native).expect("refused");
+            assert!(why.contains("must be the first two") && why.contains("early"), "{why}");
+            assert!(matches!(
+                inject(&forged, &cfg, &agent(), native),
+                Err(InjectError::Forged(_))
+            ));
+        }
     }
 
     #[test]
