@@ -61,6 +61,8 @@ src="$(cd "$work/mod" && go mod download -json "k8s.io/kubernetes@${K8S_VERSION}
 mapfile -t staging < <(sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/src/.*#\1#p' "$modfile")
 ((${#staging[@]} > 10)) || die "found only ${#staging[@]} staging modules in ${modfile}; has the module layout changed?"
 go_line="$(sed -n 's/^go \(.*\)/\1/p' "$modfile")"
+go_minor="${go_line#1.}"
+need_go "${go_minor%%.*}" # the Go this release asks for (1.37: 1.26)
 {
   echo "module mandate.local/k8s-build"
   echo

@@ -505,6 +505,7 @@ EOF
 controllers() {
   local known c list="*"
   known="$("$K8S_BIN/kube-controller-manager" --help 2>&1 | sed -n 's/.*All controllers: \(.*\)$/\1/p' | tr -d ' ' | tr ',' '\n')"
+  [ -n "$known" ] || die "kube-controller-manager --help lists no controllers (has its help text changed?)"
   for c in node-ipam-controller cloud-node-lifecycle-controller node-route-controller service-lb-controller; do
     grep -qx "$c" <<<"$known" && list+=",-$c"
   done

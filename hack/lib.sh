@@ -161,7 +161,7 @@ render_template() {
   for kv in "$@"; do
     name="${kv%%=*}" value="${kv#*=}"
     [[ "$text" == *"@${name}@"* ]] || die "$template has no placeholder @${name}@"
-    text="${text//"@${name}@"/$value}"
+    text="${text//"@${name}@"/"$value"}"
   done
   local left
   left="$(grep -o '@[A-Z][A-Z0-9_]*@' <<<"$text" | sort -u | tr '\n' ' ' || true)"

@@ -39,11 +39,12 @@ finish() {
 }
 trap finish EXIT
 
+# (chained: phase runs it on the left of ||, where set -e does not apply)
 lint() {
-  cargo fmt --all -- --check
-  cargo clippy --workspace --all-targets --locked -- -D warnings
-  shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run
-  hack/chart-check.sh
+  cargo fmt --all -- --check &&
+    cargo clippy --workspace --all-targets --locked -- -D warnings &&
+    shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run &&
+    hack/chart-check.sh
 }
 phase "lint (fmt, clippy, shellcheck, chart)" lint
 # The cluster tests are ignored without this feature (plain `cargo test`
@@ -58,7 +59,10 @@ on_kubernetes() {
   export MANDATE_K8S_VERSION="$1" MANDATE_CONTAINERD_VERSION="$2"
   local what="$3"
   phase "node up (Kubernetes $1, containerd $2)" hack/cluster.sh up --node
-  log "testing against Kubernetes $("${MANDATE_CACHE}/k8s/$1/bin/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig" version -o json | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | tail -n1) ($what)"
+  local server
+  server="$("${MANDATE_CACHE}/k8s/$1/bin/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig" version -o json | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | tail -n1)"
+  [ "$server" = "$1" ] || die "asked for a Kubernetes $1 node, but the apiserver says ${server:-nothing}"
+  log "testing against Kubernetes ${server} ($what)"
   phase "cargo test on $1 (unit, apiserver, node, Envoy)" cargo test --workspace --locked "${CLUSTER_TESTS[@]}"
   phase "end-to-end on $1: Helm install (native sidecars)" e2e/helm.sh
   phase "node down ($1)" hack/cluster.sh down

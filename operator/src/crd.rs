@@ -318,7 +318,12 @@ pub struct SvidIssue {
     printcolumn = r#"{"name":"Method","type":"string","jsonPath":".spec.action.method"}"#,
     printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.action.host"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#,
+    // On the whole object, so that removing the status (which the status
+    // rules cannot see) does not reopen a decision.
+    validation = kube::core::Rule::new(
+        "!has(oldSelf.status) || (has(self.status) && (oldSelf.status.phase == 'Pending' || self.status == oldSelf.status))"
+    ).message("this approval was already decided; a decision cannot change or be removed")
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

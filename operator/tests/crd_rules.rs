@@ -7,8 +7,9 @@
 //!   egress host that is a URL are refused with the rule's message;
 //! - identities with an empty selector, a non-SPIFFE template or a malformed
 //!   TTL are refused;
-//! - an approval's spec cannot change; its decision moves one way only, and
-//!   a decision records who and when;
+//! - an approval's spec cannot change; its decision moves one way only (it
+//!   cannot be reversed, re-attributed, reopened or removed), and a decision
+//!   records who and when;
 //! - `kubectl apply` of an object with a misspelled field fails naming the
 //!   field, and with `--validate=warn` the user sees the warning;
 //! - every example in `policies/`, and the README's, is accepted.
@@ -227,6 +228,28 @@ async fn approvals(ns: &TestNamespace) -> Result<()> {
             "a decision {what}: {out:?}"
         );
     }
+    // Removing the status (which the status rules cannot see) to decide
+    // afresh: refused by the rule on the whole object.
+    let removed = cluster
+        .kubectl_output(
+            &[
+                "patch",
+                "-n",
+                ns.name(),
+                "agentapproval",
+                "a1",
+                "--subresource=status",
+                "--type=json",
+                "-p",
+                r#"[{"op": "remove", "path": "/status"}]"#,
+            ],
+            "",
+        )
+        .await?;
+    ensure!(
+        !removed.success && removed.stderr.contains("a decision cannot change or be removed"),
+        "a decision removed: {removed:?}"
+    );
     let now = cluster
         .kubectl(&[
             "get",

@@ -726,7 +726,7 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
     let head: Vec<&str> = list.iter().take(2).map(|c| c.name.as_str()).collect();
     if head != [ENVOY_CONTAINER, SIDECAR_CONTAINER] {
         return Some(format!(
-            "{ENVOY_CONTAINER} and {SIDECAR_CONTAINER} must be the first two of {list_name}, but they start with {head:?}"
+            "{ENVOY_CONTAINER} and {SIDECAR_CONTAINER} must be the first two of {list_name}, but they start with {head:?} (if another admission webhook put its containers first, Mandate refuses the pod: anything before its proxy runs unmediated)"
         ));
     }
     // The apiserver defaults fields we leave unset (terminationMessagePath,
