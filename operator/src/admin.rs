@@ -5,10 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -143,69 +139,21 @@ pub struct AdminState {
     pub ready: AtomicBool,
 }
 
-async fn livez() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting (the apiserver or Mandate's CRDs not reachable yet) or stopping\n",
-        )
-    }
-}
-
-async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    render_metrics(&state.metrics.registry)
-}
-
-/// A registry in the OpenMetrics text format, as `/metrics` answers it.
-pub fn render_metrics(registry: &Registry) -> axum::response::Response {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response(),
-    }
-}
-
-/// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+impl mandate_runtime::Health for AdminState {
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("starting (the apiserver or Mandate's CRDs not reachable yet) or stopping")
         }
     }
+
+    fn registry(&self) -> &Registry {
+        &self.metrics.registry
+    }
 }
 
-/// Bind the admin port and serve it until the process ends.
+/// Bind the admin port and serve `/livez`, `/readyz` and `/metrics` until the process ends.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<()> {
-    let app = axum::Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the admin port {addr}: {e}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "admin server listening");
-    axum::serve(listener, app).await?;
-    Ok(())
+    Ok(mandate_runtime::serve_admin(addr, mandate_runtime::admin_router(state)).await?)
 }

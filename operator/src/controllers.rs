@@ -1,6 +1,7 @@
 //! The reconcilers: AgentPolicy (compile, version, conditions, events) and
 //! AgentIdentity (SPIFFE ID, bound pods, conditions).
 
+use mandate_api::names::IN_FORCE_ANNOTATION;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -8,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -17,11 +17,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::admin::Metrics;
-use crate::conditions::{condition, is_true};
-use crate::crd::{AgentIdentity, AgentIdentityStatus, AgentPolicy, AgentPolicyStatus};
 use crate::error::{Error, Result};
 use crate::lenient::Lenient;
-use crate::{identity, policy};
+use mandate_api::crd::{AgentIdentity, AgentIdentityStatus, AgentPolicy, AgentPolicyStatus};
+use mandate_core::binding;
+use mandate_core::conditions::{condition, is_true};
+use mandate_core::selector::Selector;
+use mandate_core::spiffe_id as identity;
+use mandate_policy as policy;
 
 /// Longest compile + tests of one policy may take.
 pub const COMPILE_DEADLINE: Duration = Duration::from_secs(30);
@@ -324,7 +327,7 @@ async fn reconcile_policy_inner(obj: &AgentPolicy, ctx: &Context) -> Result<Acti
                     "CompileFailed"
                 }
                 .into(),
-                note: Some(crate::conditions::truncate(e.to_string(), 1000)),
+                note: Some(mandate_core::conditions::truncate(e.to_string(), 1000)),
                 action: "Compile".into(),
                 secondary: None,
             },
@@ -374,7 +377,7 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
     let previous = obj.status.clone().unwrap_or_default();
 
     let spiffe = identity::spiffe_id(obj.spec.spiffe_id_template.as_deref(), &ctx.trust_domain, &ns, &name);
-    let selector = Selector::try_from(obj.spec.selector.clone());
+    let selector = Selector::try_from(&obj.spec.selector);
     let (bound_pods, problem) = match (&spiffe, &selector) {
         (Err(e), _) => (previous.bound_pods, Some(("InvalidSpiffeId", e.to_string()))),
         (_, Err(e)) => (0, Some(("InvalidSelector", format!("spec.selector: {e}")))),
@@ -387,7 +390,9 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
         ),
         (Ok(_), Ok(sel)) => {
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let list = pods.list_metadata(&ListParams::default().labels_from(sel)).await?;
+            let list = pods
+                .list_metadata(&ListParams::default().labels(&sel.to_string()))
+                .await?;
             (i32::try_from(list.items.len()).unwrap_or(i32::MAX), None)
         }
     };
@@ -418,10 +423,6 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
     Ok(Action::requeue(RECOUNT_EVERY))
 }
 
-/// Annotation on an agent pod: the policies its sidecar enforces, as
-/// `namespace/name=version` separated by commas (written on its Ack).
-pub const IN_FORCE_ANNOTATION: &str = "mandate.dev/policies-in-force";
-
 /// `(bound, in force)`: injected pods this policy binds (through the
 /// identities it names or its agentSelector), and how many of their
 /// sidecars report `version` of it.
@@ -429,7 +430,7 @@ async fn sidecars_in_force(
     ctx: &Context,
     ns: &str,
     name: &str,
-    spec: &crate::crd::AgentPolicySpec,
+    spec: &mandate_api::crd::AgentPolicySpec,
     version: &str,
 ) -> Result<(i32, i32)> {
     // Only this policy's agents are read: each identity it names, and the
@@ -439,18 +440,18 @@ async fn sidecars_in_force(
     let mut selectors: Vec<Selector> = Vec::new();
     for id in &spec.identities {
         if let Some(i) = identities.get_opt(id).await?
-            && let Ok(sel) = Selector::try_from(i.spec.selector.clone())
+            && let Ok(sel) = Selector::try_from(&i.spec.selector)
         {
             selectors.push(sel);
         }
     }
-    selectors.extend(spec.agent_selector.clone().and_then(|s| Selector::try_from(s).ok()));
+    selectors.extend(spec.agent_selector.as_ref().and_then(|s| Selector::try_from(s).ok()));
     selectors.retain(|s| !s.selects_all());
     let pod_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
     let mut pods = std::collections::BTreeMap::new();
     for sel in &selectors {
         for p in pod_api
-            .list_metadata(&ListParams::default().labels_from(sel))
+            .list_metadata(&ListParams::default().labels(&sel.to_string()))
             .await?
             .items
         {
@@ -464,7 +465,7 @@ async fn sidecars_in_force(
             .metadata
             .annotations
             .as_ref()
-            .is_some_and(|a| a.contains_key(crate::webhook::inject::INJECTED_ANNOTATION));
+            .is_some_and(|a| a.contains_key(mandate_api::names::INJECTED_ANNOTATION));
         if !injected || pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
@@ -489,11 +490,9 @@ fn identities_selecting(store: &[Arc<Lenient<AgentIdentity>>], pod: &Pod) -> Vec
         .iter()
         .filter(|i| i.namespace() == pod.namespace())
         .filter(|i| {
-            i.parsed.as_ref().is_ok_and(|i| {
-                Selector::try_from(i.spec.selector.clone())
-                    .map(|s| !s.selects_all() && s.matches(labels))
-                    .unwrap_or(false)
-            })
+            i.parsed
+                .as_ref()
+                .is_ok_and(|i| binding::selects(&i.spec.selector, labels))
         })
         .map(|i| ObjectRef::from_obj(i.as_ref()))
         .collect()
@@ -506,7 +505,7 @@ async fn unreadable<K: Resource<DynamicType = ()>>(obj: &Lenient<K>, why: &str, 
     let event = Event {
         type_: EventType::Warning,
         reason: "Unreadable".into(),
-        note: Some(crate::conditions::truncate(
+        note: Some(mandate_core::conditions::truncate(
             format!("the operator cannot read this object: {why}"),
             1000,
         )),

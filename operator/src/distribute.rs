@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
-use kube::core::{Selector, SelectorExt as _};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -24,9 +23,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::admin::Metrics;
-use crate::controllers::IN_FORCE_ANNOTATION;
-use crate::crd::{AgentIdentity, AgentPolicy, AgentPolicySpec};
 use crate::lenient::Lenient;
+use mandate_api::crd::{AgentIdentity, AgentPolicy, AgentPolicySpec};
+use mandate_api::names::IN_FORCE_ANNOTATION;
 
 /// The peer's SPIFFE ID, put into each request by the TLS server.
 #[derive(Debug, Clone)]
@@ -131,7 +130,7 @@ impl Distributor {
             let parsed = i.parsed.as_ref().ok()?;
             let ns = i.metadata.namespace.clone()?;
             let name = i.name_any();
-            let resolved = crate::identity::spiffe_id(
+            let resolved = mandate_core::spiffe_id::spiffe_id(
                 parsed.spec.spiffe_id_template.as_deref(),
                 &self.trust_domain,
                 &ns,
@@ -147,7 +146,7 @@ impl Distributor {
         if let Some(ok) = self.checked.lock().ok().and_then(|m| m.get(version).copied()) {
             return ok;
         }
-        let ok = crate::policy::run_tests(spec).is_ok_and(|r| r.all_passed());
+        let ok = mandate_policy::run_tests(spec).is_ok_and(|r| r.all_passed());
         if let Ok(mut m) = self.checked.lock() {
             m.insert(version.to_string(), ok);
         }
@@ -170,16 +169,13 @@ impl Distributor {
             let Ok(policy) = &p.parsed else {
                 continue;
             };
-            let bound = policy.spec.identities.iter().any(|i| i == identity)
-                || policy.spec.agent_selector.as_ref().is_some_and(|sel| {
-                    Selector::try_from(sel.clone()).is_ok_and(|s| !s.selects_all() && s.matches(labels))
-                });
+            let bound = mandate_core::binding::policy_binds(&policy.spec, Some(identity), labels);
             if !bound {
                 continue;
             }
             let status = policy.status.clone().unwrap_or_default();
             // The current spec when it is the ready version; else the last good one.
-            let current = crate::policy::version(&policy.spec);
+            let current = mandate_policy::version(&policy.spec);
             let candidate = if status.version.as_deref() == Some(current.as_str()) {
                 Some((policy.spec.clone(), current))
             } else {
@@ -188,7 +184,7 @@ impl Distributor {
                     .clone()
                     .and_then(|v| serde_json::from_value::<AgentPolicySpec>(v).ok())
                     .map(|spec| {
-                        let v = crate::policy::version(&spec);
+                        let v = mandate_policy::version(&spec);
                         (spec, v)
                     })
                     .filter(|(_, v)| status.version.as_deref() == Some(v.as_str()))
@@ -233,8 +229,7 @@ impl Distributor {
             .await
             .map_err(|e| Status::unavailable(format!("reading pod {ns}/{pod}: {e}")))?
             .ok_or_else(|| Status::permission_denied(format!("pod {ns}/{pod} does not exist")))?;
-        let selected = Selector::try_from(identity.spec.selector.clone())
-            .is_ok_and(|s| !s.selects_all() && s.matches(pod.labels()));
+        let selected = mandate_core::binding::selects(&identity.spec.selector, pod.labels());
         if !selected {
             return Err(Status::permission_denied(format!(
                 "pod {ns}/{} is not an agent of {} (the SVID's identity)",

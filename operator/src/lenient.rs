@@ -98,7 +98,7 @@ impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::AgentIdentity;
+    use mandate_api::crd::AgentIdentity;
 
     #[test]
     fn an_unreadable_status_is_dropped_so_it_can_be_rewritten() {

@@ -15,12 +15,13 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::api::ListParams;
 use kube::{Api, Client};
-use mandate_operator::admin::{self, AdminState, Metrics, shutdown_signal};
+use mandate_api::crd::{AgentIdentity, AgentPolicy};
+use mandate_identity::workload::IdentitySource;
+use mandate_operator::admin::{self, AdminState, Metrics};
 use mandate_operator::controllers::{self, Context};
-use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use mandate_operator::leader::{self, Elector};
-use mandate_operator::spiffe::workload::IdentitySource;
 use mandate_operator::webhook::{self, WebhookState, inject::InjectConfig, tls};
+use mandate_runtime::shutdown_signal;
 use tokio::sync::watch;
 
 /// Mandate's operator: compiles and versions AgentPolicies, resolves
@@ -533,14 +534,14 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
     let serving = certs.clone();
 
     // The policy service: every replica, mutual TLS with SVIDs.
-    let accept_agents: mandate_operator::spiffe::verify::Accept = Arc::new(|_| true);
+    let accept_agents: mandate_identity::verify::Accept = Arc::new(|_| true);
     // The roots follow the CA: after a rotation (reloaded hourly below) the
     // bundle holds the new and the previous CA, so sidecars with SVIDs of
     // either keep their streams.
-    let policy_roots: mandate_operator::spiffe::verify::SharedRoots =
+    let policy_roots: mandate_identity::verify::SharedRoots =
         Arc::new(arc_swap::ArcSwap::from_pointee(ca.load().bundle_der()));
     let verifier =
-        mandate_operator::spiffe::verify::SpiffeVerifier::with_shared_roots(policy_roots.clone(), &td, accept_agents);
+        mandate_identity::verify::SpiffeVerifier::with_shared_roots(policy_roots.clone(), &td, accept_agents);
     serve_policies(
         client,
         &td,
@@ -561,7 +562,7 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
         use futures::StreamExt;
         use kube::runtime::{WatchStreamExt, watcher};
         let (client, ca, cm) = (client.clone(), ca.clone(), id.trust_bundle_configmap.clone());
-        let enforced = watcher::Config::default().labels(&format!("{}=true", webhook::ENFORCE_LABEL));
+        let enforced = watcher::Config::default().labels(&format!("{}=true", mandate_api::names::ENFORCE_LABEL));
         tokio::spawn(async move {
             let namespaces =
                 Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(client.clone());
@@ -612,7 +613,7 @@ async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>) -> 
             }
             let current = ca.load_full();
             let enforced = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
-                .list_metadata(&ListParams::default().labels(&format!("{}=true", webhook::ENFORCE_LABEL)))
+                .list_metadata(&ListParams::default().labels(&format!("{}=true", mandate_api::names::ENFORCE_LABEL)))
                 .await;
             let mut targets = vec![ns.clone()];
             match enforced {
@@ -658,8 +659,8 @@ fn serve_policies(client: &Client, td: &str, metrics: Arc<Metrics>, addr: Socket
 /// them. Should the SVID expire with no update, the policy service keeps
 /// presenting it and sidecars refuse it (they keep their last policy set).
 async fn start_spire(args: &Args, client: &Client, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    use mandate_operator::spiffe::verify::{SharedRoots, SpiffeVerifier};
-    use mandate_operator::spiffe::workload::{self, WorkloadConfig};
+    use mandate_identity::verify::{SharedRoots, SpiffeVerifier};
+    use mandate_identity::workload::{self, WorkloadConfig};
     let td = args.trust_domain.clone();
     let own_id = args
         .spiffe

@@ -18,8 +18,8 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::PostParams;
+use mandate_api::crd::AgentPolicy;
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
-use mandate_operator::crd::AgentPolicy;
 use serde_json::json;
 
 mod support;
@@ -442,11 +442,8 @@ async fn run(
     // No SVID, no stream: a TLS client without a client certificate is refused.
     let roots = rustls::pki_types::pem::PemObject::pem_slice_iter(bundle.as_bytes())
         .collect::<Result<Vec<rustls::pki_types::CertificateDer<'static>>, _>>()?;
-    let verifier = mandate_operator::spiffe::verify::SpiffeVerifier::exactly(
-        roots,
-        TD,
-        &format!("spiffe://{TD}/mandate/operator"),
-    );
+    let verifier =
+        mandate_identity::verify::SpiffeVerifier::exactly(roots, TD, &format!("spiffe://{TD}/mandate/operator"));
     let tls =
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?

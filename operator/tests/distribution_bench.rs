@@ -16,8 +16,8 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams, PostParams};
+use mandate_api::crd::{AgentIdentity, AgentPolicy};
 use mandate_e2e::{Cluster, http_get, secs};
-use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use serde_json::json;
 
 mod support;
@@ -222,7 +222,7 @@ async fn distribution_benchmark() -> Result<()> {
             }
         }
     };
-    let first = mandate_operator::policy::version(&serde_json::from_value(json!({
+    let first = mandate_policy::version(&serde_json::from_value(json!({
         "identities": ["agent"], "modules": [{"name": "p.rego", "rego": rego(0)}]}))?);
     enforced_at(first).await?;
 
@@ -230,7 +230,7 @@ async fn distribution_benchmark() -> Result<()> {
     for i in 1..=CHANGES {
         let spec = serde_json::from_value(json!({
             "identities": ["agent"], "modules": [{"name": "p.rego", "rego": rego(i)}]}))?;
-        let v = mandate_operator::policy::version(&spec);
+        let v = mandate_policy::version(&spec);
         let t0 = jiff::Timestamp::now();
         apply(i).await?;
         let done = enforced_at(v).await?;

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{DeleteParams, PostParams};
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
-use mandate_operator::spiffe::verify::{SpiffeVerifier, spiffe_id_of};
+use mandate_identity::verify::{SpiffeVerifier, spiffe_id_of};
 use mandate_proto::identity::v1::SignSvidRequest;
 use mandate_proto::identity::v1::identity_client::IdentityClient;
 use rustls::pki_types::pem::PemObject;
@@ -386,8 +386,8 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
     }
 
     // The identity's status shows which pod obtained an SVID, and until when.
-    let id: mandate_operator::crd::AgentIdentity = agents
-        .api::<mandate_operator::crd::AgentIdentity>()
+    let id: mandate_api::crd::AgentIdentity = agents
+        .api::<mandate_api::crd::AgentIdentity>()
         .get_status("researcher")
         .await?;
     let svids = id.status.map(|s| s.svids).unwrap_or_default();

@@ -355,7 +355,7 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     ensure!(other["status"] == 403, "GET outside the allowed path: {other}");
 
     // The policy's status counts this sidecar as running its version.
-    let policies = agents.api::<mandate_operator::crd::AgentPolicy>();
+    let policies = agents.api::<mandate_api::crd::AgentPolicy>();
     until("reads-only to be 1/1 in force", secs(30), async || {
         let p = policies.get_status("reads-only").await?;
         Ok((p.status.and_then(|s| s.in_force).as_deref() == Some("1/1")).then_some(()))
@@ -379,7 +379,7 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     until("the new version to be 1/1 in force", secs(30), async || {
         let p = policies.get_status("reads-only").await?;
         let st = p.status.unwrap_or_default();
-        let current = st.version == Some(mandate_operator::policy::version(&p.spec));
+        let current = st.version == Some(mandate_policy::version(&p.spec));
         Ok((current && st.in_force.as_deref() == Some("1/1")).then_some(()))
     })
     .await?;

@@ -20,8 +20,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
+use mandate_api::crd::{AgentIdentity, AgentPolicy};
 use mandate_e2e::{Check, Cluster, TestNamespace, http_get, secs};
-use mandate_operator::crd::{AgentIdentity, AgentPolicy};
 use serde_json::json;
 
 /// One `mandate-operator` process, killed when dropped.
@@ -160,7 +160,7 @@ async fn a_policy_compiles_to_a_stable_version_and_becomes_ready() -> Result<()>
     apply(&ns, &good).await?;
     let got = wait_compiled(&ns, "allow-get", true).await?;
     let status = got.status.clone().context("no status")?;
-    let expected = mandate_operator::policy::version(&good.spec);
+    let expected = mandate_policy::version(&good.spec);
     ensure!(
         status.version.as_deref() == Some(expected.as_str()),
         "version {:?} != {expected}",

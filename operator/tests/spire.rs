@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use mandate_api::crd::AgentPolicy;
 use mandate_e2e::workload_api::{TestCa, WorkloadApi};
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
-use mandate_operator::crd::AgentPolicy;
 use serde_json::json;
 
 mod support;
@@ -239,7 +239,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
     })
     .await?;
     let want = vec![format!("{ns}/alpha-policy={version}")];
-    let alpha_id = mandate_operator::identity::spiffe_id(None, TD, ns, "alpha")?;
+    let alpha_id = mandate_core::spiffe_id::spiffe_id(None, TD, ns, "alpha")?;
 
     // A sidecar with alpha's SVID from SPIRE: it verifies the operator with
     // the Workload API's bundle, is verified by the operator with its own,

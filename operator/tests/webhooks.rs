@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
+use mandate_api::crd::AgentApproval;
 use mandate_e2e::{Cluster, TestNamespace, secs};
-use mandate_operator::crd::AgentApproval;
 use serde_json::{Value, json};
 use support::Webhooks;
 

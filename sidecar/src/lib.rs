@@ -5,7 +5,6 @@
 //! version), denies on any doubt, and writes a hash-chained decision log.
 
 pub mod decision_log;
-pub mod engine;
 pub mod input;
 pub mod loader;
 pub mod metrics;

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use mandate_operator::crd::AgentPolicy;
+use mandate_api::crd::PolicyDocument;
 use serde::Deserialize;
 
-use crate::engine::{EngineKind, LoadedPolicy, PolicySet};
+use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet};
 
 /// One file's last good content.
 #[derive(Debug, Clone)]
@@ -111,7 +111,7 @@ pub fn load_file_for(path: &Path, engine: EngineKind) -> Result<Vec<LoadedPolicy
     parse_file(path)?
         .into_iter()
         .map(|(name, policy)| {
-            LoadedPolicy::compile_for(name.clone(), &policy, engine).map_err(|e| format!("policy {name}: {e}"))
+            LoadedPolicy::compile_for(name.clone(), &policy.spec, engine).map_err(|e| format!("policy {name}: {e}"))
         })
         .collect()
 }
@@ -119,7 +119,7 @@ pub fn load_file_for(path: &Path, engine: EngineKind) -> Result<Vec<LoadedPolicy
 /// The AgentPolicies in one YAML file (several documents allowed), each with
 /// its name (`namespace/name`, or `name`). A document of another kind is an
 /// error, as is a file without any AgentPolicy.
-pub fn parse_file(path: &Path) -> Result<Vec<(String, AgentPolicy)>, String> {
+pub fn parse_file(path: &Path) -> Result<Vec<(String, PolicyDocument)>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
@@ -131,7 +131,7 @@ pub fn parse_file(path: &Path) -> Result<Vec<(String, AgentPolicy)>, String> {
         if kind != "AgentPolicy" {
             return Err(format!("document {}: kind '{kind}' is not AgentPolicy", i + 1));
         }
-        let policy: AgentPolicy =
+        let policy: PolicyDocument =
             serde_yaml::from_value(value).map_err(|e| format!("document {}: not a valid AgentPolicy: {e}", i + 1))?;
         let name = match (&policy.metadata.namespace, &policy.metadata.name) {
             (Some(ns), Some(n)) => format!("{ns}/{n}"),

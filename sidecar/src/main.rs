@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-use mandate_operator::spiffe::workload::{IdentitySource, WorkloadConfig};
+use mandate_identity::workload::{IdentitySource, WorkloadConfig};
+use mandate_policy::engine::{EngineKind, PolicySet, SharedPolicies};
 use mandate_sidecar::decision_log::DecisionLog;
-use mandate_sidecar::engine::{EngineKind, PolicySet, SharedPolicies};
 use mandate_sidecar::input::{Agent, Limits};
 use mandate_sidecar::loader::Loader;
 use mandate_sidecar::metrics::{self, Metrics};
@@ -365,7 +365,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(health)
                 .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, mandate_operator::admin::shutdown_signal())
+                .serve_with_incoming_shutdown(incoming, mandate_runtime::shutdown_signal())
                 .await
                 .with_context(|| format!("serving ext_authz on {}", path.display()))
         });
@@ -378,7 +378,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(health)
                 .add_service(svc)
-                .serve_with_shutdown(addr, mandate_operator::admin::shutdown_signal())
+                .serve_with_shutdown(addr, mandate_runtime::shutdown_signal())
                 .await
                 .with_context(|| format!("serving ext_authz on {addr}"))
         });

@@ -4,10 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::engine::{Decision, PolicySet};
+use mandate_policy::engine::{Decision, PolicySet};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -125,8 +121,8 @@ impl Metrics {
         self.policy_info.clear();
         for p in &set.policies {
             let mode = match p.mode {
-                mandate_operator::crd::PolicyMode::Enforce => "Enforce",
-                mandate_operator::crd::PolicyMode::DryRun => "DryRun",
+                mandate_api::crd::PolicyMode::Enforce => "Enforce",
+                mandate_api::crd::PolicyMode::DryRun => "DryRun",
             };
             self.policy_info
                 .get_or_create(&PolicyLabels {
@@ -140,35 +136,23 @@ impl Metrics {
     }
 }
 
-async fn livez() -> &'static str {
-    "ok\n"
-}
+impl mandate_runtime::Health for Metrics {
+    fn readiness(&self) -> Result<(), &'static str> {
+        if !self.ready.load(Ordering::Relaxed) {
+            Err("no policy loaded (every request is denied)")
+        } else if self.svid_required.load(Ordering::Relaxed) && self.svid_valid.get() != 1 {
+            Err("no valid SVID (every request is denied)")
+        } else {
+            Ok(())
+        }
+    }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if !m.ready.load(Ordering::Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no policy loaded (every request is denied)\n",
-        )
-    } else if m.svid_required.load(Ordering::Relaxed) && m.svid_valid.get() != 1 {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no valid SVID (every request is denied)\n",
-        )
-    } else {
-        (StatusCode::OK, "ok\n")
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 
-async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    mandate_operator::admin::render_metrics(&m.registry)
-}
-
-/// The admin router.
+/// The admin router: `/livez`, `/readyz` and `/metrics`.
 pub fn router(m: Arc<Metrics>) -> axum::Router {
-    axum::Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(m)
+    mandate_runtime::admin_router(m)
 }

@@ -1,6 +1,7 @@
 //! `envoy.service.auth.v3.Authorization/Check`: build the input, decide,
 //! record, answer. Every path out of here that is not an allow is a deny.
 
+use mandate_api::names::{DECISION_HEADER, UPSTREAM_TLS_HEADER};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,17 +18,9 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use crate::decision_log::DecisionLog;
-use crate::engine::{Decision, SharedPolicies};
 use crate::input::{self, Agent, Limits, Summary};
 use crate::metrics::Metrics;
-
-/// Header carrying the decision id, to the upstream and back to the agent.
-pub const DECISION_HEADER: &str = "x-mandate-decision-id";
-
-/// Header telling Envoy's route table (as Mandate injects it) to originate
-/// TLS to the upstream: set, always overwriting what the agent sent, on
-/// every allowed request.
-pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";
+use mandate_policy::engine::{Decision, SharedPolicies};
 
 /// The Check service.
 #[derive(Debug, Clone)]

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mandate_operator::crd::{AgentPolicy, AgentPolicySpec, RegoModule};
+use mandate_api::crd::{AgentPolicySpec, RegoModule};
 use mandate_proto::policy::v1::policies_client::PoliciesClient;
 use mandate_proto::policy::v1::{AckRequest, PolicySet as WireSet, SubscribeRequest};
 use rand::Rng;
 
-use crate::engine::{EngineKind, LoadedPolicy, PolicySet, SharedPolicies};
 use crate::metrics::Metrics;
 use crate::svid::{OperatorTrust, SharedSvid};
+use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet, SharedPolicies};
 
 /// Where policies come from.
 #[derive(Debug, Clone)]
@@ -34,11 +34,9 @@ pub fn build(set: &WireSet, engine: EngineKind) -> Result<PolicySet> {
     for p in &set.policies {
         let spec: AgentPolicySpec = serde_json::from_str(&p.spec_json)
             .with_context(|| format!("{}/{}: not an AgentPolicy spec", p.namespace, p.name))?;
-        let mut policy = AgentPolicy::new(&p.name, spec);
-        policy.metadata.namespace = Some(p.namespace.clone());
         let name = format!("{}/{}", p.namespace, p.name);
         let loaded =
-            LoadedPolicy::compile_for(name.clone(), &policy, engine).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            LoadedPolicy::compile_for(name.clone(), &spec, engine).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         if loaded.version != p.version {
             bail!(
                 "{name}: compiles to {} here, the operator says {}",
@@ -61,14 +59,12 @@ pub fn build(set: &WireSet, engine: EngineKind) -> Result<PolicySet> {
                 ),
             }],
             data: None,
-            entrypoint: mandate_operator::crd::DEFAULT_ENTRYPOINT.into(),
+            entrypoint: mandate_api::crd::DEFAULT_ENTRYPOINT.into(),
             tests: vec![],
             egress: vec![],
         };
         let name = format!("withheld:{}", w.split(':').next().unwrap_or("policy"));
-        let policy = AgentPolicy::new("withheld", spec);
-        out.policies
-            .push(LoadedPolicy::compile_for(name, &policy, engine).map_err(anyhow::Error::msg)?);
+        out.policies.push(LoadedPolicy::compile_for(name, &spec, engine)?);
     }
     Ok(out)
 }

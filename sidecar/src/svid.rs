@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use arc_swap::ArcSwapOption;
-use mandate_operator::spiffe::verify::{SpiffeVerifier, spiffe_id_of};
-use mandate_operator::spiffe::workload::{self, WorkloadConfig};
+use mandate_identity::verify::{SpiffeVerifier, spiffe_id_of};
+use mandate_identity::workload::{self, WorkloadConfig};
 use mandate_proto::identity::v1::SignSvidRequest;
 use mandate_proto::identity::v1::identity_client::IdentityClient;
 use rustls::pki_types::pem::PemObject;

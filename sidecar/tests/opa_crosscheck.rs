@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use mandate_operator::crd::{AgentPolicy, PolicyMode};
-use mandate_sidecar::engine::{EngineKind, LoadedPolicy, PolicySet};
+use mandate_api::crd::{PolicyDocument as AgentPolicy, PolicyMode};
+use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet};
 use serde_json::{Value, json};
 
 fn opa() -> PathBuf {
@@ -148,14 +148,16 @@ fn example_policies_decide_alike_under_opa_and_mandate() -> Result<()> {
     let mut compared = 0;
     for (path, p) in policies()? {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let loaded = LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?;
+        let loaded = LoadedPolicy::compile(name.clone(), &p.spec)?;
         // Every example runs on the VM (the performance figures assume it).
         ensure!(loaded.evaluator() == "vm", "{name} does not compile for regorus' VM");
         let set = PolicySet { policies: vec![loaded] };
         let interpreted = PolicySet {
-            policies: vec![
-                LoadedPolicy::compile_for(name.clone(), &p, EngineKind::Interpreter).map_err(anyhow::Error::msg)?,
-            ],
+            policies: vec![LoadedPolicy::compile_for(
+                name.clone(),
+                &p.spec,
+                EngineKind::Interpreter,
+            )?],
         };
         let dir = bundle(&p, false)?;
         let (mut allows, mut denies) = (0, 0);
@@ -234,7 +236,7 @@ fn example_policy_tests_pass_under_opa_test_too() -> Result<()> {
     ensure!(opa.exists(), "no OPA at {} (run make deps)", opa.display());
     for (path, p) in policies()? {
         ensure!(!p.spec.tests.is_empty(), "{} has no tests", path.display());
-        let report = mandate_operator::policy::run_tests(&p.spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report = mandate_policy::run_tests(&p.spec).map_err(|e| anyhow::anyhow!("{e}"))?;
         ensure!(report.all_passed(), "{}: mandate: {}", path.display(), report.summary());
         let dir = bundle(&p, true)?;
         let out = std::process::Command::new(&opa)

@@ -382,3 +382,61 @@ mod tests {
         }
     }
 }
+
+/// The verifier in `mandate-identity`, against certificates this CA signs.
+#[cfg(test)]
+mod verify_tests {
+    use super::Ca;
+    use mandate_identity::verify::SpiffeVerifier;
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::server::danger::ClientCertVerifier as _;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    fn svid(ca: &Ca, id: &str) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
+        CertificateDer::from(ca.sign_svid(csr.der(), id, Duration::from_secs(600)).unwrap().0)
+    }
+
+    #[test]
+    fn only_current_svids_of_the_trust_domain_and_the_expected_id_pass() {
+        let ca = Ca::generate("example.org").unwrap();
+        let id = "spiffe://example.org/ns/a/agent/b";
+        let v = SpiffeVerifier::exactly(ca.bundle_der(), "example.org", id);
+        let now = UnixTime::now();
+        let good = svid(&ca, id);
+        assert!(v.verify_client_cert(&good, &[], now).is_ok());
+        let name = ServerName::try_from("anything").unwrap();
+        assert!(v.verify_server_cert(&good, &[], &name, &[], now).is_ok());
+
+        // Expired (checked an hour after its ten minutes).
+        let later = UnixTime::since_unix_epoch(
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() + Duration::from_secs(3600),
+        );
+        assert!(v.verify_client_cert(&good, &[], later).is_err());
+        // Another SPIFFE ID of the same domain.
+        assert!(
+            v.verify_client_cert(&svid(&ca, "spiffe://example.org/ns/a/agent/c"), &[], now)
+                .is_err()
+        );
+        // Another trust domain's CA, even for the same path.
+        let other = Ca::generate("other.org").unwrap();
+        assert!(
+            v.verify_client_cert(&svid(&other, "spiffe://other.org/ns/a/agent/b"), &[], now)
+                .is_err()
+        );
+        let any = SpiffeVerifier::new(ca.bundle_der(), "example.org", Arc::new(|_| true));
+        assert!(
+            any.verify_client_cert(&svid(&other, "spiffe://example.org/ns/a/agent/b"), &[], now)
+                .is_err(),
+            "a certificate from a CA outside the bundle"
+        );
+        // Our CA, but an ID in another trust domain.
+        assert!(
+            any.verify_client_cert(&svid(&ca, "spiffe://other.org/x"), &[], now)
+                .is_err()
+        );
+    }
+}

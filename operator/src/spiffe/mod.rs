@@ -1,8 +1,6 @@
-//! SPIFFE workload identity: the operator's built-in CA, the SVID signing
-//! service, SVID verification for rustls, and (SPIRE mode) SVIDs from the
-//! SPIFFE Workload API.
+//! SPIFFE workload identity in the operator: the built-in CA and the SVID
+//! signing service. Verification and the Workload API are in
+//! `mandate-identity`, which the sidecar shares.
 
 pub mod ca;
 pub mod signer;
-pub mod verify;
-pub mod workload;

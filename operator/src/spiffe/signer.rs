@@ -9,14 +9,13 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, PostParams};
-use kube::core::{Selector, SelectorExt as _};
 use kube::{Api, Client, ResourceExt};
 use mandate_proto::identity::v1::identity_server::Identity;
 use mandate_proto::identity::v1::{GetTrustBundleRequest, SignSvidRequest, SignSvidResponse, TrustBundle};
 use tonic::{Request, Response, Status};
 
 use super::ca::Ca;
-use crate::crd::AgentIdentity;
+use mandate_api::crd::AgentIdentity;
 
 /// The audience a sidecar's projected token must be for.
 pub const TOKEN_AUDIENCE: &str = "mandate";
@@ -135,11 +134,7 @@ impl IdentityService {
         let selecting: Vec<&AgentIdentity> = identities
             .items
             .iter()
-            .filter(|i| {
-                Selector::try_from(i.spec.selector.clone())
-                    .map(|s| !s.selects_all() && s.matches(labels))
-                    .unwrap_or(false)
-            })
+            .filter(|i| mandate_core::binding::selects(&i.spec.selector, labels))
             .collect();
         let identity = match selecting.as_slice() {
             [one] => *one,
@@ -157,7 +152,7 @@ impl IdentityService {
         };
         let ca = self.ca.load_full();
         let name = identity.name_any();
-        let spiffe_id = crate::identity::spiffe_id(
+        let spiffe_id = mandate_core::spiffe_id::spiffe_id(
             identity.spec.spiffe_id_template.as_deref(),
             ca.trust_domain(),
             ns,
@@ -166,7 +161,7 @@ impl IdentityService {
         .map_err(|e| Refusal::Identity(format!("AgentIdentity {ns}/{name}: {e}")))?;
         let ttl = match &identity.spec.svid_ttl {
             Some(t) => Duration::from_secs(
-                crate::webhook::validate::parse_duration(t)
+                mandate_core::duration::parse_duration(t)
                     .map_err(|e| Refusal::Identity(format!("AgentIdentity {ns}/{name}: spec.svidTtl: {e}")))?,
             ),
             None => DEFAULT_SVID_TTL,
@@ -200,9 +195,9 @@ impl IdentityService {
     /// Note the issue in the AgentIdentity's `status.svids` (latest per pod,
     /// expired ones dropped). A failure here is logged; the SVID stands.
     async fn record(&self, ns: &str, identity: &str, pod: &str, not_after: time::OffsetDateTime) {
-        use crate::crd::SvidIssue;
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
         use kube::api::{Patch, PatchParams};
+        use mandate_api::crd::SvidIssue;
+        use mandate_api::meta::Time;
         let api = Api::<AgentIdentity>::namespaced(self.client.clone(), ns);
         let now = jiff::Timestamp::now();
         let current = match api.get_status(identity).await {

@@ -3,6 +3,11 @@
 //! environment on the agent's containers. Pure functions of the pod and the
 //! configuration, so the same pod always gets the same patch.
 
+use mandate_api::names::{
+    AUTHZ_SOCKET, BUNDLE_VOLUME, ENVOY_CONTAINER, IDENTITY_ANNOTATION, INJECTED_ANNOTATION,
+    POLICY_CONFIGMAP_ANNOTATION, POLICY_VOLUME, PROXY_WARNING_ANNOTATION, RUN_VOLUME, SIDECAR_CONTAINER, SPIFFE_VOLUME,
+    TOKEN_VOLUME,
+};
 use std::collections::BTreeMap;
 
 use json_patch::{AddOperation, PatchOperation};
@@ -18,28 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::spiffe::workload::IdentitySource;
-
-/// Names of what Mandate injects; a pod may not use them for its own containers.
-pub const ENVOY_CONTAINER: &str = "mandate-envoy";
-pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
-pub const RUN_VOLUME: &str = "mandate-run";
-pub const POLICY_VOLUME: &str = "mandate-policies";
-pub const TOKEN_VOLUME: &str = "mandate-token";
-pub const BUNDLE_VOLUME: &str = "mandate-bundle";
-/// SPIRE mode: the SPIFFE CSI driver's volume with the Workload API socket.
-pub const SPIFFE_VOLUME: &str = "mandate-spiffe-workload-api";
-/// Annotation marking a pod as injected (its value: the injection's digest).
-pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";
-/// Annotation naming the AgentIdentity the pod was injected as.
-pub const IDENTITY_ANNOTATION: &str = "mandate.dev/identity";
-/// Annotation listing proxy variables the pod set itself and kept.
-pub const PROXY_WARNING_ANNOTATION: &str = "mandate.dev/proxy-env-warning";
-/// Annotation choosing the ConfigMap of policy files the sidecar reads
-/// (until the operator pushes policies).
-pub const POLICY_CONFIGMAP_ANNOTATION: &str = "mandate.dev/policy-configmap";
-/// Label opting a pod in without an AgentIdentity selecting it.
-pub const INJECT_LABEL: &str = "mandate.dev/inject";
+use mandate_identity::workload::IdentitySource;
 
 /// The proxy variables set on the agent's containers (both spellings: tools
 /// differ in which they read).
@@ -496,9 +480,6 @@ pub fn envoy_bootstrap(cfg: &InjectConfig) -> String {
     envoy_bootstrap_at(cfg, AUTHZ_SOCKET, "0.0.0.0")
 }
 
-/// Where the sidecar serves ext_authz in an injected pod.
-pub const AUTHZ_SOCKET: &str = "/var/run/mandate/authz.sock";
-
 /// [`envoy_bootstrap`] with the ext_authz socket and the readiness
 /// listener's address chosen (tests run it outside a pod).
 pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address: &str) -> String {
@@ -574,7 +555,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address
                                              "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                                              "check_settings": {"disable_request_body_buffering": true}}}},
                                         {"match": {"prefix": "/", "headers": [
-                                            {"name": crate::webhook::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
+                                            {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
                                          "route": {"cluster": "egress_tls", "timeout": "60s"}},
                                         {"match": {"prefix": "/"},
                                          "route": {"cluster": "egress_plain", "timeout": "60s"}},

@@ -15,6 +15,7 @@ pub mod inject;
 pub mod tls;
 pub mod validate;
 
+use mandate_api::names::{ENFORCE_LABEL, INJECT_LABEL};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,25 +28,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube::core::{DynamicObject, Selector, SelectorExt};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::admin::Metrics;
-use crate::crd::{AgentApproval, AgentIdentity, AgentPolicy, ApprovalPhase};
 use crate::lenient::Lenient;
-use inject::{AgentRef, INJECT_LABEL, InjectConfig};
-
-/// Header the sidecar sets on an allowed request to a destination declared
-/// with `tls: true`: Envoy's route table then sends it through the
-/// TLS-originating cluster.
-pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";
-
-/// The label that opts a namespace into Mandate.
-pub const ENFORCE_LABEL: &str = "mandate.dev/enforce";
+use inject::{AgentRef, InjectConfig};
+use mandate_api::crd::{AgentApproval, AgentIdentity, AgentPolicy, ApprovalPhase};
 
 /// Longest a policy may take to compile and test inside an admission
 /// request (the apiserver's own timeout is the webhook's `timeoutSeconds`).
@@ -202,7 +195,7 @@ pub async fn serve_tls(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| crate::spiffe::verify::spiffe_id_of(c).ok());
+                .and_then(|c| mandate_identity::verify::spiffe_id_of(c).ok());
             let app =
                 tower::ServiceExt::map_request(app, move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     if let Some(id) = &spiffe {
@@ -323,11 +316,7 @@ impl WebhookState {
     ) -> Result<Option<AgentRef>, String> {
         let labels = pod.labels();
         let mut matching: Vec<(String, AgentIdentity)> = identities
-            .filter(|(_, i)| {
-                Selector::try_from(i.spec.selector.clone())
-                    .map(|s| !s.selects_all() && s.matches(labels))
-                    .unwrap_or(false)
-            })
+            .filter(|(_, i)| mandate_core::binding::selects(&i.spec.selector, labels))
             .collect();
         matching.sort_by(|a, b| a.0.cmp(&b.0));
         match matching.as_slice() {
@@ -335,7 +324,7 @@ impl WebhookState {
             [] => Ok(None),
             [(name, id)] => Ok(Some(AgentRef {
                 identity: Some(name.clone()),
-                spiffe_id: crate::identity::spiffe_id(
+                spiffe_id: mandate_core::spiffe_id::spiffe_id(
                     id.spec.spiffe_id_template.as_deref(),
                     &self.trust_domain,
                     ns,
@@ -475,7 +464,10 @@ async fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -
         ),
         Operation::Update => {
             // The injected containers must survive any update unchanged.
-            let names = [inject::ENVOY_CONTAINER, inject::SIDECAR_CONTAINER];
+            let names = [
+                mandate_api::names::ENVOY_CONTAINER,
+                mandate_api::names::SIDECAR_CONTAINER,
+            ];
             let containers = |p: &Pod| {
                 p.spec
                     .as_ref()
@@ -491,7 +483,7 @@ async fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -
             };
             let before = req.old_object.as_ref().map(containers).unwrap_or_default();
             let after = containers(pod);
-            let marker = |p: &Pod| p.annotations().get(inject::INJECTED_ANNOTATION).cloned();
+            let marker = |p: &Pod| p.annotations().get(mandate_api::names::INJECTED_ANNOTATION).cloned();
             if after.len() == names.len() && before == after && req.old_object.as_ref().map(marker) == Some(marker(pod))
             {
                 AdmissionResponse::from(req)

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::Secret;
@@ -18,129 +17,26 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 
 const CA_CN: &str = "mandate-webhook-ca";
 /// Generated serving certificates last this long, and are renewed when
 /// less than a third of it remains.
 const LEAF_DAYS: i64 = 90;
 const CA_DAYS: i64 = 3650;
-const NOT_AFTER_ANNOTATION: &str = "mandate.dev/not-after";
-const SANS_ANNOTATION: &str = "mandate.dev/sans";
-
-/// PEM material of one certificate generation.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Material {
-    pub cert_pem: String,
-    pub key_pem: String,
-    /// The CA that signed `cert_pem` (what goes into `caBundle`), if known.
-    pub ca_pem: Option<String>,
-}
-
-impl std::fmt::Debug for Material {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key.
-        f.debug_struct("Material")
-            .field("has_ca", &self.ca_pem.is_some())
-            .finish()
-    }
-}
+use mandate_api::names::{NOT_AFTER_ANNOTATION, SANS_ANNOTATION};
+pub use mandate_identity::certs::{CertError, CertStore, Material, load_files};
 
 /// Why certificate material is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Cert(#[from] CertError),
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-}
-
-/// The certificate being served, swapped whole when a new one arrives.
-#[derive(Debug)]
-pub struct CertStore {
-    current: ArcSwap<CertifiedKey>,
-    material: ArcSwap<Material>,
-}
-
-impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
-fn certified(m: &Material) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Invalid(format!("the certificate is not PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(TlsError::Invalid("no certificate in the PEM".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(m.key_pem.as_bytes())
-        .map_err(|e| TlsError::Invalid(format!("the private key is not PEM: {e}")))?;
-    let provider = rustls::crypto::ring::default_provider();
-    let signing = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::Invalid(format!("unusable private key: {e}")))?;
-    let ck = CertifiedKey::new(certs, signing);
-    ck.keys_match()
-        .map_err(|e| TlsError::Invalid(format!("the key does not belong to the certificate: {e}")))?;
-    Ok(ck)
-}
-
-impl CertStore {
-    pub fn new(m: Material) -> Result<Self, TlsError> {
-        let ck = certified(&m)?;
-        Ok(Self {
-            current: ArcSwap::from_pointee(ck),
-            material: ArcSwap::from_pointee(m),
-        })
-    }
-
-    /// Serve `m` from now on, if it differs and is usable; the old one stays otherwise.
-    pub fn update(&self, m: Material) -> Result<bool, TlsError> {
-        if **self.material.load() == m {
-            return Ok(false);
-        }
-        let ck = certified(&m)?;
-        self.current.store(Arc::new(ck));
-        self.material.store(Arc::new(m));
-        Ok(true)
-    }
-
-    pub fn material(&self) -> Arc<Material> {
-        self.material.load_full()
-    }
-
-    /// The same, requiring client certificates that `verifier` accepts.
-    pub fn server_config_mtls(
-        self: &Arc<Self>,
-        verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    ) -> Result<rustls::ServerConfig, TlsError> {
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Invalid(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(self.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(cfg)
-    }
-
-    /// A rustls server configuration resolving to whatever is current.
-    pub fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, TlsError> {
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Invalid(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(cfg)
-    }
 }
 
 /// Where the serving certificate comes from.
@@ -161,7 +57,7 @@ impl Source {
     /// Read (or make) the current material.
     pub async fn load(&self, client: &Client) -> Result<Material, TlsError> {
         match self {
-            Source::Files(dir) => load_files(dir),
+            Source::Files(dir) => Ok(load_files(dir)?),
             Source::Generated {
                 namespace,
                 secret,
@@ -169,19 +65,6 @@ impl Source {
             } => generated(client, namespace, secret, sans).await,
         }
     }
-}
-
-/// `tls.crt`, `tls.key` and (if present) `ca.crt` from `dir`.
-pub fn load_files(dir: &std::path::Path) -> Result<Material, TlsError> {
-    let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f))
-            .map_err(|e| TlsError::Invalid(format!("reading {}: {e}", dir.join(f).display())))
-    };
-    Ok(Material {
-        cert_pem: read("tls.crt")?,
-        key_pem: read("tls.key")?,
-        ca_pem: read("ca.crt").ok(),
-    })
 }
 
 /// A key of a Secret as UTF-8 text (PEM), if present.
@@ -436,19 +319,19 @@ mod tests {
         std::fs::write(dir.join("ca.crt"), &ca).unwrap();
         issue(&ca_key, "a.example", &dir);
         let store = CertStore::new(load_files(&dir).unwrap()).unwrap();
-        let first = store.current.load_full();
+        let first = store.current();
         assert!(!store.update(load_files(&dir).unwrap()).unwrap(), "unchanged");
 
         issue(&ca_key, "b.example", &dir);
         assert!(store.update(load_files(&dir).unwrap()).unwrap());
-        assert_ne!(store.current.load_full().cert, first.cert);
+        assert_ne!(store.current().cert, first.cert);
 
         // A key that does not match the certificate is refused; the current one stays.
-        let good = store.current.load_full();
+        let good = store.current();
         let mut bad = load_files(&dir).unwrap();
         bad.key_pem = KeyPair::generate().unwrap().serialize_pem();
         assert!(store.update(bad).is_err());
-        assert_eq!(store.current.load_full().cert, good.cert);
+        assert_eq!(store.current().cert, good.cert);
         std::fs::write(dir.join("tls.crt"), "not PEM").unwrap();
         assert!(load_files(&dir).and_then(|m| store.update(m)).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -3,14 +3,12 @@
 //! approvals changed in any way but their decision. Pure functions; the
 //! handlers in `mod.rs` feed them the objects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use mandate_api::meta::LabelSelector;
+use mandate_core::selector::Selector;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::core::Selector;
-
-use crate::crd::{AgentApproval, AgentIdentitySpec, AgentPolicySpec, ApprovalPhase};
-use crate::identity;
-use crate::policy::{self, PolicyError};
+use mandate_api::crd::{AgentApproval, AgentIdentitySpec, AgentPolicySpec, ApprovalPhase};
+use mandate_core::spiffe_id as identity;
+use mandate_policy::{self as policy, PolicyError};
 
 /// `Ok(())`, or why the object is refused (shown by kubectl as is).
 pub type Verdict = Result<(), String>;
@@ -37,7 +35,7 @@ pub fn identity(
 ) -> Verdict {
     identity::spiffe_id(spec.spiffe_id_template.as_deref(), trust_domain, namespace, name)
         .map_err(|e| format!("spec.spiffeIdTemplate: {e}"))?;
-    let selector = Selector::try_from(spec.selector.clone()).map_err(|e| format!("spec.selector: {e}"))?;
+    let selector = Selector::try_from(&spec.selector).map_err(|e| format!("spec.selector: {e}"))?;
     if selector.selects_all() {
         return Err(
             "spec.selector is empty: it would make every pod in the namespace this agent; select the agent's pods by label"
@@ -57,91 +55,8 @@ pub fn identity(
     Ok(())
 }
 
-/// `10m`, `1h`, `90s`: seconds. SVID lifetimes from one minute to a day.
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 10m, 1h or 90s"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        _ => return Err(format!("'{s}' is not a duration like 10m, 1h or 90s")),
-    };
-    if !(60..=86_400).contains(&secs) {
-        return Err(format!("'{s}' is out of range: SVIDs live from 1m to 24h"));
-    }
-    Ok(secs)
-}
-
-/// What a selector demands of one label key.
-#[derive(Debug, Default, Clone)]
-struct KeyDemand {
-    /// The value must be one of these (intersection of every In/=).
-    allowed: Option<BTreeSet<String>>,
-    /// The value must not be one of these.
-    forbidden: BTreeSet<String>,
-    /// The label must be absent.
-    absent: bool,
-    /// The label must be present.
-    present: bool,
-}
-
-fn demands(sel: &LabelSelector) -> BTreeMap<String, KeyDemand> {
-    let mut out: BTreeMap<String, KeyDemand> = BTreeMap::new();
-    fn restrict(out: &mut BTreeMap<String, KeyDemand>, key: &str, values: BTreeSet<String>) {
-        let d = out.entry(key.to_string()).or_default();
-        d.present = true;
-        d.allowed = Some(match d.allowed.take() {
-            Some(a) => a.intersection(&values).cloned().collect(),
-            None => values,
-        });
-    }
-    for (k, v) in sel.match_labels.iter().flatten() {
-        restrict(&mut out, k, BTreeSet::from([v.clone()]));
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
-        match e.operator.as_str() {
-            "In" => restrict(&mut out, &e.key, values),
-            "NotIn" => out.entry(e.key.clone()).or_default().forbidden.extend(values),
-            "Exists" => out.entry(e.key.clone()).or_default().present = true,
-            "DoesNotExist" => out.entry(e.key.clone()).or_default().absent = true,
-            _ => {}
-        }
-    }
-    out
-}
-
-/// Whether some pod's labels could satisfy both selectors: false only when
-/// a key's demands contradict each other (different required values, In
-/// against NotIn, Exists against DoesNotExist).
-pub fn may_overlap(a: &LabelSelector, b: &LabelSelector) -> bool {
-    let (da, db) = (demands(a), demands(b));
-    for (key, x) in &da {
-        let Some(y) = db.get(key) else { continue };
-        let present = x.present || y.present;
-        let absent = x.absent || y.absent;
-        if present && absent {
-            return false;
-        }
-        let allowed = match (&x.allowed, &y.allowed) {
-            (Some(p), Some(q)) => Some(p.intersection(q).cloned().collect::<BTreeSet<_>>()),
-            (Some(p), None) | (None, Some(p)) => Some(p.clone()),
-            (None, None) => None,
-        };
-        if let Some(allowed) = allowed {
-            let forbidden: BTreeSet<&String> = x.forbidden.iter().chain(&y.forbidden).collect();
-            if allowed.iter().all(|v| forbidden.contains(v)) {
-                return false;
-            }
-        }
-    }
-    true
-}
+use mandate_core::binding::may_overlap;
+use mandate_core::duration::parse_duration;
 
 /// An approval's spec never changes; its status only goes from Pending to
 /// Approved or Denied (by a person, recorded as who sent the request) or to
@@ -188,54 +103,6 @@ pub fn approval_update(old: &AgentApproval, new: &AgentApproval, user: &str, ope
     }
 }
 
-fn jiff_now() -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::now()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
-
-    fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
-        LabelSelector {
-            match_labels: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            match_expressions: None,
-        }
-    }
-
-    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelector {
-        LabelSelector {
-            match_labels: None,
-            match_expressions: Some(vec![LabelSelectorRequirement {
-                key: key.into(),
-                operator: op.into(),
-                values: Some(values.iter().map(|s| s.to_string()).collect()),
-            }]),
-        }
-    }
-
-    #[test]
-    fn overlap_of_selectors() {
-        assert!(may_overlap(&labels(&[("app", "a")]), &labels(&[("app", "a")])));
-        assert!(may_overlap(&labels(&[("app", "a")]), &labels(&[("tier", "x")])));
-        assert!(!may_overlap(&labels(&[("app", "a")]), &labels(&[("app", "b")])));
-        assert!(!may_overlap(&labels(&[("app", "a")]), &expr("app", "NotIn", &["a"])));
-        assert!(may_overlap(&labels(&[("app", "a")]), &expr("app", "In", &["a", "b"])));
-        assert!(!may_overlap(
-            &labels(&[("app", "a")]),
-            &expr("app", "DoesNotExist", &[])
-        ));
-        assert!(may_overlap(&expr("app", "Exists", &[]), &labels(&[("app", "z")])));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10m"), Ok(600));
-        assert_eq!(parse_duration("1h"), Ok(3600));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("5s").is_err());
-        assert!(parse_duration("2d").is_err());
-        assert!(parse_duration("m").is_err());
-    }
+fn jiff_now() -> jiff::Timestamp {
+    jiff::Timestamp::now()
 }

@@ -19,8 +19,8 @@ use clap::{Parser, Subcommand};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use mandate_operator::crd::AgentPolicy;
-use mandate_sidecar::engine::{EngineKind, LoadedPolicy, PolicySet};
+use mandate_api::crd::PolicyDocument as AgentPolicy;
+use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet};
 
 #[derive(Debug, Parser)]
 #[command(name = "mandate-bench", about = "Benchmarks of Mandate's decision path")]
@@ -172,7 +172,7 @@ impl envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizat
     ) -> Result<tonic::Response<envoy_types::pb::envoy::service::auth::v3::CheckResponse>, tonic::Status> {
         Ok(tonic::Response::new(mandate_sidecar::server::respond(
             "noop",
-            &mandate_sidecar::engine::Decision {
+            &mandate_policy::engine::Decision {
                 allow: true,
                 ..Default::default()
             },
@@ -186,7 +186,7 @@ fn load_one(policy: &PathBuf) -> Result<(String, AgentPolicy, PolicySet)> {
     let p: AgentPolicy = serde_yaml::from_str(&std::fs::read_to_string(policy)?)?;
     let name = p.metadata.name.clone().unwrap_or_default();
     let set = PolicySet {
-        policies: vec![LoadedPolicy::compile(name.clone(), &p).map_err(anyhow::Error::msg)?],
+        policies: vec![LoadedPolicy::compile(name.clone(), &p.spec)?],
     };
     Ok((name, p, set))
 }
@@ -224,9 +224,11 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
     let eval_median = eval_only.get(eval_only.len() / 2).copied().unwrap_or_default();
     // The same, on regorus' tree-walking interpreter (what `--engine interpreter` runs).
     let interp = PolicySet {
-        policies: vec![
-            LoadedPolicy::compile_for(name.clone(), &p, EngineKind::Interpreter).map_err(anyhow::Error::msg)?,
-        ],
+        policies: vec![LoadedPolicy::compile_for(
+            name.clone(),
+            &p.spec,
+            EngineKind::Interpreter,
+        )?],
     };
     let mut interp_only = Vec::new();
     for _ in 0..per_op.len() {

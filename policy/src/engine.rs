@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mandate_operator::crd::{AgentPolicy, PolicyMode};
+use mandate_api::crd::{AgentPolicySpec, PolicyMode};
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::program::Program;
 use regorus::rvm::vm::RegoVM;
@@ -20,11 +20,28 @@ use serde_json::Value;
 /// that walks a few thousand items of data).
 pub const MAX_INSTRUCTIONS: usize = 100_000_000;
 
+/// Why a policy could not be loaded for evaluation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// It fails the checks the operator makes (see [`crate::check`]).
+    #[error(transparent)]
+    Invalid(#[from] crate::check::PolicyError),
+    /// regorus refused it for evaluation.
+    #[error("{0}")]
+    Compile(String),
+}
+
+/// Why one evaluation failed (regorus' own message): a deny.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EvalError(pub String);
+
 /// Idle VMs kept per policy (one per concurrent evaluation is enough).
 const VM_POOL: usize = 16;
 
 /// Which evaluator runs a policy's decisions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum EngineKind {
     /// regorus' bytecode VM where the policy compiles for it (3-6x faster),
     /// the tree-walking interpreter otherwise.
@@ -71,26 +88,27 @@ impl std::fmt::Debug for LoadedPolicy {
 impl LoadedPolicy {
     /// Check the policy (the same checks the operator makes) and compile it
     /// for its entrypoint.
-    pub fn compile(name: String, policy: &AgentPolicy) -> Result<Self, String> {
-        Self::compile_for(name, policy, EngineKind::Auto)
+    pub fn compile(name: String, spec: &AgentPolicySpec) -> Result<Self, EngineError> {
+        Self::compile_for(name, spec, EngineKind::Auto)
     }
 
     /// [`LoadedPolicy::compile`], choosing the evaluator.
-    pub fn compile_for(name: String, policy: &AgentPolicy, kind: EngineKind) -> Result<Self, String> {
-        let spec = &policy.spec;
-        let checked = mandate_operator::policy::compile(spec).map_err(|e| e.to_string())?;
+    pub fn compile_for(name: String, spec: &AgentPolicySpec, kind: EngineKind) -> Result<Self, EngineError> {
+        let checked = crate::check::compile(spec)?;
         let mut engine = Engine::new();
         for m in &spec.modules {
             engine
                 .add_policy(m.name.clone(), m.rego.clone())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| EngineError::Compile(e.to_string()))?;
         }
         if let Some(data) = &spec.data {
-            engine.add_data_json(&data.to_string()).map_err(|e| e.to_string())?;
+            engine
+                .add_data_json(&data.to_string())
+                .map_err(|e| EngineError::Compile(e.to_string()))?;
         }
         let compiled = engine
             .compile_with_entrypoint(&spec.entrypoint.trim().into())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| EngineError::Compile(e.to_string()))?;
         let entrypoint = spec.entrypoint.trim().to_string();
         let program = match kind {
             EngineKind::Interpreter => None,
@@ -134,7 +152,7 @@ impl LoadedPolicy {
     }
 
     /// Evaluate the entrypoint on one input.
-    pub fn evaluate(&self, input: regorus::Value) -> Result<regorus::Value, String> {
+    pub fn evaluate(&self, input: regorus::Value) -> Result<regorus::Value, EvalError> {
         match &self.program {
             Some(program) => {
                 // A poisoned pool (a panic elsewhere while it was held) only
@@ -146,12 +164,12 @@ impl LoadedPolicy {
                         let mut vm = RegoVM::new_with_policy(self.compiled.clone());
                         vm.load_program(program.clone());
                         vm.set_max_instructions(MAX_INSTRUCTIONS);
-                        vm.set_data(self.data.clone()).map_err(|e| e.to_string())?;
+                        vm.set_data(self.data.clone()).map_err(|e| EvalError(e.to_string()))?;
                         vm
                     }
                 };
                 vm.set_input(input);
-                let out = vm.execute().map_err(|e| e.to_string());
+                let out = vm.execute().map_err(|e| EvalError(e.to_string()));
                 // Drop the input now rather than keep it alive in the pool.
                 vm.set_input(regorus::Value::Null);
                 if let Ok(mut pool) = self.vms.lock()
@@ -161,7 +179,10 @@ impl LoadedPolicy {
                 }
                 out
             }
-            None => self.compiled.eval_with_input(input).map_err(|e| e.to_string()),
+            None => self
+                .compiled
+                .eval_with_input(input)
+                .map_err(|e| EvalError(e.to_string())),
         }
     }
 }
@@ -211,7 +232,7 @@ struct Outcome {
 
 /// Interpret a policy's value: `true`/`false`, or `{allow, escalate, reason,
 /// http_status, headers, body}`. Anything else denies.
-fn interpret(value: Result<regorus::Value, String>) -> Outcome {
+fn interpret(value: Result<regorus::Value, EvalError>) -> Outcome {
     let deny = |reason: String, error: bool| Outcome {
         reason: Some(reason),
         error,
@@ -219,7 +240,7 @@ fn interpret(value: Result<regorus::Value, String>) -> Outcome {
     };
     let value = match value {
         Ok(v) => v,
-        Err(e) => {
+        Err(EvalError(e)) => {
             let reason = if e.contains("instruction limit") {
                 format!("evaluation exceeded its instruction limit: {e}")
             } else if e.contains("time limit") || e.contains("execution timer") || e.contains("exceeded") {
@@ -389,13 +410,13 @@ mod tests {
     use serde_json::json;
 
     fn policy(name: &str, mode: &str, rego: &str) -> LoadedPolicy {
-        let p: AgentPolicy = serde_json::from_value(json!({
+        let p: mandate_api::crd::PolicyDocument = serde_json::from_value(json!({
             "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
             "metadata": {"name": name},
             "spec": {"mode": mode, "modules": [{"name": "p.rego", "rego": rego}]},
         }))
         .unwrap();
-        LoadedPolicy::compile(name.into(), &p).unwrap()
+        LoadedPolicy::compile(name.into(), &p.spec).unwrap()
     }
 
     const GET_ONLY: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
@@ -479,17 +500,17 @@ mod tests {
     #[test]
     fn the_vm_and_the_interpreter_agree() {
         for rego in [GET_ONLY, RICH, UNDEFINED] {
-            let parsed: AgentPolicy = serde_json::from_value(json!({
+            let parsed: mandate_api::crd::PolicyDocument = serde_json::from_value(json!({
                 "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
                 "metadata": {"name": "p"},
                 "spec": {"modules": [{"name": "p.rego", "rego": rego}]},
             }))
             .unwrap();
             let vm = PolicySet {
-                policies: vec![LoadedPolicy::compile_for("p".into(), &parsed, EngineKind::Auto).unwrap()],
+                policies: vec![LoadedPolicy::compile_for("p".into(), &parsed.spec, EngineKind::Auto).unwrap()],
             };
             let interp = PolicySet {
-                policies: vec![LoadedPolicy::compile_for("p".into(), &parsed, EngineKind::Interpreter).unwrap()],
+                policies: vec![LoadedPolicy::compile_for("p".into(), &parsed.spec, EngineKind::Interpreter).unwrap()],
             };
             assert_eq!(vm.policies[0].evaluator(), "vm");
             assert_eq!(interp.policies[0].evaluator(), "interpreter");

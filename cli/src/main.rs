@@ -12,10 +12,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use mandate_operator::crd::AgentPolicy;
-use mandate_operator::policy;
+use mandate_api::crd::PolicyDocument;
+use mandate_policy as policy;
+use mandate_policy::engine::{LoadedPolicy, PolicySet};
 use mandate_sidecar::decision_log;
-use mandate_sidecar::engine::{LoadedPolicy, PolicySet};
 use mandate_sidecar::loader;
 
 #[derive(Debug, Parser)]
@@ -123,7 +123,7 @@ fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// Every AgentPolicy in a YAML file, with its display name.
-fn policies_in(path: &Path) -> Result<Vec<(String, AgentPolicy)>> {
+fn policies_in(path: &Path) -> Result<Vec<(String, PolicyDocument)>> {
     loader::parse_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -183,7 +183,7 @@ fn eval(paths: &[PathBuf], input: &Path) -> Result<bool> {
     let mut set = PolicySet::default();
     for file in files(paths)? {
         for (name, p) in policies_in(&file)? {
-            let loaded = LoadedPolicy::compile(name.clone(), &p).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let loaded = LoadedPolicy::compile(name.clone(), &p.spec).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             set.policies.push(loaded);
         }
     }
@@ -206,14 +206,15 @@ fn eval(paths: &[PathBuf], input: &Path) -> Result<bool> {
 async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::ListParams;
-    use kube::core::{Selector, SelectorExt as _};
     use kube::{Api, ResourceExt};
-    use mandate_operator::crd::AgentIdentity;
+    use mandate_api::crd::AgentIdentity;
+    use mandate_core::binding;
 
     let client = kube::Client::try_default()
         .await
         .context("connecting to the cluster (kubeconfig or in-cluster)")?;
     let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    use mandate_api::crd::AgentPolicy;
     let (ids, pols, pods): (Api<AgentIdentity>, Api<AgentPolicy>, Api<Pod>) = if all {
         (
             Api::all(client.clone()),
@@ -237,27 +238,21 @@ async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
         let id_ns = id.namespace().unwrap_or_default();
         let name = id.name_any();
         let status = id.status.clone().unwrap_or_default();
-        let selector = Selector::try_from(id.spec.selector.clone()).ok();
         let mine: Vec<&Pod> = pods
             .items
             .iter()
             .filter(|p| p.namespace().as_deref() == Some(id_ns.as_str()))
-            .filter(|p| {
-                selector
-                    .as_ref()
-                    .is_some_and(|s| !s.selects_all() && s.matches(p.labels()))
-            })
+            .filter(|p| binding::selects(&id.spec.selector, p.labels()))
             .collect();
         let bound: Vec<String> = pols
             .items
             .iter()
             .filter(|p| p.namespace().as_deref() == Some(id_ns.as_str()))
             .filter(|p| {
-                p.spec.identities.contains(&name)
-                    || p.spec.agent_selector.as_ref().is_some_and(|sel| {
-                        Selector::try_from(sel.clone())
-                            .is_ok_and(|s| !s.selects_all() && mine.iter().any(|pod| s.matches(pod.labels())))
-                    })
+                binding::policy_binds(&p.spec, Some(&name), &Default::default())
+                    || mine
+                        .iter()
+                        .any(|pod| binding::policy_binds(&p.spec, None, pod.labels()))
             })
             .map(|p| format!("{}({:?})", p.name_any(), p.spec.mode))
             .collect();

@@ -1,10 +1,10 @@
 //! Status conditions, with `lastTransitionTime` kept while the status holds.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
+use jiff::Timestamp;
+use mandate_api::meta::{Condition, Time};
 
 /// A condition of `type_`, carrying over the transition time from `previous`
-/// when its status did not change.
+/// when its status did not change (a change is stamped now).
 pub fn condition(
     previous: &[Condition],
     type_: &str,
@@ -13,12 +13,25 @@ pub fn condition(
     message: impl Into<String>,
     generation: Option<i64>,
 ) -> Condition {
+    condition_at(previous, type_, ok, reason, message, generation, Timestamp::now())
+}
+
+/// [`condition`], with a change stamped `now`.
+pub fn condition_at(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     let last_transition_time = previous
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(Timestamp::now()));
+        .map(|c| c.last_transition_time)
+        .unwrap_or(Time(now));
     Condition {
         type_: type_.to_string(),
         status: status.to_string(),
@@ -39,7 +52,7 @@ pub fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max.saturating_sub(3);
         while !s.is_char_boundary(end) {
-            end -= 1;
+            end = end.saturating_sub(1);
         }
         s.truncate(end);
         s.push_str("...");
@@ -50,6 +63,14 @@ pub fn truncate(mut s: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_is_stamped_with_the_time_given() {
+        let at = Timestamp::from_second(1_800_000_000).unwrap_or(Timestamp::UNIX_EPOCH);
+        let c = condition_at(&[], "Ready", false, "Broken", "no", None, at);
+        assert_eq!(c.last_transition_time, Time(at));
+        assert!(!is_true(std::slice::from_ref(&c), "Ready"));
+    }
 
     #[test]
     fn transition_time_is_kept_while_status_holds() {

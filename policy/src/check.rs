@@ -4,9 +4,8 @@
 use std::collections::BTreeSet;
 
 use regorus::Engine;
-use sha2::{Digest, Sha256};
 
-use crate::crd::AgentPolicySpec;
+use mandate_api::crd::AgentPolicySpec;
 
 /// Upper bound on the Rego source plus data of one policy. Policies are
 /// stored in etcd (objects up to ~1.5 MiB) and pushed to every sidecar; a
@@ -252,31 +251,7 @@ pub struct Compiled {
     pub packages: Vec<String>,
 }
 
-/// The policy's version: sha256 over a canonical JSON form of its modules
-/// (sorted by name), data (object keys sorted) and entrypoint. Selection,
-/// mode and egress do not change what the Rego decides, so they are not in it.
-pub fn version(spec: &AgentPolicySpec) -> String {
-    let mut modules: Vec<_> = spec.modules.iter().map(|m| (&m.name, &m.rego)).collect();
-    modules.sort();
-    // serde_json's Value keeps object keys sorted (no preserve_order), so
-    // re-serializing the data canonicalizes it.
-    // An empty data object is no data; the entrypoint is compared trimmed, as compiled.
-    let data = spec
-        .data
-        .clone()
-        .filter(|d| d.as_object().is_none_or(|o| !o.is_empty()));
-    // The mode and the egress declarations change what the policy does, so
-    // they are part of its version (DryRun -> Enforce is a new version).
-    let canonical = serde_json::json!({
-        "entrypoint": spec.entrypoint.trim(),
-        "modules": modules.iter().map(|(n, r)| serde_json::json!({"name": n, "rego": r})).collect::<Vec<_>>(),
-        "data": data.unwrap_or(serde_json::Value::Null),
-        "mode": spec.mode,
-        "egress": spec.egress,
-    });
-    let digest = Sha256::digest(canonical.to_string().as_bytes());
-    format!("sha256:{digest:x}")
-}
+pub use mandate_core::version::version;
 
 /// Compile the policy's modules and data with regorus and check its entrypoint.
 pub fn compile(spec: &AgentPolicySpec) -> Result<Compiled, PolicyError> {
@@ -414,7 +389,7 @@ fn is_rule_ref(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{DEFAULT_ENTRYPOINT, PolicyMode, RegoModule};
+    use mandate_api::crd::{DEFAULT_ENTRYPOINT, PolicyMode, RegoModule};
 
     fn spec(modules: &[(&str, &str)]) -> AgentPolicySpec {
         AgentPolicySpec {

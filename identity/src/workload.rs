@@ -18,20 +18,9 @@ use rustls::server::danger::ClientCertVerifier as _;
 use spiffe::{TrustDomain, WorkloadApiClient, X509Context};
 use tokio::sync::watch;
 
-use crate::spiffe::verify::SpiffeVerifier;
+use crate::verify::SpiffeVerifier;
 
-/// Where X.509-SVIDs come from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IdentitySource {
-    /// The operator's built-in CA: sidecars prove their pod with a projected
-    /// service-account token and get their SVID signed by the operator.
-    #[default]
-    Builtin,
-    /// SPIRE: every workload (sidecars and the operator) gets its SVID and
-    /// bundle from the SPIFFE Workload API socket.
-    Spire,
-}
+pub use mandate_api::env::IdentitySource;
 
 /// The environment variable naming the Workload API socket (SPIFFE standard).
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
@@ -75,8 +64,8 @@ impl WorkloadSvid {
     }
 
     /// As PEM TLS material (the chain, its key, the bundle as the CA).
-    pub fn material(&self) -> crate::webhook::tls::Material {
-        crate::webhook::tls::Material {
+    pub fn material(&self) -> crate::certs::Material {
+        crate::certs::Material {
             cert_pem: self.chain.iter().map(|c| pem("CERTIFICATE", c)).collect(),
             key_pem: pem("PRIVATE KEY", &self.key_der),
             ca_pem: Some(self.bundle.iter().map(|c| pem("CERTIFICATE", c)).collect()),

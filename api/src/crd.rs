@@ -1,14 +1,19 @@
 //! Mandate's custom resources: group `mandate.dev`, version `v1alpha1`.
 //!
+//! The spec and status types are plain serde structs, which the sidecar reads
+//! policies with. The `kube` feature adds the `CustomResource` wrappers
+//! (`AgentPolicy`, `AgentIdentity`, `AgentApproval`) and the CRDs, for the
+//! operator and the CLI.
+//!
 //! Every field carries a doc comment: it becomes the field's `description` in
 //! the CRD schema and so what `kubectl explain` shows. `crds/` holds the YAML
-//! these types generate (`cargo run -p mandate-operator --bin mandate-crdgen`);
+//! these types generate (`make crds`);
 //! a test fails when the two differ.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use crate::meta::{Condition, LabelSelector, LabelSelectorRequirement, Time};
 
 /// The API group of every Mandate resource.
 pub const GROUP: &str = "mandate.dev";
@@ -24,22 +29,26 @@ pub const DEFAULT_ENTRYPOINT: &str = "data.mandate.authz.decision";
 /// Each request an agent makes is evaluated against the policy's modules and
 /// data at its entrypoint; the result allows, denies or escalates it. Anything
 /// but an allow — including an error, a timeout or no policy at all — denies.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "mandate.dev",
-    version = "v1alpha1",
-    kind = "AgentPolicy",
-    doc = "Rego policy deciding the outbound requests of the agents it binds; anything but an allow denies.",
-    plural = "agentpolicies",
-    shortname = "apol",
-    category = "mandate",
-    namespaced,
-    status = "AgentPolicyStatus",
-    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
-    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.shortVersion"}"#,
-    printcolumn = r#"{"name":"In force","type":"string","jsonPath":".status.inForce"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "mandate.dev",
+        version = "v1alpha1",
+        kind = "AgentPolicy",
+        doc = "Rego policy deciding the outbound requests of the agents it binds; anything but an allow denies.",
+        plural = "agentpolicies",
+        shortname = "apol",
+        category = "mandate",
+        namespaced,
+        status = "AgentPolicyStatus",
+        printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+        printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.shortVersion"}"#,
+        printcolumn = r#"{"name":"In force","type":"string","jsonPath":".status.inForce"}"#,
+        printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -194,21 +203,25 @@ pub struct AgentPolicyStatus {
 
 /// An agent: which pods are it, the SPIFFE ID they act as, and who is
 /// accountable for it.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "mandate.dev",
-    version = "v1alpha1",
-    kind = "AgentIdentity",
-    doc = "An agent: which pods are it, the SPIFFE ID they act as, and who answers for it.",
-    plural = "agentidentities",
-    shortname = "aid",
-    category = "mandate",
-    namespaced,
-    status = "AgentIdentityStatus",
-    printcolumn = r#"{"name":"SPIFFE ID","type":"string","jsonPath":".status.spiffeId"}"#,
-    printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.boundPods"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "mandate.dev",
+        version = "v1alpha1",
+        kind = "AgentIdentity",
+        doc = "An agent: which pods are it, the SPIFFE ID they act as, and who answers for it.",
+        plural = "agentidentities",
+        shortname = "aid",
+        category = "mandate",
+        namespaced,
+        status = "AgentIdentityStatus",
+        printcolumn = r#"{"name":"SPIFFE ID","type":"string","jsonPath":".status.spiffeId"}"#,
+        printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.boundPods"}"#,
+        printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -303,8 +316,9 @@ pub struct SvidIssue {
 
 /// A human decision on one action a policy escalated. Approving is an update
 /// of `status` that RBAC controls, so kubectl and GitOps both work.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource))]
+#[cfg_attr(feature = "kube", kube(
     group = "mandate.dev",
     version = "v1alpha1",
     kind = "AgentApproval",
@@ -324,7 +338,7 @@ pub struct SvidIssue {
     validation = kube::core::Rule::new(
         "!has(oldSelf.status) || (has(self.status) && (oldSelf.status.phase == 'Pending' || self.status == oldSelf.status))"
     ).message("this approval was already decided; a decision cannot change or be removed")
-)]
+))]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self == oldSelf", "message": "an AgentApproval's spec cannot change; only its decision (status.phase) can"},
@@ -400,4 +414,48 @@ fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
     })
+}
+
+// ---------------------------------------------------------------- documents
+
+/// An AgentPolicy as a YAML file or the policy stream holds it, read without
+/// a Kubernetes client (what the sidecar and `mandate test` load).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyDocument {
+    /// `mandate.dev/v1alpha1`.
+    pub api_version: String,
+    /// `AgentPolicy`.
+    pub kind: String,
+    /// The name and namespace (other metadata is ignored here).
+    #[serde(default)]
+    pub metadata: DocumentMeta,
+    /// The policy.
+    pub spec: AgentPolicySpec,
+}
+
+/// The part of `metadata` a policy document is known by.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DocumentMeta {
+    /// `metadata.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `metadata.namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl PolicyDocument {
+    /// A document for `spec` named `name` (in `namespace`, if any).
+    pub fn new(name: &str, namespace: Option<&str>, spec: AgentPolicySpec) -> Self {
+        Self {
+            api_version: format!("{GROUP}/{VERSION}"),
+            kind: "AgentPolicy".into(),
+            metadata: DocumentMeta {
+                name: Some(name.into()),
+                namespace: namespace.map(Into::into),
+            },
+            spec,
+        }
+    }
 }

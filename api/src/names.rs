@@ -1,0 +1,57 @@
+//! Every name that crosses a boundary between Mandate's parts, or between
+//! Mandate and its users: labels, annotations, container and volume names,
+//! headers and paths. Each is defined here once; the injector, the operator,
+//! the sidecar and the CLI all refer to these.
+
+/// The label that opts a namespace into Mandate (`"true"`).
+pub const ENFORCE_LABEL: &str = "mandate.dev/enforce";
+/// Label opting a pod in without an AgentIdentity selecting it.
+pub const INJECT_LABEL: &str = "mandate.dev/inject";
+
+/// Annotation marking a pod as injected (its value: the injection's digest).
+pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";
+/// Annotation naming the AgentIdentity the pod was injected as.
+pub const IDENTITY_ANNOTATION: &str = "mandate.dev/identity";
+/// Annotation listing proxy variables the pod set itself and kept.
+pub const PROXY_WARNING_ANNOTATION: &str = "mandate.dev/proxy-env-warning";
+/// Annotation choosing the ConfigMap of policy files the sidecar reads
+/// (until the operator pushes policies).
+pub const POLICY_CONFIGMAP_ANNOTATION: &str = "mandate.dev/policy-configmap";
+/// Annotation on an agent pod: the policies its sidecar enforces, as
+/// `namespace/name=version` separated by commas (written on its Ack).
+pub const IN_FORCE_ANNOTATION: &str = "mandate.dev/policies-in-force";
+/// Annotation on the webhook certificate Secret: when its leaf expires.
+pub const NOT_AFTER_ANNOTATION: &str = "mandate.dev/not-after";
+/// Annotation on the webhook certificate Secret: the names its leaf is for.
+pub const SANS_ANNOTATION: &str = "mandate.dev/sans";
+
+/// Names of what Mandate injects; a pod may not use them for its own containers.
+pub const ENVOY_CONTAINER: &str = "mandate-envoy";
+/// The ext_authz sidecar's container.
+pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
+/// The volume holding the authz socket (shared by Envoy and the sidecar).
+pub const RUN_VOLUME: &str = "mandate-run";
+/// The volume of policy files (ConfigMap mode).
+pub const POLICY_VOLUME: &str = "mandate-policies";
+/// The sidecar's projected ServiceAccount token (audience `mandate`).
+pub const TOKEN_VOLUME: &str = "mandate-token";
+/// The trust bundle of the operator's CA.
+pub const BUNDLE_VOLUME: &str = "mandate-bundle";
+/// SPIRE mode: the SPIFFE CSI driver's volume with the Workload API socket.
+pub const SPIFFE_VOLUME: &str = "mandate-spiffe-workload-api";
+
+/// Where the sidecar serves ext_authz in an injected pod.
+pub const AUTHZ_SOCKET: &str = "/var/run/mandate/authz.sock";
+/// Where the policy ConfigMap is mounted in the sidecar.
+pub const POLICY_DIR: &str = "/etc/mandate/policies";
+/// Where the sidecar's projected token is mounted.
+pub const SVID_TOKEN_FILE: &str = "/var/run/secrets/mandate/token";
+/// Where the operator's trust bundle is mounted.
+pub const TRUST_BUNDLE_FILE: &str = "/var/run/mandate-bundle/bundle.pem";
+
+/// Response header naming the decision (its id in the decision log).
+pub const DECISION_HEADER: &str = "x-mandate-decision-id";
+/// Header the sidecar sets on an allowed request to a destination declared
+/// with `tls: true`: Envoy's route table then sends it through the
+/// TLS-originating cluster.
+pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";

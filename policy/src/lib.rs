@@ -1,0 +1,13 @@
+//! Mandate's policy engine, with no Kubernetes and no async runtime.
+//!
+//! - [`check`]: what makes an AgentPolicy acceptable (it compiles, its
+//!   entrypoint is a rule, it is within the limits, its tests pass). The
+//!   admission webhook, the reconciler, the sidecar and `mandate test` all
+//!   apply these same checks.
+//! - [`engine`]: policies compiled once per version, and the deny-wins
+//!   decision over every policy bound to an agent.
+
+pub mod check;
+pub mod engine;
+
+pub use check::{Compiled, PolicyError, TestReport, compile, run_tests, version};
