@@ -1,5 +1,5 @@
 # The few commands a contributor needs. Cluster targets need root.
-.PHONY: deps demo test e2e images bench bench-distribution lint chart-check build crds chart-crds cluster-up node-up cluster-down cluster-status
+.PHONY: deps demo test e2e images bench bench-distribution lint chart-check build crds chart-crds reference cluster-up node-up cluster-down cluster-status
 
 ## deps: install packages (Debian, PyPI, npm) and build Kubernetes v1.37.2 + containerd v2.2.9 and the chart's floor, v1.35.4 + containerd v1.7.35, from their Go modules (cached in ~/.cache/mandate; versions in hack/lib.sh)
 deps:
@@ -36,6 +36,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run
+	hack/check-deps.sh
 	hack/chart-check.sh
 
 ## chart-check: the Helm chart (lint, kubernetes-validate, schema, CRD copy) and policies/ against the CRDs
@@ -49,6 +50,10 @@ build:
 crds:
 	cargo run -q -p mandate-operator --bin mandate-crdgen > crds/mandate.dev.yaml
 	$(MAKE) -s chart-crds
+
+## reference: regenerate docs/reference/ (the binaries' flags and subcommands, from their --help; a test fails when they drift)
+reference:
+	hack/reference.sh
 
 ## chart-crds: copy crds/mandate.dev.yaml into the chart (Helm reads only files inside it)
 chart-crds:

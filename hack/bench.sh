@@ -23,7 +23,9 @@ need_cmd chrt util-linux
 need_cmd h2load nghttp2-client
 
 log "building release binaries"
-cargo build --release -q -p mandate-sidecar -p mandate-e2e --bins
+# The sidecar on its own, as the image builds it (features resolved for it alone).
+cargo build --release -q -p mandate-sidecar
+cargo build --release -q -p mandate-bench -p mandate-e2e --bins
 B="$MANDATE_ROOT/target/release"
 # The sidecar measured (e.g. the images' static musl build); tools come from $B.
 SIDECAR="${MANDATE_BENCH_SIDECAR:-$B/mandate-sidecar}"
@@ -175,18 +177,5 @@ for pass in "${passes[@]}"; do
     "sidecar-noop=the sidecar's share (over the no-op ext_authz)"
 done
 
-echo "== 4. Sidecar memory with 100 policies loaded"
-mkdir -p "$tmp/p100"
-for i in $(seq 1 100); do
-  sed -e "s/name: tool-allowlist/name: tool-allowlist-$i/" -e "s#path: /v1/search#path: /v$i/search#" \
-    policies/tool-allowlist.yaml >"$tmp/p100/p$i.yaml"
-done
-g2=$(free_port) a2=$(free_port)
-taskset -c 0 "$SIDECAR" --workers 1 --policy "$tmp/p100" \
-  --listen "127.0.0.1:$g2" --admin-listen "127.0.0.1:$a2" >/dev/null 2>"$tmp/sidecar100.err" &
-pid=$!
-pids+=("$pid")
-wait_for "the sidecar with 100 policies" 60 ready "http://127.0.0.1:$a2/readyz" || die "$(cat "$tmp/sidecar100.err")"
-loaded="$(curl -s "http://127.0.0.1:$a2/metrics" | grep -c '^mandate_sidecar_policy_info')"
-taskset -c 1 "$B/mandate-bench" grpc "127.0.0.1:$g2" --rate 500 --seconds 2 >/dev/null
-echo "policies loaded: $loaded; RSS after 1000 decisions: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$pid/status")"
+echo "== 4. Sidecar footprint: size, and memory with 100 policies loaded"
+hack/footprint.sh "$SIDECAR"

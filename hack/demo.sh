@@ -14,7 +14,7 @@ cd "$MANDATE_ROOT"
 need_cmd curl curl
 
 log "building"
-cargo build -q -p mandate-sidecar -p mandate-e2e --bins
+cargo build -q -p mandate-sidecar -p mandate-cli -p mandate-e2e --bins
 B="$MANDATE_ROOT/target/debug"
 tmp="$(mktemp -d)"
 pids=()

@@ -185,8 +185,14 @@ cmd_mandate() {
     out="${MANDATE_ROOT}/target/release"
     log "warning: no ${MUSL_TARGET} target or musl-gcc; building glibc release binaries (images carry their libraries)"
   fi
+  # The sidecar is built on its own, so its features are resolved for it
+  # alone: built beside the operator, the shared mandate-api crate would be
+  # compiled with the operator's `kube` feature.
+  (cd "$MANDATE_ROOT" && cargo build --release --locked --quiet "${target_args[@]}" -p mandate-sidecar) ||
+    die "the release build of the sidecar failed"
   (cd "$MANDATE_ROOT" && cargo build --release --locked --quiet "${target_args[@]}" \
-    --bin mandate-operator --bin mandate-sidecar --bin mandate --bin mandate-testbin) || die "the release build failed"
+    -p mandate-operator -p mandate-cli -p mandate-e2e \
+    --bin mandate-operator --bin mandate --bin mandate-testbin) || die "the release build failed"
   if ((static)); then
     for b in mandate-operator mandate-sidecar mandate mandate-testbin; do
       file -b "$out/$b" | has 'static' || die "$out/$b is not statically linked"

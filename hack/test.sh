@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test Mandate has, against real components on this machine (root):
-#   1. lint: cargo fmt --check, cargo clippy -D warnings, shellcheck, the Helm
+#   1. lint: cargo fmt --check, cargo clippy -D warnings, shellcheck, the crate
+#      boundaries (hack/check-deps.sh: the sidecar links no kube), the Helm
 #      chart and policies/ against the CRDs (hack/chart-check.sh);
 #   2. the README's demo, run as `make demo` and its output checked
 #      (e2e/demo_check.sh);
@@ -44,9 +45,10 @@ lint() {
   cargo fmt --all -- --check &&
     cargo clippy --workspace --all-targets --locked -- -D warnings &&
     shellcheck -x -S warning hack/*.sh e2e/*.sh .ci/run &&
+    hack/check-deps.sh &&
     hack/chart-check.sh
 }
-phase "lint (fmt, clippy, shellcheck, chart)" lint
+phase "lint (fmt, clippy, shellcheck, crate boundaries, chart)" lint
 # The cluster tests are ignored without this feature (plain `cargo test`
 # passes anywhere); the build and the test run use the same features.
 CLUSTER_TESTS=(--features "mandate-operator/cluster-tests mandate-e2e/cluster-tests")

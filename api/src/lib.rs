@@ -1,11 +1,12 @@
 //! Mandate's API, shared by every part: the custom resources' types
 //! ([`crd`]), the Kubernetes meta types they embed ([`meta`]), every label,
 //! annotation, header and path ([`names`]) and the sidecar's environment
-//! contract ([`env`]).
+//! contract ([`env`](mod@env): every variable's name, and the
+//! [`SidecarEnv`](env::SidecarEnv) the injector writes).
 //!
 //! Nothing here talks to a cluster. With the `kube` feature (the operator
 //! and the CLI), the resources get their `CustomResource` wrappers and
-//! [`crds`] their CRDs.
+//! `crds` their CRDs.
 
 pub mod crd;
 pub mod env;

@@ -20,10 +20,15 @@ pub const POLICY_CONFIGMAP_ANNOTATION: &str = "mandate.dev/policy-configmap";
 /// Annotation on an agent pod: the policies its sidecar enforces, as
 /// `namespace/name=version` separated by commas (written on its Ack).
 pub const IN_FORCE_ANNOTATION: &str = "mandate.dev/policies-in-force";
-/// Annotation on the webhook certificate Secret: when its leaf expires.
+/// Annotation on the operator's certificate Secrets (the webhook's, the
+/// SPIFFE CA's): when the certificate expires.
 pub const NOT_AFTER_ANNOTATION: &str = "mandate.dev/not-after";
 /// Annotation on the webhook certificate Secret: the names its leaf is for.
 pub const SANS_ANNOTATION: &str = "mandate.dev/sans";
+/// Label on the Secrets and ConfigMaps the operator writes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// [`MANAGED_BY_LABEL`]'s value, and the operator's field manager.
+pub const MANAGED_BY: &str = "mandate-operator";
 
 /// Names of what Mandate injects; a pod may not use them for its own containers.
 pub const ENVOY_CONTAINER: &str = "mandate-envoy";

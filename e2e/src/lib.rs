@@ -19,6 +19,11 @@
 //! # }
 //! ```
 //!
+//! Waits on anything but a Kubernetes object (a port, a log line, a
+//! process's `/readyz`), free ports, AgentPolicy/AgentIdentity builders and
+//! child-process guards need no cluster: they are in `mandate-testsupport`
+//! (re-exported here as [`testsupport`]).
+//!
 //! Errors here are for a person reading a failed test, so they are
 //! `anyhow::Error`s with context rather than a typed enum.
 
@@ -29,32 +34,10 @@ mod wait;
 pub mod workload_api;
 
 pub use cluster::{Cluster, ClusterInfo, KubectlOutput, Mode, repo_dir};
+pub use mandate_testsupport as testsupport;
 pub use namespace::TestNamespace;
 pub use wait::{Check, wait_until};
 
-/// GET `url` over plain HTTP/1.1; the status and the body. For admin ports
-/// (`/readyz`, `/metrics`) of processes a test started.
-pub async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
-    use anyhow::Context;
-    use http_body_util::{BodyExt, Empty};
-    let client: hyper_util::client::legacy::Client<_, Empty<hyper::body::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
-    let resp = tokio::time::timeout(secs(5), client.get(uri))
-        .await
-        .with_context(|| format!("GET {url}: no answer within 5s"))?
-        .with_context(|| format!("GET {url}"))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .with_context(|| format!("reading {url}"))?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// `Duration::from_secs`, shorter to read in deadlines.
-pub fn secs(s: u64) -> std::time::Duration {
-    std::time::Duration::from_secs(s)
-}
+// The helpers that need no cluster live in mandate-testsupport; the ones
+// these tests always use are here too.
+pub use mandate_testsupport::{http_get, secs};

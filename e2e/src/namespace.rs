@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -112,6 +113,48 @@ impl TestNamespace {
                     self.name
                 )
             })
+    }
+
+    /// `kubectl apply -n <this namespace> -f -` of `manifest` (YAML or
+    /// JSON, e.g. a `mandate_testsupport::agent_policy(..).manifest()`); its stdout.
+    pub async fn apply(&self, manifest: &str) -> Result<String> {
+        self.cluster
+            .kubectl_with_input(&["apply", "-n", &self.name, "-f", "-"], manifest)
+            .await
+    }
+
+    /// Create the ServiceAccount `name`.
+    pub async fn create_service_account(&self, name: &str) -> Result<ServiceAccount> {
+        self.create(&serde_json::from_value(
+            serde_json::json!({"metadata": {"name": name}}),
+        )?)
+        .await
+    }
+
+    /// A token of ServiceAccount `sa` for `audience`, bound to `pod` (what
+    /// kubelet projects into the pod), valid for `expiration_seconds`.
+    pub async fn pod_token(&self, sa: &str, pod: &Pod, audience: &str, expiration_seconds: i64) -> Result<String> {
+        let tr = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.into()],
+                expiration_seconds: Some(expiration_seconds),
+                bound_object_ref: Some(BoundObjectReference {
+                    kind: Some("Pod".into()),
+                    api_version: Some("v1".into()),
+                    name: Some(pod.name_any()),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        let got = self
+            .api::<ServiceAccount>()
+            .create_token_request(sa, &PostParams::default(), &tr)
+            .await
+            .with_context(|| format!("TokenRequest for {sa} bound to pod {}", pod.name_any()))?;
+        got.status
+            .map(|s| s.token)
+            .context("no token in the TokenRequest's status")
     }
 
     /// Wait until `check` holds for the object `name` of kind `K`, or fail on

@@ -5,28 +5,21 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use mandate_e2e::testsupport::wait_for;
 use mandate_e2e::{Cluster, secs};
 
 /// Retry `kubectl ARGS` until its output contains `needle` (the apiserver
 /// publishes a new CRD's OpenAPI a moment after it is Established).
 async fn kubectl_until(cluster: &Cluster, args: &[&str], needle: &str, timeout: Duration) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last;
-    loop {
-        last = match cluster.kubectl(args).await {
-            Ok(out) if out.contains(needle) => return Ok(out),
-            Ok(out) => out,
-            Err(e) => format!("{e:#}"),
-        };
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "kubectl {} never showed '{needle}' within {timeout:?}; last output:\n{last}",
-                args.join(" ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for(format!("kubectl {} to show '{needle}'", args.join(" ")), timeout)
+        .every(Duration::from_millis(250))
+        .until_some(async || match cluster.kubectl(args).await {
+            Ok(out) if out.contains(needle) => Ok(Some(out)),
+            Ok(out) => Err(anyhow!("last output:\n{out}")),
+            Err(e) => Err(e),
+        })
+        .await
 }
 
 #[tokio::test]

@@ -2,11 +2,14 @@
 //! reconcilers, admission webhooks, SPIFFE CA and policy distribution.
 
 pub mod admin;
+pub mod args;
 pub mod controllers;
 pub mod distribute;
 pub mod error;
 pub mod leader;
 pub mod lenient;
+pub mod run;
+pub mod secret;
 pub mod spiffe;
 pub mod webhook;
 

@@ -25,20 +25,20 @@
 
 use anyhow::{Result, ensure};
 use mandate_e2e::{Cluster, KubectlOutput, TestNamespace};
+use mandate_testsupport::manifests::DENY_ALL as MODULE;
+use mandate_testsupport::{agent_identity, agent_policy};
 use serde_json::{Value, json};
 
-const MODULE: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\n";
-
 fn policy(spec: Value) -> Value {
-    let mut base = json!({"modules": [{"name": "authz.rego", "rego": MODULE}], "identities": ["a"]});
-    if let (Some(b), Value::Object(extra)) = (base.as_object_mut(), spec) {
-        b.extend(extra);
-    }
-    json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": "p"}, "spec": base})
+    agent_policy("p")
+        .module("authz.rego", MODULE)
+        .identity("a")
+        .merge(spec)
+        .json()
 }
 
 fn identity(spec: Value) -> Value {
-    json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "i"}, "spec": spec})
+    agent_identity("i").merge(spec).json()
 }
 
 async fn apply(ns: &TestNamespace, obj: &Value, extra: &[&str]) -> Result<KubectlOutput> {

@@ -9,21 +9,20 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
-use kube::ResourceExt;
-use kube::api::PostParams;
-use mandate_api::crd::AgentPolicy;
-use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use mandate_api::crd::{AgentPolicy, PolicyMode};
+use mandate_e2e::{Cluster, TestNamespace, secs};
+use mandate_testsupport::manifests::authz_rego;
+use mandate_testsupport::{
+    AgentPolicyBuilder, Process, agent_identity, agent_policy, free_port, try_eventually, workspace_binary,
+};
 use serde_json::json;
 
 mod support;
-use support::{port, sibling};
+use support::{Operator, Sidecar, operator_command};
 
 const TD: &str = "example.org";
 
@@ -32,16 +31,10 @@ struct Ports {
     policy: u16,
 }
 
-async fn start_operator(
-    op: &TestNamespace,
-    agents: &TestNamespace,
-    ports: &Ports,
-    log: &PathBuf,
-) -> Result<tokio::process::Child> {
-    let admin = port();
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
+async fn start_operator(op: &TestNamespace, agents: &TestNamespace, ports: &Ports, log: &Path) -> Result<Operator> {
+    let admin = free_port();
+    let mut cmd = operator_command(op.cluster(), admin);
+    cmd.arg("--no-webhooks")
         .args(["--watch-namespace", agents.name(), "--lease-namespace", op.name()])
         .args([
             "--operator-namespace",
@@ -57,91 +50,18 @@ async fn start_operator(
             "--identity-san",
             "127.0.0.1",
         ])
-        .args(["--policy-addr", &format!("127.0.0.1:{}", ports.policy)])
-        .env("KUBECONFIG", &op.cluster().info().kubeconfig)
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()?;
-    let deadline = tokio::time::Instant::now() + secs(60);
-    while !matches!(
-        http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
-        Ok((200, _))
-    ) {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "operator not ready:\n{}",
-            std::fs::read_to_string(log)?
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(child)
+        .args(["--policy-addr", &format!("127.0.0.1:{}", ports.policy)]);
+    Operator::start(cmd, admin, log, secs(60)).await
 }
 
-struct Sidecar {
-    _child: tokio::process::Child,
-    admin: u16,
-    err: PathBuf,
-}
-
-impl Sidecar {
-    /// `name=version` of each policy it has in force (from its metrics).
-    async fn in_force(&self) -> Vec<String> {
-        let Ok((_, m)) = http_get(&format!("http://127.0.0.1:{}/metrics", self.admin)).await else {
-            return vec![];
-        };
-        let mut out: Vec<String> = m
-            .lines()
-            .filter(|l| l.starts_with("mandate_sidecar_policy_info{"))
-            .filter_map(|l| {
-                let field = |k: &str| {
-                    l.split(&format!("{k}=\""))
-                        .nth(1)
-                        .and_then(|r| r.split('"').next())
-                        .map(str::to_string)
-                };
-                Some(format!("{}={}", field("policy")?, field("version")?))
-            })
-            .collect();
-        out.sort();
-        out
+fn policy(name: &str, identity: &str, rego_body: &str, test: Option<&str>) -> AgentPolicyBuilder {
+    let p = agent_policy(name)
+        .identity(identity)
+        .module("p.rego", &authz_rego(rego_body));
+    match test {
+        Some(t) => p.test("p_test.rego", t),
+        None => p,
     }
-
-    async fn ready(&self) -> bool {
-        matches!(
-            http_get(&format!("http://127.0.0.1:{}/readyz", self.admin)).await,
-            Ok((200, _))
-        )
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-async fn until(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if probe().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn policy(name: &str, identity: &str, rego_body: &str, test: Option<&str>) -> String {
-    let mut spec = json!({
-        "identities": [identity],
-        "modules": [{"name": "p.rego", "rego": format!("package mandate.authz\nimport rego.v1\ndefault decision := false\n{rego_body}\n")}],
-    });
-    if let Some(t) = test {
-        spec["tests"] = json!([{"name": "p_test.rego", "rego": t}]);
-    }
-    json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": name}, "spec": spec})
-        .to_string()
 }
 
 #[tokio::test]
@@ -156,11 +76,11 @@ async fn sidecars_receive_their_agents_policies_and_keep_them_through_operator_l
     let agents = cluster.namespace("dist-agents").await?;
     let log = std::env::temp_dir().join(format!("mandate-dist-{}.log", agents.name()));
     let ports = Ports {
-        identity: port(),
-        policy: port(),
+        identity: free_port(),
+        policy: free_port(),
     };
     let operator = start_operator(&op, &agents, &ports, &log).await?;
-    let result = run(&cluster, &op, &agents, &ports, &log, operator).await;
+    let result = run(&op, &agents, &ports, &log, operator).await;
     if result.is_err() {
         eprintln!("operator log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
@@ -169,33 +89,15 @@ async fn sidecars_receive_their_agents_policies_and_keep_them_through_operator_l
     agents.delete().await
 }
 
-async fn run(
-    cluster: &Cluster,
-    op: &TestNamespace,
-    agents: &TestNamespace,
-    ports: &Ports,
-    log: &PathBuf,
-    operator: tokio::process::Child,
-) -> Result<()> {
+async fn run(op: &TestNamespace, agents: &TestNamespace, ports: &Ports, log: &Path, operator: Operator) -> Result<()> {
     let mut operator = Some(operator);
-    agents
-        .create::<ServiceAccount>(&serde_json::from_value(json!({"metadata": {"name": "agent-sa"}}))?)
-        .await?;
+    agents.create_service_account("agent-sa").await?;
     for id in ["alpha", "beta"] {
-        cluster
-            .kubectl_with_input(
-                &["apply", "-n", agents.name(), "-f", "-"],
-                &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": id},
-                        "spec": {"selector": {"matchLabels": {"agent": id}}}})
-                .to_string(),
-            )
+        agents
+            .apply(&agent_identity(id).match_label("agent", id).manifest())
             .await?;
     }
-    let apply = |yaml: String| async move {
-        cluster
-            .kubectl_with_input(&["apply", "-n", agents.name(), "-f", "-"], &yaml)
-            .await
-    };
+    let apply = |p: AgentPolicyBuilder| async move { agents.apply(&p.manifest()).await };
     apply(policy(
         "alpha-policy",
         "alpha",
@@ -238,51 +140,27 @@ async fn run(
                          "containers": [{"name": "c", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"]}]},
             }))?)
             .await?;
-        let tr = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec!["mandate".into()],
-                expiration_seconds: Some(600),
-                bound_object_ref: Some(BoundObjectReference {
-                    kind: Some("Pod".into()),
-                    api_version: Some("v1".into()),
-                    name: Some(pod.name_any()),
-                    uid: pod.metadata.uid.clone(),
-                }),
-            },
-            ..TokenRequest::default()
-        };
-        let token = agents
-            .api::<ServiceAccount>()
-            .create_token_request("agent-sa", &PostParams::default(), &tr)
-            .await?
-            .status
-            .context("no token")?
-            .token;
+        let token = agents.pod_token("agent-sa", &pod, "mandate", 600).await?;
         std::fs::write(dir.join(format!("{pod_name}.token")), token)?;
-        let admin = port();
+        let admin = free_port();
         let err = dir.join(format!("{pod_name}.err"));
-        let child = tokio::process::Command::new(sibling("mandate-sidecar")?)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", port()),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .args(["--svid-server", &format!("https://127.0.0.1:{}", ports.identity)])
-            .args(["--policy-server", &format!("https://127.0.0.1:{}", ports.policy)])
-            .args(["--trust-domain", TD, "--agent-pod", claim])
-            .arg("--svid-token-file")
-            .arg(dir.join(format!("{pod_name}.token")))
-            .arg("--trust-bundle-file")
-            .arg(dir.join("bundle.pem"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&err)?))
-            .kill_on_drop(true)
-            .spawn()?;
+        let mut cmd = tokio::process::Command::new(workspace_binary("mandate-sidecar")?);
+        cmd.args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args(["--svid-server", &format!("https://127.0.0.1:{}", ports.identity)])
+        .args(["--policy-server", &format!("https://127.0.0.1:{}", ports.policy)])
+        .args(["--trust-domain", TD, "--agent-pod", claim])
+        .arg("--svid-token-file")
+        .arg(dir.join(format!("{pod_name}.token")))
+        .arg("--trust-bundle-file")
+        .arg(dir.join("bundle.pem"));
         sidecars.push(Sidecar {
-            _child: child,
+            process: Process::spawn_split("mandate-sidecar", &mut cmd, None, &err)?,
             admin,
-            err,
         });
     }
     let intruder = sidecars.pop().context("no intruder")?;
@@ -293,7 +171,7 @@ async fn run(
         let p = policies.get_status(name).await?;
         p.status.and_then(|s| s.version).context("no version yet")
     };
-    until("alpha-policy to be Ready", secs(30), async || {
+    try_eventually("alpha-policy to be Ready", secs(30), async || {
         Ok(version("alpha-policy").await.is_ok())
     })
     .await?;
@@ -302,19 +180,19 @@ async fn run(
 
     // Each alpha sidecar has exactly alpha's policy; beta's has beta's.
     for s in &sidecars {
-        until("an alpha sidecar's set", secs(30), async || {
+        try_eventually("an alpha sidecar's set", secs(30), async || {
             Ok(s.in_force().await == [format!("{ns}/alpha-policy={v1}")] && s.ready().await)
         })
         .await
         .with_context(|| s.log())?;
     }
-    until("beta's set", secs(30), async || {
+    try_eventually("beta's set", secs(30), async || {
         Ok(beta.in_force().await == [format!("{ns}/beta-policy={beta_v}")])
     })
     .await
     .with_context(|| beta.log())?;
     // The intruder's claim on beta's pod is refused: it has no set, and is not ready.
-    until("the intruder to be refused", secs(30), async || {
+    try_eventually("the intruder to be refused", secs(30), async || {
         Ok(intruder.log().contains("is not an agent of"))
     })
     .await
@@ -327,7 +205,7 @@ async fn run(
 
     // Status: 3 of alpha's 4 pods run the version (the intruder's pod,
     // alpha-3, has a sidecar that runs nothing: it counts as stale).
-    until("alpha-policy 3/4 in force", secs(30), async || {
+    try_eventually("alpha-policy 3/4 in force", secs(30), async || {
         let p = policies.get_status("alpha-policy").await?;
         Ok(p.status.and_then(|s| s.in_force).as_deref() == Some("3/4"))
     })
@@ -342,13 +220,13 @@ async fn run(
         None,
     ))
     .await?;
-    until("alpha-policy's new version", secs(30), async || {
+    try_eventually("alpha-policy's new version", secs(30), async || {
         Ok(version("alpha-policy").await? != v1)
     })
     .await?;
     let v2 = version("alpha-policy").await?;
     for s in &sidecars {
-        until("the new version in a sidecar", secs(30), async || {
+        try_eventually("the new version in a sidecar", secs(30), async || {
             Ok(s.in_force().await == [format!("{ns}/alpha-policy={v2}")])
         })
         .await?;
@@ -365,7 +243,7 @@ async fn run(
         Some(failing),
     ))
     .await?;
-    until("status to explain the failing version", secs(30), async || {
+    try_eventually("status to explain the failing version", secs(30), async || {
         let p = policies.get_status("alpha-policy").await?;
         let st = p.status.clone().unwrap_or_default();
         let ready = st.conditions.iter().find(|c| c.type_ == "Ready").cloned();
@@ -382,11 +260,11 @@ async fn run(
     }
 
     // Operator down: the sidecars keep their set and stay ready.
-    if let Some(mut child) = operator.take() {
-        child.kill().await?;
+    if let Some(mut operator) = operator.take() {
+        operator.process.kill().await?;
     }
     for s in &sidecars {
-        until("the sidecar to notice the lost stream", secs(30), async || {
+        try_eventually("the sidecar to notice the lost stream", secs(30), async || {
             Ok(s.log().contains("no policy stream") || s.log().contains("stream ended"))
         })
         .await?;
@@ -405,13 +283,13 @@ async fn run(
     ))
     .await?;
     let _restarted = start_operator(op, agents, ports, log).await?;
-    until("alpha-policy's version after the restart", secs(60), async || {
+    try_eventually("alpha-policy's version after the restart", secs(60), async || {
         Ok(version("alpha-policy").await? != v2)
     })
     .await?;
     let v3 = version("alpha-policy").await?;
     for s in &sidecars {
-        until("the resync", secs(60), async || {
+        try_eventually("the resync", secs(60), async || {
             Ok(s.in_force().await == [format!("{ns}/alpha-policy={v3}")])
         })
         .await
@@ -425,15 +303,15 @@ async fn run(
         "decision if input.attributes.request.http.method == \"OPTIONS\"",
         None,
     )
-    .replace(r#""identities""#, r#""mode":"DryRun","identities""#);
+    .mode(PolicyMode::DryRun);
     apply(dry).await?;
-    until("the DryRun version", secs(30), async || {
+    try_eventually("the DryRun version", secs(30), async || {
         Ok(version("alpha-policy").await? != v3)
     })
     .await?;
     let v4 = version("alpha-policy").await?;
     for s in &sidecars {
-        until("the DryRun version in a sidecar", secs(30), async || {
+        try_eventually("the DryRun version in a sidecar", secs(30), async || {
             Ok(s.in_force().await == [format!("{ns}/alpha-policy={v4}")])
         })
         .await?;

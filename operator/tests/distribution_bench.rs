@@ -8,20 +8,17 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // a benchmark harness
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams, PostParams};
 use mandate_api::crd::{AgentIdentity, AgentPolicy};
-use mandate_e2e::{Cluster, http_get, secs};
+use mandate_e2e::{Cluster, secs};
+use mandate_testsupport::{
+    Process, agent_identity, agent_policy, eventually, free_port as port, http_ok, wait_for, workspace_binary,
+};
 use serde_json::json;
-
-mod support;
-use support::port;
 
 const TD: &str = "example.org";
 const SIDECARS: usize = 50;
@@ -70,8 +67,8 @@ async fn distribution_benchmark() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")));
     println!("operator binary: {}", operator_bin.display());
-    let mut operator = tokio::process::Command::new(&operator_bin)
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
+    let mut cmd = tokio::process::Command::new(&operator_bin);
+    cmd.args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
         .args(["--watch-namespace", ns.name(), "--lease-namespace", op.name()])
         .args(["--operator-namespace", op.name(), "--trust-domain", TD])
         .args([
@@ -86,31 +83,20 @@ async fn distribution_benchmark() -> Result<()> {
         // As the chart runs it: glibc's malloc limited to two arenas (without
         // it, fragmentation across per-thread arenas costs ~60 MiB here; musl
         // builds ignore it).
-        .env("MALLOC_ARENA_MAX", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log)?))
-        .kill_on_drop(true)
-        .spawn()?;
+        .env("MALLOC_ARENA_MAX", "2");
+    let mut operator = Process::spawn_split("mandate-operator", &mut cmd, None, &log)?;
     let pid = operator.id().context("no operator pid")?;
-    let deadline = tokio::time::Instant::now() + secs(60);
-    while !matches!(
-        http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
-        Ok((200, _))
-    ) {
-        ensure!(tokio::time::Instant::now() < deadline, "operator not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ns.create::<ServiceAccount>(&serde_json::from_value(json!({"metadata": {"name": "agent-sa"}}))?)
-        .await?;
-    ns.create::<AgentIdentity>(&serde_json::from_value(json!({
-        "metadata": {"name": "agent"}, "spec": {"selector": {"matchLabels": {"agent": "bench"}}}}))?)
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    eventually("the operator to be ready", secs(60), async || http_ok(&readyz).await)
+        .await
+        .context("operator not ready")?;
+    ns.create_service_account("agent-sa").await?;
+    ns.create::<AgentIdentity>(&agent_identity("agent").match_label("agent", "bench").parse()?)
         .await?;
     let policies = ns.api::<AgentPolicy>();
+    let policy_i = |i: usize| agent_policy("p").identity("agent").module("p.rego", &rego(i));
     let apply = |i: usize| {
-        let p: AgentPolicy = serde_json::from_value(json!({
-            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": "p"},
-            "spec": {"identities": ["agent"], "modules": [{"name": "p.rego", "rego": rego(i)}]}}))
-        .unwrap();
+        let p: AgentPolicy = policy_i(i).parse().unwrap();
         let policies = policies.clone();
         async move {
             policies
@@ -130,7 +116,7 @@ async fn distribution_benchmark() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("mandate-bench-{}", ns.name()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("bundle.pem"), &bundle)?;
-    let sidecar_bin = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name("mandate-sidecar");
+    let sidecar_bin = workspace_binary("mandate-sidecar")?;
     let mut children = Vec::new();
     let mut logs = Vec::new();
     for i in 0..SIDECARS {
@@ -143,49 +129,25 @@ async fn distribution_benchmark() -> Result<()> {
                          "containers": [{"name": "c", "image": "none:1"}]},
             }))?)
             .await?;
-        let tr = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec!["mandate".into()],
-                expiration_seconds: Some(3600),
-                bound_object_ref: Some(BoundObjectReference {
-                    kind: Some("Pod".into()),
-                    api_version: Some("v1".into()),
-                    name: Some(pod.name_any()),
-                    uid: pod.metadata.uid.clone(),
-                }),
-            },
-            ..TokenRequest::default()
-        };
-        let token = ns
-            .api::<ServiceAccount>()
-            .create_token_request("agent-sa", &PostParams::default(), &tr)
-            .await?
-            .status
-            .context("no token")?
-            .token;
+        let token = ns.pod_token("agent-sa", &pod, "mandate", 3600).await?;
         let tok = dir.join(format!("{i}.token"));
         std::fs::write(&tok, token)?;
         let err = dir.join(format!("{i}.err"));
-        children.push(
-            tokio::process::Command::new(&sidecar_bin)
-                .args([
-                    "--listen",
-                    &format!("127.0.0.1:{}", port()),
-                    "--admin-listen",
-                    &format!("127.0.0.1:{}", port()),
-                ])
-                .args(["--svid-server", &format!("https://127.0.0.1:{identity}")])
-                .args(["--policy-server", &format!("https://127.0.0.1:{policy}")])
-                .args(["--trust-domain", TD, "--agent-pod", &pod.name_any(), "--log", "info"])
-                .arg("--svid-token-file")
-                .arg(&tok)
-                .arg("--trust-bundle-file")
-                .arg(dir.join("bundle.pem"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(std::fs::File::create(&err)?))
-                .kill_on_drop(true)
-                .spawn()?,
-        );
+        let mut cmd = tokio::process::Command::new(&sidecar_bin);
+        cmd.args([
+            "--listen",
+            &format!("127.0.0.1:{}", port()),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", port()),
+        ])
+        .args(["--svid-server", &format!("https://127.0.0.1:{identity}")])
+        .args(["--policy-server", &format!("https://127.0.0.1:{policy}")])
+        .args(["--trust-domain", TD, "--agent-pod", &pod.name_any(), "--log", "info"])
+        .arg("--svid-token-file")
+        .arg(&tok)
+        .arg("--trust-bundle-file")
+        .arg(dir.join("bundle.pem"));
+        children.push(Process::spawn_split("mandate-sidecar", &mut cmd, None, &err)?);
         logs.push(err);
     }
 
@@ -193,44 +155,39 @@ async fn distribution_benchmark() -> Result<()> {
     let enforced_at = |version: String| {
         let logs = logs.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + secs(60);
-            loop {
-                let mut times = Vec::new();
-                for l in &logs {
-                    let text = std::fs::read_to_string(l).unwrap_or_default();
-                    let line = text
-                        .lines()
-                        .find(|x| x.contains("policy in force (pushed)") && x.contains(&version));
-                    if let Some(t) = line.and_then(|x| x.split_whitespace().next()) {
-                        // Strip ANSI colour codes around the timestamp.
-                        let clean: String = t.replace("\u{1b}[2m", "").replace("\u{1b}[0m", "");
-                        if let Ok(ts) = clean.parse::<jiff::Timestamp>() {
-                            times.push(ts);
+            let mut enforcing = 0;
+            wait_for(format!("every sidecar to enforce {version}"), secs(60))
+                .until_some(async || {
+                    let mut times = Vec::new();
+                    for l in &logs {
+                        let text = std::fs::read_to_string(l).unwrap_or_default();
+                        let line = text
+                            .lines()
+                            .find(|x| x.contains("policy in force (pushed)") && x.contains(&version));
+                        if let Some(t) = line.and_then(|x| x.split_whitespace().next()) {
+                            // Strip ANSI colour codes around the timestamp.
+                            let clean: String = t.replace("\u{1b}[2m", "").replace("\u{1b}[0m", "");
+                            if let Ok(ts) = clean.parse::<jiff::Timestamp>() {
+                                times.push(ts);
+                            }
                         }
                     }
-                }
-                if times.len() == logs.len() {
-                    return Ok::<_, anyhow::Error>(times.into_iter().max().unwrap());
-                }
-                ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {} of {} sidecars enforce {version}",
-                    times.len(),
-                    logs.len()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+                    if times.len() == logs.len() {
+                        return Ok(times.into_iter().max());
+                    }
+                    enforcing = times.len();
+                    Ok(None)
+                })
+                .await
+                .with_context(|| format!("only {enforcing} of {} sidecars enforce {version}", logs.len()))
         }
     };
-    let first = mandate_policy::version(&serde_json::from_value(json!({
-        "identities": ["agent"], "modules": [{"name": "p.rego", "rego": rego(0)}]}))?);
+    let first = mandate_policy::version(&policy_i(0).spec()?);
     enforced_at(first).await?;
 
     let mut lat = Vec::new();
     for i in 1..=CHANGES {
-        let spec = serde_json::from_value(json!({
-            "identities": ["agent"], "modules": [{"name": "p.rego", "rego": rego(i)}]}))?;
-        let v = mandate_policy::version(&spec);
+        let v = mandate_policy::version(&policy_i(i).spec()?);
         let t0 = jiff::Timestamp::now();
         apply(i).await?;
         let done = enforced_at(v).await?;
@@ -248,36 +205,34 @@ async fn distribution_benchmark() -> Result<()> {
 
     // Scale: 1 000 policies and 10 000 identities' worth of objects.
     for i in 0..1000 {
-        let p: AgentPolicy = serde_json::from_value(json!({
-            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": format!("scale-{i}")},
-            "spec": {"identities": [format!("id-{}", i % 100)], "modules": [{"name": "p.rego", "rego": rego(i)}]}}))?;
+        let p: AgentPolicy = agent_policy(&format!("scale-{i}"))
+            .identity(&format!("id-{}", i % 100))
+            .module("p.rego", &rego(i))
+            .parse()?;
         policies.create(&PostParams::default(), &p).await?;
     }
     let ids = ns.api::<AgentIdentity>();
     for i in 0..10_000 {
-        let id: AgentIdentity = serde_json::from_value(json!({
-            "metadata": {"name": format!("id-{i}")},
-            "spec": {"selector": {"matchLabels": {"agent": format!("a{i}")}}}}))?;
+        let id: AgentIdentity = agent_identity(&format!("id-{i}"))
+            .match_label("agent", &format!("a{i}"))
+            .parse()?;
         ids.create(&PostParams::default(), &id).await?;
     }
     // Let the operator reconcile them all (each policy Ready).
-    let deadline = tokio::time::Instant::now() + secs(600);
-    loop {
-        let list = policies.list(&Default::default()).await?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.version.as_ref()).is_some())
-            .count();
-        if ready >= 1001 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "only {ready} policies reconciled"
-        );
-        tokio::time::sleep(secs(1)).await;
-    }
+    let mut ready = 0;
+    wait_for("the operator to reconcile all 1 001 policies", secs(600))
+        .every(secs(1))
+        .until_ok(async || {
+            let list = policies.list(&Default::default()).await?;
+            ready = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.version.as_ref()).is_some())
+                .count();
+            Ok(ready >= 1001)
+        })
+        .await
+        .with_context(|| format!("only {ready} policies reconciled"))?;
     println!(
         "operator RSS with 1 000 policies, 10 000 identities, {SIDECARS} streams: {:.1} MiB, peak {:.1} MiB (target <= 150 MiB)",
         rss_mib(pid),

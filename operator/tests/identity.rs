@@ -11,44 +11,41 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
-use kube::ResourceExt;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::DeleteParams;
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use mandate_identity::verify::{SpiffeVerifier, spiffe_id_of};
 use mandate_proto::identity::v1::SignSvidRequest;
 use mandate_proto::identity::v1::identity_client::IdentityClient;
+use mandate_testsupport::manifests::DENY_ALL;
+use mandate_testsupport::{
+    Process, agent_identity, agent_policy, eventually, free_port, http_ok, try_eventually, wait_for, workspace_binary,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
 mod support;
-use support::sibling;
+use support::operator_command;
 
 const TD: &str = "example.org";
 
 struct Operator {
-    _child: tokio::process::Child,
+    op: support::Operator,
     port: u16,
-    log: PathBuf,
 }
 
 impl Operator {
     async fn start(op: &TestNamespace, agents: &TestNamespace) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = free_port();
+        let admin = free_port();
         let log = std::env::temp_dir().join(format!("mandate-identity-{}.log", agents.name()));
-        let out = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
+        let mut cmd = operator_command(op.cluster(), admin);
+        cmd.arg("--no-webhooks")
             .args(["--watch-namespace", agents.name(), "--lease-namespace", op.name()])
             .args(["--operator-namespace", op.name(), "--trust-domain", TD])
             .args([
@@ -59,34 +56,13 @@ impl Operator {
                 "--policy-addr",
                 "127.0.0.1:0",
             ])
-            .env("KUBECONFIG", &op.cluster().info().kubeconfig)
-            .env("MANDATE_LOG", "info,mandate_operator=debug")
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .kill_on_drop(true)
-            .spawn()?;
-        let me = Self {
-            _child: child,
-            port,
-            log,
-        };
-        let deadline = tokio::time::Instant::now() + secs(60);
-        while !matches!(
-            http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
-            Ok((200, _))
-        ) {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "operator not ready:\n{}",
-                me.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(me)
+            .env("MANDATE_LOG", "info,mandate_operator=debug");
+        let op = support::Operator::start(cmd, admin, &log, secs(60)).await?;
+        Ok(Self { op, port })
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.op.logs()
     }
 }
 
@@ -154,25 +130,7 @@ async fn pod(ns: &TestNamespace, name: &str, sa: &str, labels: serde_json::Value
 }
 
 async fn token(ns: &TestNamespace, sa: &str, pod: &Pod, audience: &str) -> Result<String> {
-    let tr = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.into()],
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                kind: Some("Pod".into()),
-                api_version: Some("v1".into()),
-                name: Some(pod.name_any()),
-                uid: pod.metadata.uid.clone(),
-            }),
-        },
-        ..TokenRequest::default()
-    };
-    let got = ns
-        .api::<ServiceAccount>()
-        .create_token_request(sa, &PostParams::default(), &tr)
-        .await
-        .context("TokenRequest")?;
-    got.status.map(|s| s.token).context("no token")
+    ns.pod_token(sa, pod, audience, 600).await
 }
 
 #[tokio::test]
@@ -198,16 +156,14 @@ async fn sidecars_get_their_agents_svid_and_nothing_else_is_signed() -> Result<(
 
 async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, operator: &Operator) -> Result<()> {
     for sa in ["agent-sa", "other-sa"] {
-        agents
-            .create::<ServiceAccount>(&serde_json::from_value(json!({"metadata": {"name": sa}}))?)
-            .await?;
+        agents.create_service_account(sa).await?;
     }
-    cluster
-        .kubectl_with_input(
-            &["apply", "-n", agents.name(), "-f", "-"],
-            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "researcher"},
-                    "spec": {"selector": {"matchLabels": {"agent": "researcher"}}, "svidTtl": "1m"}})
-            .to_string(),
+    agents
+        .apply(
+            &agent_identity("researcher")
+                .match_label("agent", "researcher")
+                .svid_ttl("1m")
+                .manifest(),
         )
         .await?;
     let agent = pod(agents, "agent-1", "agent-sa", json!({"agent": "researcher"})).await?;
@@ -328,11 +284,10 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
         dir.join("policies/p.yaml"),
         "apiVersion: mandate.dev/v1alpha1\nkind: AgentPolicy\nmetadata: {name: p}\nspec:\n  modules:\n  - name: p.rego\n    rego: |\n      package mandate.authz\n      import rego.v1\n      decision if input.agent.spiffe_id != \"\"\n",
     )?;
-    let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let grpc = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let err = std::fs::File::create(dir.join("sidecar.err"))?;
-    let _sidecar = tokio::process::Command::new(sibling("mandate-sidecar")?)
-        .arg("--policy")
+    let admin = free_port();
+    let grpc = free_port();
+    let mut cmd = tokio::process::Command::new(workspace_binary("mandate-sidecar")?);
+    cmd.arg("--policy")
         .arg(dir.join("policies"))
         .args([
             "--listen",
@@ -349,23 +304,12 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
         .arg("--svid-token-file")
         .arg(dir.join("token"))
         .arg("--trust-bundle-file")
-        .arg(dir.join("bundle.pem"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(err))
-        .kill_on_drop(true)
-        .spawn()?;
-    let deadline = tokio::time::Instant::now() + secs(30);
-    loop {
-        if let Ok((200, _)) = http_get(&format!("http://127.0.0.1:{admin}/readyz")).await {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the sidecar never became ready:\n{}",
-            std::fs::read_to_string(dir.join("sidecar.err")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .arg(dir.join("bundle.pem"));
+    let sidecar = Process::spawn_split("mandate-sidecar", &mut cmd, None, &dir.join("sidecar.err"))?;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    eventually("the sidecar to be ready", secs(30), async || http_ok(&readyz).await)
+        .await
+        .with_context(|| format!("the sidecar never became ready:\n{}", sidecar.log()))?;
     let err = std::fs::read_to_string(dir.join("sidecar.err"))?;
     ensure!(err.contains("X.509-SVID obtained") && err.contains(&want), "{err}");
     let (_, metrics) = http_get(&format!("http://127.0.0.1:{admin}/metrics")).await?;
@@ -373,17 +317,16 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
 
     // With a one-minute TTL the sidecar renews at half-life and stays ready
     // throughout.
-    let deadline = tokio::time::Instant::now() + secs(75);
-    loop {
-        let (code, body) = http_get(&format!("http://127.0.0.1:{admin}/readyz")).await?;
-        ensure!(code == 200, "the sidecar stopped being ready while renewing: {body}");
-        let err = std::fs::read_to_string(dir.join("sidecar.err"))?;
-        if err.matches("X.509-SVID obtained").count() >= 2 {
-            break;
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "no renewal within 75s:\n{err}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for("the sidecar to renew its SVID (a second one within 75s)", secs(75))
+        .every(Duration::from_millis(250))
+        .until_ok(async || {
+            let (code, body) = http_get(&readyz).await?;
+            ensure!(code == 200, "the sidecar stopped being ready while renewing: {body}");
+            let err = std::fs::read_to_string(dir.join("sidecar.err"))?;
+            Ok(err.matches("X.509-SVID obtained").count() >= 2)
+        })
+        .await
+        .with_context(|| format!("sidecar log:\n{}", sidecar.log()))?;
 
     // The identity's status shows which pod obtained an SVID, and until when.
     let id: mandate_api::crd::AgentIdentity = agents
@@ -400,43 +343,39 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
 
     // `mandate agents`: the identity, its SPIFFE ID, its pod with its SVID,
     // and the policy bound to it.
-    cluster
-        .kubectl_with_input(
-            &["apply", "-n", agents.name(), "-f", "-"],
-            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": "for-researcher"},
-                    "spec": {"identities": ["researcher"], "modules": [{"name": "p.rego",
-                             "rego": "package mandate.authz\nimport rego.v1\ndefault decision := false\n"}]}})
-            .to_string(),
+    agents
+        .apply(
+            &agent_policy("for-researcher")
+                .identity("researcher")
+                .module("p.rego", DENY_ALL)
+                .manifest(),
         )
         .await?;
-    let deadline = tokio::time::Instant::now() + secs(30);
-    loop {
-        let out = tokio::process::Command::new(sibling("mandate")?)
-            .args(["agents", "-n", agents.name()])
-            .env("KUBECONFIG", &cluster.info().kubeconfig)
-            .output()
-            .await?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let line = text
-            .lines()
-            .find(|l| l.contains("agent-1"))
-            .unwrap_or_default()
-            .to_string();
-        if out.status.success()
-            && line.contains("researcher")
-            && line.contains(&want)
-            && !line.contains("no SVID")
-            && line.contains("for-researcher(Enforce)")
-        {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "mandate agents:\n{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mandate = workspace_binary("mandate")?;
+    let mut last = String::new();
+    wait_for("`mandate agents` to show agent-1's SVID and policy", secs(30))
+        .every(Duration::from_millis(200))
+        .until_ok(async || {
+            let out = tokio::process::Command::new(&mandate)
+                .args(["agents", "-n", agents.name()])
+                .env("KUBECONFIG", &cluster.info().kubeconfig)
+                .output()
+                .await?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text
+                .lines()
+                .find(|l| l.contains("agent-1"))
+                .unwrap_or_default()
+                .to_string();
+            last = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+            Ok(out.status.success()
+                && line.contains("researcher")
+                && line.contains(&want)
+                && !line.contains("no SVID")
+                && line.contains("for-researcher(Enforce)"))
+        })
+        .await
+        .with_context(|| format!("mandate agents:\n{last}"))?;
 
     // A token whose pod is gone: refused (the apiserver or the UID check).
     let doomed = pod(agents, "agent-2", "agent-sa", json!({"agent": "researcher"})).await?;
@@ -445,11 +384,12 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
         .api::<Pod>()
         .delete("agent-2", &DeleteParams::default().grace_period(0))
         .await?;
-    let deadline = tokio::time::Instant::now() + secs(30);
-    while agents.api::<Pod>().get_opt("agent-2").await?.is_some() {
-        ensure!(tokio::time::Instant::now() < deadline, "agent-2 is not deleted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pods = agents.api::<Pod>();
+    try_eventually("agent-2 to be deleted", secs(30), async || {
+        Ok(pods.get_opt("agent-2").await?.is_none())
+    })
+    .await
+    .context("agent-2 is not deleted")?;
     let mut c2 = c.clone();
     let replay = c2
         .sign_svid(SignSvidRequest {

@@ -24,15 +24,16 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use mandate_testsupport::{agent_identity, free_port_on, wait_for, workspace_binary};
 use serde_json::{Value, json};
 
 mod support;
-use support::{Webhooks, sibling};
+use support::Webhooks;
 
 const TESTBIN: &str = "mandate.local/testbin:dev";
 const SIDECAR: &str = "mandate.local/sidecar:dev";
@@ -91,21 +92,8 @@ fn started_at(pod: &Pod, name: &str) -> Option<Time> {
         .or_else(|| state.terminated.as_ref().and_then(|t| t.started_at.clone()))
 }
 
-async fn until<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match probe().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+/// Probes here ask the apiserver or the agent pod: every 200 ms.
+const EVERY: Duration = Duration::from_millis(200);
 
 #[tokio::test]
 #[cfg_attr(
@@ -135,8 +123,12 @@ async fn injected_agent(native: bool) -> Result<()> {
     let cluster = Cluster::connect().await?;
     cluster.require_node()?;
     cluster.install_crds().await?;
-    cluster.load_image(TESTBIN, &sibling("mandate-testbin")?).await?;
-    cluster.load_image(SIDECAR, &sibling("mandate-sidecar")?).await?;
+    cluster
+        .load_image(TESTBIN, &workspace_binary("mandate-testbin")?)
+        .await?;
+    cluster
+        .load_image(SIDECAR, &workspace_binary("mandate-sidecar")?)
+        .await?;
     let mode = if native { "native" } else { "never" };
     let op = cluster.namespace(&format!("inj-op-{mode}")).await?;
     let agents = cluster.namespace(&format!("inj-{mode}")).await?;
@@ -150,8 +142,8 @@ async fn injected_agent(native: bool) -> Result<()> {
         .next()
         .context("no apiserver host")?
         .to_string();
-    let port = std::net::TcpListener::bind((node_ip.as_str(), 0))?.local_addr()?.port();
-    let policy_port = std::net::TcpListener::bind((node_ip.as_str(), 0))?.local_addr()?.port();
+    let port = free_port_on(&node_ip)?;
+    let policy_port = free_port_on(&node_ip)?;
     let hooks = Webhooks::start_with(
         &cluster,
         &op,
@@ -207,15 +199,12 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     let up_ip = upstream.status.and_then(|s| s.pod_ip).context("upstream has no IP")?;
 
     // Its policy (pushed by the operator) and its identity.
-    cluster
-        .kubectl_with_input(&["apply", "-n", agents.name(), "-f", "-"], POLICY)
-        .await?;
-    cluster
-        .kubectl_with_input(
-            &["apply", "-n", agents.name(), "-f", "-"],
-            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "researcher"},
-                    "spec": {"selector": {"matchLabels": {"agent": "researcher"}}}})
-            .to_string(),
+    agents.apply(POLICY).await?;
+    agents
+        .apply(
+            &agent_identity("researcher")
+                .match_label("agent", "researcher")
+                .manifest(),
         )
         .await?;
 
@@ -241,21 +230,23 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     let api = agents.api::<Pod>();
     // The webhook sees a just-created identity within a moment; until then
     // the pod is not (yet) an agent and would go in uninjected.
-    until("the agent pod to be created injected", secs(20), async || {
-        let created = api.create(&Default::default(), &agent_pod).await?;
-        let spec = created.spec.as_ref().unwrap();
-        if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
-            return Ok(Some(()));
-        }
-        api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
-            .await?;
-        until("the uninjected pod to go", secs(30), async || {
-            Ok(api.get_opt("agent").await?.is_none().then_some(()))
+    wait_for("the agent pod to be created injected", secs(20))
+        .every(EVERY)
+        .until_some(async || {
+            let created = api.create(&Default::default(), &agent_pod).await?;
+            let spec = created.spec.as_ref().unwrap();
+            if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
+                return Ok(Some(()));
+            }
+            api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
+                .await?;
+            wait_for("the uninjected pod to go", secs(30))
+                .every(EVERY)
+                .until_some(async || Ok(api.get_opt("agent").await?.is_none().then_some(())))
+                .await?;
+            Ok(None)
         })
         .await?;
-        Ok(None)
-    })
-    .await?;
     let running = agents.wait_pod_ready("agent", secs(120)).await?;
     let spec = running.spec.as_ref().unwrap();
     let names = |cs: &[k8s_openapi::api::core::v1::Container]| cs.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
@@ -356,33 +347,36 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
 
     // The policy's status counts this sidecar as running its version.
     let policies = agents.api::<mandate_api::crd::AgentPolicy>();
-    until("reads-only to be 1/1 in force", secs(30), async || {
-        let p = policies.get_status("reads-only").await?;
-        Ok((p.status.and_then(|s| s.in_force).as_deref() == Some("1/1")).then_some(()))
-    })
-    .await?;
+    wait_for("reads-only to be 1/1 in force", secs(30))
+        .every(EVERY)
+        .until_some(async || {
+            let p = policies.get_status("reads-only").await?;
+            Ok((p.status.and_then(|s| s.in_force).as_deref() == Some("1/1")).then_some(()))
+        })
+        .await?;
 
     // A change is pushed and enforced without restarting anything.
     let applied = tokio::time::Instant::now();
-    cluster
-        .kubectl_with_input(
-            &["apply", "-n", agents.name(), "-f", "-"],
-            &POLICY.replace(r#"startswith(input.attributes.request.http.path, "/allowed")"#, "true"),
-        )
+    agents
+        .apply(&POLICY.replace(r#"startswith(input.attributes.request.http.path, "/allowed")"#, "true"))
         .await?;
-    until("the changed policy to be enforced", secs(30), async || {
-        let r = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/secret")).await?;
-        Ok((r["status"] == 200).then_some(()))
-    })
-    .await?;
+    wait_for("the changed policy to be enforced", secs(30))
+        .every(EVERY)
+        .until_some(async || {
+            let r = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/secret")).await?;
+            Ok((r["status"] == 200).then_some(()))
+        })
+        .await?;
     eprintln!("apply -> enforced in the pod: {:?}", applied.elapsed());
-    until("the new version to be 1/1 in force", secs(30), async || {
-        let p = policies.get_status("reads-only").await?;
-        let st = p.status.unwrap_or_default();
-        let current = st.version == Some(mandate_policy::version(&p.spec));
-        Ok((current && st.in_force.as_deref() == Some("1/1")).then_some(()))
-    })
-    .await?;
+    wait_for("the new version to be 1/1 in force", secs(30))
+        .every(EVERY)
+        .until_some(async || {
+            let p = policies.get_status("reads-only").await?;
+            let st = p.status.unwrap_or_default();
+            let current = st.version == Some(mandate_policy::version(&p.spec));
+            Ok((current && st.in_force.as_deref() == Some("1/1")).then_some(()))
+        })
+        .await?;
 
     // Kill the sidecar: everything is denied until it is back.
     let restarts = |p: &Pod| status_of(p, "mandate-sidecar").map(|c| c.restart_count).unwrap_or(0);
@@ -408,20 +402,23 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     // While it is down (before kubelet has it back and ready), requests are
     // denied; at least one attempt must land in that window.
     let mut denied_while_down = 0;
-    until("the sidecar to be restarted and ready", secs(120), async || {
-        let r = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/allowed/2")).await?;
-        let pod = api.get("agent").await?;
-        let back = restarts(&pod) > before && matches!(mandate_e2e::pods::ready(Some(&pod)), mandate_e2e::Check::Done);
-        match r["status"].as_u64() {
-            Some(200) if back => Ok(Some(())),
-            Some(403) => {
-                denied_while_down += 1;
-                Ok(None)
+    wait_for("the sidecar to be restarted and ready", secs(120))
+        .every(EVERY)
+        .until_some(async || {
+            let r = agent_does(&ip, "GET", &format!("http://{up_ip}:8080/allowed/2")).await?;
+            let pod = api.get("agent").await?;
+            let back =
+                restarts(&pod) > before && matches!(mandate_e2e::pods::ready(Some(&pod)), mandate_e2e::Check::Done);
+            match r["status"].as_u64() {
+                Some(200) if back => Ok(Some(())),
+                Some(403) => {
+                    denied_while_down += 1;
+                    Ok(None)
+                }
+                _ => Ok(None),
             }
-            _ => Ok(None),
-        }
-    })
-    .await?;
+        })
+        .await?;
     ensure!(
         denied_while_down > 0,
         "no request was seen denied while the sidecar was down"

@@ -10,9 +10,6 @@
 
 #![allow(clippy::expect_used)] // test fixtures may panic on their own bugs
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -22,61 +19,49 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use mandate_api::crd::{AgentIdentity, AgentPolicy};
 use mandate_e2e::{Check, Cluster, TestNamespace, http_get, secs};
+use mandate_testsupport::manifests::ALLOW_GET as GOOD;
+use mandate_testsupport::{agent_identity, agent_policy, free_port, wait_for};
 use serde_json::json;
+
+mod support;
+use support::operator_command;
 
 /// One `mandate-operator` process, killed when dropped.
 struct Operator {
-    child: tokio::process::Child,
+    op: support::Operator,
     admin: String,
     identity: String,
-    log: PathBuf,
 }
 
 impl Operator {
     async fn start(cluster: &Cluster, ns: &str, identity: &str) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = free_port();
         let log = std::env::temp_dir().join(format!("mandate-operator-{ns}-{identity}.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
-            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
-            .args([
-                "--watch-namespace",
-                ns,
-                "--lease-namespace",
-                ns,
-                "--lease-duration-seconds",
-                "3",
-            ])
-            .args(["--identity", identity, "--trust-domain", "example.org"])
-            // Reconcilers only: no webhooks, no CA (their own tests cover them).
-            .args(["--no-webhooks", "--no-identity"])
-            .env("KUBECONFIG", &cluster.info().kubeconfig)
-            .env("MANDATE_LOG", "info,mandate_operator=debug")
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting mandate-operator")?;
-        let op = Self {
-            child,
+        let mut cmd = operator_command(cluster, port);
+        cmd.args([
+            "--watch-namespace",
+            ns,
+            "--lease-namespace",
+            ns,
+            "--lease-duration-seconds",
+            "3",
+        ])
+        .args(["--identity", identity, "--trust-domain", "example.org"])
+        // Reconcilers only: no webhooks, no CA (their own tests cover them).
+        .args(["--no-webhooks", "--no-identity"])
+        .env("MANDATE_LOG", "info,mandate_operator=debug");
+        let op = support::Operator::start(cmd, port, &log, secs(30))
+            .await
+            .with_context(|| format!("operator {identity} never became ready"))?;
+        Ok(Self {
+            op,
             admin: format!("http://127.0.0.1:{port}"),
             identity: identity.into(),
-            log,
-        };
-        let deadline = tokio::time::Instant::now() + secs(30);
-        loop {
-            if let Ok((200, _)) = http_get(&format!("{}/readyz", op.admin)).await {
-                return Ok(op);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("operator {identity} never became ready:\n{}", op.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.op.logs()
     }
 
     /// The value of the `mandate_operator_leader` gauge.
@@ -96,16 +81,13 @@ async fn setup(prefix: &str) -> Result<(Cluster, TestNamespace)> {
     Ok((cluster, ns))
 }
 
-const GOOD: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
 const BROKEN: &str = "package mandate.authz\nimport rego.v1\ndecision if {\n  input.x ==\n}\n";
 
 fn policy(name: &str, rego: &str) -> AgentPolicy {
-    serde_json::from_value(json!({
-        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
-        "metadata": {"name": name},
-        "spec": {"modules": [{"name": "authz.rego", "rego": rego}]},
-    }))
-    .expect("a valid AgentPolicy")
+    agent_policy(name)
+        .module("authz.rego", rego)
+        .parse()
+        .expect("a valid AgentPolicy")
 }
 
 async fn apply(ns: &TestNamespace, p: &AgentPolicy) -> Result<()> {
@@ -249,21 +231,18 @@ async fn a_broken_policy_says_where_and_keeps_the_last_good_version() -> Result<
 
     // A Warning event on the policy says the same.
     let events: Api<Event> = ns.api();
-    let deadline = tokio::time::Instant::now() + secs(20);
-    loop {
-        let list = events
-            .list(&ListParams::default().fields("involvedObject.name=p"))
-            .await?;
-        if list.items.iter().any(|e| e.reason.as_deref() == Some("CompileFailed")) {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no CompileFailed event: {:?}",
-            list.items
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut seen = vec![];
+    wait_for("a CompileFailed event on p", secs(20))
+        .every(Duration::from_millis(200))
+        .until_ok(async || {
+            seen = events
+                .list(&ListParams::default().fields("involvedObject.name=p"))
+                .await?
+                .items;
+            Ok(seen.iter().any(|e| e.reason.as_deref() == Some("CompileFailed")))
+        })
+        .await
+        .with_context(|| format!("no CompileFailed event: {seen:?}"))?;
 
     // Fixed, it becomes Ready; broken again, the last good version stays, and status says so.
     apply(&ns, &policy("p", GOOD)).await?;
@@ -331,7 +310,7 @@ async fn bad_input_gets_a_condition_and_never_wedges_the_operator() -> Result<()
         ),
     ];
     for (name, spec, why) in &refused_by_the_apiserver {
-        let obj = json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": name}, "spec": spec});
+        let obj = agent_policy(name).merge(spec.clone()).json();
         match api.patch(name, &pp, &Patch::Apply(&obj)).await {
             Ok(_) => bail!("{name} was accepted by the apiserver"),
             Err(e) => ensure!(
@@ -341,7 +320,7 @@ async fn bad_input_gets_a_condition_and_never_wedges_the_operator() -> Result<()
         }
     }
     for (name, spec, _) in &cases {
-        let obj = json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": name}, "spec": spec});
+        let obj = agent_policy(name).merge(spec.clone()).json();
         api.patch(name, &pp, &Patch::Apply(&obj))
             .await
             .with_context(|| format!("applying {name}"))?;
@@ -371,11 +350,9 @@ async fn an_identity_resolves_and_counts_its_pods() -> Result<()> {
     let (cluster, ns) = setup("op-identity").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
     let ids = ns.api::<AgentIdentity>();
-    let id: AgentIdentity = serde_json::from_value(json!({
-        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
-        "metadata": {"name": "researcher"},
-        "spec": {"selector": {"matchLabels": {"agent": "researcher"}}},
-    }))?;
+    let id: AgentIdentity = agent_identity("researcher")
+        .match_label("agent", "researcher")
+        .parse()?;
     ids.patch("researcher", &PatchParams::apply("e2e").force(), &Patch::Apply(&id))
         .await?;
     let want_id = format!("spiffe://example.org/ns/{}/agent/researcher", ns.name());
@@ -454,7 +431,7 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> Result<()>
     wait_compiled(&ns, "before", true).await?;
 
     // Kill the leader outright (no lease release): the other takes over once it expires.
-    leading.child.kill().await?;
+    leading.op.process.kill().await?;
     ns.wait(
         "mandate-operator",
         "the follower to take the lease",
@@ -487,13 +464,7 @@ async fn an_unreadable_status_is_rewritten_and_the_rest_reconcile() -> Result<()
     let (cluster, ns) = setup("op-unreadable").await?;
     let op = Operator::start(&cluster, ns.name(), "solo").await?;
     let ids = ns.api::<AgentIdentity>();
-    let identity = |name: &str| -> Result<AgentIdentity> {
-        Ok(serde_json::from_value(json!({
-            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"agent": name}}},
-        }))?)
-    };
+    let identity = |name: &str| -> Result<AgentIdentity> { agent_identity(name).match_label("agent", name).parse() };
     let resolved = |i: Option<&AgentIdentity>| match i.and_then(|i| i.status.as_ref()).and_then(|s| s.spiffe_id.clone())
     {
         Some(_) => Check::Done,
@@ -535,20 +506,15 @@ async fn an_unreadable_status_is_rewritten_and_the_rest_reconcile() -> Result<()
             );
             // The operator reads the object without the status it cannot
             // parse and writes a good one back.
-            let deadline = tokio::time::Instant::now() + secs(30);
-            loop {
-                let now = raw.get("corrupt").await?;
-                if now.data["status"]["boundPods"] == json!(0) {
-                    break;
-                }
-                ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "status never repaired: {:?}\n{}",
-                    now.data["status"],
-                    op.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let mut status = json!(null);
+            wait_for("the operator to repair corrupt's status", secs(30))
+                .every(Duration::from_millis(200))
+                .until_ok(async || {
+                    status = raw.get("corrupt").await?.data["status"].clone();
+                    Ok(status["boundPods"] == json!(0))
+                })
+                .await
+                .with_context(|| format!("status never repaired: {status:?}\n{}", op.logs()))?;
         }
     }
     // ...and every other identity still reconciles, also after a fresh list
@@ -579,12 +545,11 @@ async fn a_policy_whose_tests_fail_is_not_ready_and_keeps_the_last_good_version(
              test_put if {}authz.decision with input as {{\"attributes\": {{\"request\": {{\"http\": {{\"method\": \"PUT\"}}}}}}}}\n",
             if expect_put { "" } else { "not " }
         );
-        serde_json::from_value(json!({
-            "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
-            "metadata": {"name": "tested"},
-            "spec": {"modules": [{"name": "authz.rego", "rego": GOOD}], "tests": [{"name": "authz_test.rego", "rego": test}]},
-        }))
-        .expect("a valid AgentPolicy")
+        agent_policy("tested")
+            .module("authz.rego", GOOD)
+            .test("authz_test.rego", &test)
+            .parse()
+            .expect("a valid AgentPolicy")
     };
     apply(&ns, &with_tests(false)).await?;
     let good = ns
@@ -658,23 +623,21 @@ async fn sigterm_releases_the_lease_for_a_fast_handover() -> Result<()> {
         },
     )
     .await?;
-    let pid = a.child.id().context("no pid")?;
+    let pid = a.op.process.id().context("no pid")?;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()?;
     ensure!(status.success(), "kill -TERM failed");
     // Draining: not ready at once, the lease handed over, and the process
     // still serving (the default drain is 5 s).
-    let deadline = tokio::time::Instant::now() + secs(3);
-    loop {
-        match http_get(&format!("{}/readyz", a.admin)).await {
-            Ok((200, _)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok((503, _)) => break,
-            other => bail!("/readyz during the drain: {other:?}\n{}", a.logs()),
-        }
-    }
+    wait_for("/readyz to answer 503 during the drain", secs(3))
+        .until_ok(async || match http_get(&format!("{}/readyz", a.admin)).await {
+            Ok((200, _)) => Ok(false),
+            Ok((503, _)) => Ok(true),
+            other => bail!("/readyz during the drain: {other:?}"),
+        })
+        .await
+        .with_context(|| a.logs())?;
     ns.wait(
         "mandate-operator",
         "the lease released",
@@ -686,11 +649,11 @@ async fn sigterm_releases_the_lease_for_a_fast_handover() -> Result<()> {
     )
     .await?;
     ensure!(
-        a.child.try_wait()?.is_none() && http_get(&format!("{}/livez", a.admin)).await?.0 == 200,
+        a.op.process.child().try_wait()?.is_none() && http_get(&format!("{}/livez", a.admin)).await?.0 == 200,
         "the operator stopped serving before its drain ended:\n{}",
         a.logs()
     );
-    let exit = tokio::time::timeout(secs(20), a.child.wait())
+    let exit = tokio::time::timeout(secs(20), a.op.process.child().wait())
         .await
         .context("the operator did not exit on SIGTERM")??;
     ensure!(

@@ -13,40 +13,27 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use mandate_api::crd::AgentPolicy;
 use mandate_e2e::workload_api::{TestCa, WorkloadApi};
-use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use mandate_e2e::{Cluster, TestNamespace, secs};
+use mandate_testsupport::manifests::ALLOW_GET;
+use mandate_testsupport::{Process, agent_identity, agent_policy, free_port, try_eventually, workspace_binary};
 use serde_json::json;
 
 mod support;
-use support::{port, sibling};
+use support::operator_command;
 
 const TD: &str = "example.org";
 const OPERATOR_ID: &str = "spiffe://example.org/mandate/operator";
 
-async fn until(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if probe().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
+/// A sidecar in SPIRE mode and the Workload API it gets its SVID from.
 struct Sidecar {
-    _child: tokio::process::Child,
-    admin: u16,
-    err: PathBuf,
+    sidecar: support::Sidecar,
     _api: WorkloadApi,
 }
 
@@ -68,10 +55,10 @@ impl Sidecar {
             resp.svids[0].bundle.extend(other.bundle_der());
         }
         api.set(resp);
-        let admin = port();
+        let admin = free_port();
         let err = dir.join(format!("{pod}.err"));
-        let child = tokio::process::Command::new(sibling("mandate-sidecar")?)
-            .args(["--listen", &format!("127.0.0.1:{}", port())])
+        let mut cmd = tokio::process::Command::new(workspace_binary("mandate-sidecar")?);
+        cmd.args(["--listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--identity-source", "spire", "--trust-domain", TD])
             .args(["--policy-server", &format!("https://127.0.0.1:{policy_port}")])
@@ -83,47 +70,25 @@ impl Sidecar {
                 "--agent-spiffe-id",
                 spiffe_id,
             ])
-            .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&err)?))
-            .kill_on_drop(true)
-            .spawn()?;
+            .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint());
+        let process = Process::spawn_split("mandate-sidecar", &mut cmd, None, &err)?;
         Ok(Self {
-            _child: child,
-            admin,
-            err,
+            sidecar: support::Sidecar { process, admin },
             _api: api,
         })
     }
 
     /// `name=version` of each policy in force (from its metrics).
     async fn in_force(&self) -> Vec<String> {
-        let Ok((_, m)) = http_get(&format!("http://127.0.0.1:{}/metrics", self.admin)).await else {
-            return vec![];
-        };
-        m.lines()
-            .filter(|l| l.starts_with("mandate_sidecar_policy_info{"))
-            .filter_map(|l| {
-                let field = |k: &str| {
-                    l.split(&format!("{k}=\""))
-                        .nth(1)
-                        .and_then(|r| r.split('"').next())
-                        .map(str::to_string)
-                };
-                Some(format!("{}={}", field("policy")?, field("version")?))
-            })
-            .collect()
+        self.sidecar.in_force().await
     }
 
     async fn ready(&self) -> bool {
-        matches!(
-            http_get(&format!("http://127.0.0.1:{}/readyz", self.admin)).await,
-            Ok((200, _))
-        )
+        self.sidecar.ready().await
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
+        self.sidecar.log()
     }
 }
 
@@ -155,36 +120,26 @@ async fn spire_mode_policy_stream_with_svids_from_the_workload_api() -> Result<(
 async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir: &Path, log: &Path) -> Result<()> {
     let ca = TestCa::new(TD)?;
     let operator_api = WorkloadApi::start(dir, "operator.sock").await?;
-    let (admin, identity_port, policy_port) = (port(), port(), port());
-    let out = std::fs::File::create(log)?;
-    let _operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}"), "--no-webhooks"])
+    let (admin, identity_port, policy_port) = (free_port(), free_port(), free_port());
+    let mut cmd = operator_command(cluster, admin);
+    cmd.arg("--no-webhooks")
         .args(["--watch-namespace", agents.name(), "--lease-namespace", op.name()])
         .args(["--operator-namespace", op.name(), "--trust-domain", TD])
         .args(["--identity-source", "spire"])
         .args(["--identity-addr", &format!("127.0.0.1:{identity_port}")])
         .args(["--policy-addr", &format!("127.0.0.1:{policy_port}")])
-        .env("SPIFFE_ENDPOINT_SOCKET", operator_api.endpoint())
-        .env("KUBECONFIG", &op.cluster().info().kubeconfig)
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()?;
-    let ready = async || {
-        matches!(
-            http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
-            Ok((200, _))
-        )
-    };
+        .env("SPIFFE_ENDPOINT_SOCKET", operator_api.endpoint());
+    let operator = support::Operator::spawn(cmd, admin, log)?;
+    let ready = async || operator.ready().await;
 
     // Connected to its Workload API with no SVID issued: not ready.
-    until("the operator to open its Workload API stream", secs(60), async || {
+    try_eventually("the operator to open its Workload API stream", secs(60), async || {
         Ok(operator_api.open_streams() > 0)
     })
     .await?;
     ensure!(!ready().await, "the operator is ready without an SVID");
     operator_api.set(ca.response(&[&ca.mint(OPERATOR_ID, Duration::from_secs(3600))?]));
-    until("the operator to be ready", secs(60), async || Ok(ready().await)).await?;
+    try_eventually("the operator to be ready", secs(60), async || Ok(ready().await)).await?;
 
     // No built-in CA: no CA Secret, no published bundle, no signing service.
     ensure!(
@@ -204,20 +159,13 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
 
     // An identity, its pods (marked injected, as the webhook would) and a policy.
     let ns = agents.name();
-    cluster
-        .kubectl_with_input(
-            &["apply", "-n", ns, "-f", "-"],
-            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "alpha"},
-                    "spec": {"selector": {"matchLabels": {"agent": "alpha"}}}})
-            .to_string(),
-        )
+    agents
+        .apply(&agent_identity("alpha").match_label("agent", "alpha").manifest())
         .await?;
-    let policy = json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy", "metadata": {"name": "alpha-policy"},
-        "spec": {"identities": ["alpha"], "modules": [{"name": "p.rego",
-            "rego": "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n"}]}});
-    cluster
-        .kubectl_with_input(&["apply", "-n", ns, "-f", "-"], &policy.to_string())
-        .await?;
+    let policy = agent_policy("alpha-policy")
+        .identity("alpha")
+        .module("p.rego", ALLOW_GET);
+    agents.apply(&policy.manifest()).await?;
     for pod in ["alpha-0", "alpha-1", "alpha-2"] {
         agents
             .create::<Pod>(&serde_json::from_value(json!({
@@ -228,7 +176,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
     }
     let policies = agents.api::<AgentPolicy>();
     let mut version = String::new();
-    until("alpha-policy to be Ready", secs(30), async || {
+    try_eventually("alpha-policy to be Ready", secs(30), async || {
         version = policies
             .get_status("alpha-policy")
             .await?
@@ -245,7 +193,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
     // the Workload API's bundle, is verified by the operator with its own,
     // and receives alpha's set.
     let first = Sidecar::start(dir, "alpha-0", "alpha", &alpha_id, &ca, None, policy_port).await?;
-    until("alpha-0's set", secs(30), async || {
+    try_eventually("alpha-0's set", secs(30), async || {
         Ok(first.in_force().await == want && first.ready().await)
     })
     .await
@@ -254,14 +202,14 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
     // The operator's SVID rotates; a sidecar subscribing afterwards gets its set.
     let rotated = ca.mint(OPERATOR_ID, Duration::from_secs(1800))?;
     operator_api.set(ca.response(&[&rotated]));
-    until("the operator to present the rotated SVID", secs(30), async || {
+    try_eventually("the operator to present the rotated SVID", secs(30), async || {
         Ok(std::fs::read_to_string(log)?
             .lines()
             .any(|l| l.contains("presents the rotated SVID") && l.contains(&rotated.serial)))
     })
     .await?;
     let second = Sidecar::start(dir, "alpha-1", "alpha", &alpha_id, &ca, None, policy_port).await?;
-    until("alpha-1's set after the rotation", secs(30), async || {
+    try_eventually("alpha-1's set after the rotation", secs(30), async || {
         Ok(second.in_force().await == want && second.ready().await)
     })
     .await
@@ -272,7 +220,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
     // verifying against SPIRE's bundle, refuses it.
     let rogue = TestCa::new(TD)?;
     let stranger = Sidecar::start(dir, "alpha-2", "alpha", &alpha_id, &rogue, Some(&ca), policy_port).await?;
-    until("the rogue sidecar to be refused", secs(30), async || {
+    try_eventually("the rogue sidecar to be refused", secs(30), async || {
         Ok(stranger
             .log()
             .lines()
@@ -292,7 +240,7 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, dir:
     );
     // And one whose bundle lacks the real CA refuses the operator.
     let lost = Sidecar::start(dir, "alpha-3", "alpha", &alpha_id, &rogue, None, policy_port).await?;
-    until("the operator to be refused", secs(30), async || {
+    try_eventually("the operator to be refused", secs(30), async || {
         Ok(lost.log().contains("peer SVID refused: not issued by the trust bundle"))
     })
     .await

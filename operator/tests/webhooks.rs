@@ -25,6 +25,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use mandate_api::crd::AgentApproval;
 use mandate_e2e::{Cluster, TestNamespace, secs};
+use mandate_testsupport::manifests::ALLOW_GET as GOOD;
+use mandate_testsupport::{agent_identity, agent_policy, wait_for};
 use serde_json::{Value, json};
 use support::Webhooks;
 
@@ -84,17 +86,7 @@ fn env(p: &Pod, container: &str, var: &str) -> Option<String> {
 }
 
 async fn identity(ns: &TestNamespace, name: &str, selector: Value) -> Result<()> {
-    ns.cluster()
-        .kubectl_with_input(
-            &["apply", "-n", ns.name(), "-f", "-"],
-            &json!({
-                "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
-                "metadata": {"name": name},
-                "spec": {"selector": selector},
-            })
-            .to_string(),
-        )
-        .await?;
+    ns.apply(&agent_identity(name).selector(selector).manifest()).await?;
     Ok(())
 }
 
@@ -360,12 +352,11 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
         "{overlap:?}"
     );
     let bad = agents
-        .cluster()
-        .kubectl_with_input(
-            &["apply", "-n", agents.name(), "-f", "-"],
-            &json!({"apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": {"name": "bad-id"},
-                    "spec": {"selector": {"matchLabels": {"agent": "other"}}, "spiffeIdTemplate": "spiffe://elsewhere.org/{name}"}})
-            .to_string(),
+        .apply(
+            &agent_identity("bad-id")
+                .match_label("agent", "other")
+                .spiffe_id_template("spiffe://elsewhere.org/{name}")
+                .manifest(),
         )
         .await;
     ensure!(
@@ -387,18 +378,11 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
     agents.delete().await
 }
 
-const GOOD: &str = "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if input.attributes.request.http.method == \"GET\"\n";
-
 fn policy_yaml(name: &str, rego: &str, test: &str) -> String {
-    json!({
-        "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "modules": [{"name": "authz.rego", "rego": rego}],
-            "tests": [{"name": "authz_test.rego", "rego": test}],
-        },
-    })
-    .to_string()
+    agent_policy(name)
+        .module("authz.rego", rego)
+        .test("authz_test.rego", test)
+        .manifest()
 }
 
 #[tokio::test]
@@ -414,12 +398,7 @@ async fn kubectl_apply_refuses_bad_policies_with_the_reason_and_approvals_record
     let hooks = Webhooks::start(&cluster, &op, &agents).await?;
     let apply = |yaml: String| {
         let agents = &agents;
-        async move {
-            agents
-                .cluster()
-                .kubectl_with_input(&["apply", "-n", agents.name(), "-f", "-"], &yaml)
-                .await
-        }
+        async move { agents.apply(&yaml).await }
     };
     let passing = "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\ntest_get if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"GET\"}}}}\n";
     let failing = "package mandate.authz_test\nimport rego.v1\nimport data.mandate.authz\ntest_delete_allowed if authz.decision with input as {\"attributes\": {\"request\": {\"http\": {\"method\": \"DELETE\"}}}}\n";
@@ -520,18 +499,22 @@ async fn a_rotated_certificate_is_served_and_with_the_operator_down_enforced_pod
     Api::<Secret>::namespaced(cluster.client(), op.name())
         .delete("mandate-webhook-tls", &DeleteParams::default())
         .await?;
-    let deadline = tokio::time::Instant::now() + secs(30);
-    let second = loop {
-        if let Some(ca) = hooks.secret_ca().await?
-            && ca != first
-            && hooks.ca_bundle_written().await?
-            && hooks.post("/mutate/pods", "{", &ca).await.is_ok()
-        {
-            break ca;
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "no rotation:\n{}", hooks.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let mut second = String::new();
+    wait_for("the rotated certificate to be served and trusted", secs(30))
+        .every(Duration::from_millis(200))
+        .until_ok(async || {
+            if let Some(ca) = hooks.secret_ca().await?
+                && ca != first
+                && hooks.ca_bundle_written().await?
+                && hooks.post("/mutate/pods", "{", &ca).await.is_ok()
+            {
+                second = ca;
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await
+        .with_context(|| format!("no rotation:\n{}", hooks.logs()))?;
     ensure!(
         hooks.post("/mutate/pods", "{", &first).await.is_err(),
         "the old certificate is still served"

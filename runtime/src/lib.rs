@@ -1,5 +1,8 @@
 //! What Mandate's binaries (the operator and the sidecar) share at run time:
-//! the shutdown signal, the admin endpoints and tracing setup.
+//! the shutdown signal, the task supervisor, the admin endpoints and tracing
+//! setup.
+
+pub mod supervisor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

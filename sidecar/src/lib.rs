@@ -4,6 +4,7 @@
 //! evaluates every bound AgentPolicy with regorus (compiled once per
 //! version), denies on any doubt, and writes a hash-chained decision log.
 
+pub mod args;
 pub mod decision_log;
 pub mod input;
 pub mod loader;

@@ -3,9 +3,7 @@
 //! Standalone (the embedded default, no cluster needed):
 //!   mandate-sidecar --policy policies/ --listen 127.0.0.1:9191 --admin-listen 127.0.0.1:9902
 
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +11,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use mandate_identity::workload::{IdentitySource, WorkloadConfig};
-use mandate_policy::engine::{EngineKind, PolicySet, SharedPolicies};
+use mandate_policy::engine::{PolicySet, SharedPolicies};
+use mandate_sidecar::args::Args;
 use mandate_sidecar::decision_log::DecisionLog;
 use mandate_sidecar::input::{Agent, Limits};
 use mandate_sidecar::loader::Loader;
@@ -26,157 +25,6 @@ use mandate_sidecar::svid::{Bundle, OperatorTrust, SharedBundle, SharedSvid, Svi
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Mandate's sidecar: decides each request Envoy sends to ext_authz against
-/// AgentPolicy files, denies on any doubt, and logs every decision (one JSON
-/// line each, hash-chained) on stdout. Diagnostics go to stderr.
-#[derive(Debug, Parser)]
-#[command(name = "mandate-sidecar", version, about, long_about = None)]
-struct Args {
-    /// AgentPolicy YAML files or directories of them (the files you would
-    /// `kubectl apply`); re-read when they change.
-    #[arg(long = "policy", required_unless_present_any = ["wait_ready", "policy_server"], num_args = 1.., value_delimiter = ',', env = "MANDATE_POLICY")]
-    policies: Vec<PathBuf>,
-
-    /// gRPC address for Envoy's ext_authz (keep it on loopback).
-    #[arg(long, env = "MANDATE_LISTEN", default_value = "127.0.0.1:9191")]
-    listen: SocketAddr,
-
-    /// Also serve ext_authz on this unix socket.
-    #[arg(long, env = "MANDATE_LISTEN_UNIX")]
-    listen_unix: Option<PathBuf>,
-
-    /// Serve ext_authz on the unix socket only, with no TCP listener.
-    #[arg(long, env = "MANDATE_NO_TCP")]
-    no_tcp: bool,
-
-    /// Which evaluator runs policies: `auto` uses regorus' bytecode VM for
-    /// every policy it can compile and the interpreter for the rest;
-    /// `interpreter` always uses the interpreter.
-    #[arg(long, env = "MANDATE_ENGINE", value_enum, default_value_t = EngineKind::Auto)]
-    engine: EngineKind,
-
-    /// HTTP address for /livez, /readyz and /metrics.
-    #[arg(long, env = "MANDATE_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
-    admin_listen: SocketAddr,
-
-    /// Longest a single policy evaluation may run; beyond it the request is denied.
-    #[arg(long, env = "MANDATE_EVAL_TIMEOUT_MS", default_value_t = 50)]
-    eval_timeout_ms: u64,
-
-    /// Largest request body policy may inspect; larger requests are denied.
-    #[arg(long, env = "MANDATE_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    max_body_bytes: usize,
-
-    /// More request headers to redact in the decision log (authorization,
-    /// cookie, proxy-authorization and set-cookie always are).
-    #[arg(long = "redact-header", env = "MANDATE_REDACT_HEADERS", value_delimiter = ',')]
-    redact_headers: Vec<String>,
-
-    /// How often to look for changed policy files, in milliseconds.
-    #[arg(long, env = "MANDATE_RELOAD_INTERVAL_MS", default_value_t = 1000)]
-    reload_interval_ms: u64,
-
-    /// The agent's SPIFFE ID, shown to policy as input.agent.spiffe_id.
-    #[arg(long, env = "MANDATE_AGENT_SPIFFE_ID")]
-    agent_spiffe_id: Option<String>,
-
-    /// The agent's AgentIdentity name, shown to policy as input.agent.identity.
-    #[arg(long, env = "MANDATE_AGENT_IDENTITY")]
-    agent_identity: Option<String>,
-
-    /// The agent pod's namespace (input.agent.namespace).
-    #[arg(long, env = "MANDATE_AGENT_NAMESPACE")]
-    agent_namespace: Option<String>,
-
-    /// The agent pod's name (input.agent.pod).
-    #[arg(long, env = "MANDATE_AGENT_POD")]
-    agent_pod: Option<String>,
-
-    /// The agent pod's service account (input.agent.service_account).
-    #[arg(long, env = "MANDATE_AGENT_SERVICE_ACCOUNT")]
-    agent_service_account: Option<String>,
-
-    /// Do not serve: wait until every one of these URLs answers 200 (e.g.
-    /// this sidecar's /readyz and Envoy's readiness), then exit 0; exit 1
-    /// after --wait-timeout-seconds. The injected postStart hook uses it so
-    /// the agent starts only behind a ready proxy.
-    #[arg(long, value_delimiter = ',')]
-    wait_ready: Vec<String>,
-
-    /// The operator's SVID signing service (`https://host:port`): obtain an
-    /// X.509-SVID there at start (not ready before) and keep it renewed; the
-    /// agent is then who the SVID says. Without a valid SVID every request
-    /// is denied.
-    #[arg(long, env = "MANDATE_SVID_SERVER")]
-    svid_server: Option<String>,
-
-    /// The pod's projected service-account token for the audience `mandate`
-    /// (built-in CA only).
-    #[arg(
-        long,
-        env = "MANDATE_SVID_TOKEN_FILE",
-        default_value = "/var/run/secrets/mandate/token"
-    )]
-    svid_token_file: PathBuf,
-
-    /// PEM trust bundle of the trust domain (built-in CA; with
-    /// --identity-source spire the Workload API sends the bundle).
-    #[arg(
-        long,
-        env = "MANDATE_TRUST_BUNDLE_FILE",
-        default_value = "/var/run/mandate-bundle/bundle.pem"
-    )]
-    trust_bundle_file: PathBuf,
-
-    /// The trust domain.
-    #[arg(long, env = "MANDATE_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-
-    /// The SPIFFE ID the operator (signing and policy services) must
-    /// present (default `spiffe://<trust domain>/mandate/operator`).
-    #[arg(long, env = "MANDATE_OPERATOR_SPIFFE_ID")]
-    operator_spiffe_id: Option<String>,
-
-    /// Where the sidecar's X.509-SVID comes from: `builtin` — the
-    /// operator's CA, when --svid-server is given (without it the sidecar
-    /// runs with no SVID, e.g. standalone); `spire` — the SPIFFE Workload
-    /// API at --spiffe-endpoint-socket, which pushes the SVID, its rotations
-    /// and the trust bundle (the bundle then also verifies the operator; no
-    /// bundle file is read). With `spire` the sidecar is not ready and denies
-    /// everything until it holds a valid SVID. An SVID whose SPIFFE ID is
-    /// not --agent-spiffe-id (when given) is not taken.
-    #[arg(long, env = "MANDATE_IDENTITY_SOURCE", value_enum, default_value_t = IdentitySource::Builtin)]
-    identity_source: IdentitySource,
-
-    /// The SPIFFE Workload API socket (`unix:///path`), with
-    /// --identity-source spire. The SPIFFE CSI driver mounts the SPIRE
-    /// agent's socket into the pod.
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
-    spiffe_endpoint_socket: Option<String>,
-
-    /// The operator's policy service (`https://host:port`): receive the
-    /// policy set bound to this sidecar's agent from there (pushed, over
-    /// mutual TLS with the SVID) instead of reading --policy files. Needs an
-    /// SVID: --svid-server, or --identity-source spire. Not ready until the
-    /// first set arrives.
-    #[arg(long, env = "MANDATE_POLICY_SERVER")]
-    policy_server: Option<String>,
-
-    /// Threads deciding requests. A sidecar serves one pod: a few threads
-    /// keep its memory small whatever the node's core count (one decision
-    /// takes microseconds).
-    #[arg(long, env = "MANDATE_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
-    workers: u16,
-
-    /// How long --wait-ready waits.
-    #[arg(long, default_value_t = 120)]
-    wait_timeout_seconds: u64,
-
-    /// Diagnostics filter (tracing EnvFilter syntax), written to stderr.
-    #[arg(long, env = "MANDATE_LOG", default_value = "info")]
-    log: String,
-}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();

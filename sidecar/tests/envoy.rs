@@ -16,81 +16,23 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn envoy_bin() -> PathBuf {
-    std::env::var_os("MANDATE_ENVOY").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-            .join(".cache/mandate/envoy/1.40.0/envoy")
-    })
-}
-
-/// Poll `probe` until it is true or `secs` pass.
-async fn until(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if probe().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("timed out after {secs}s waiting for {what}")
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-}
+use mandate_testsupport::http::Reply;
+use mandate_testsupport::{Process, envoy, eventually, free_port, secs};
 
 async fn http(method: &str, url: &str, content_type: Option<&str>, body: Vec<u8>) -> Result<Reply> {
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let mut req = hyper::Request::builder().method(method).uri(url);
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
-    }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(req.body(Full::new(Bytes::from(body)))?),
-    )
-    .await
-    .context("no answer within 10s")??;
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-        .collect();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    mandate_testsupport::http::request(method, url, content_type, body, Duration::from_secs(10)).await
 }
 
 /// Sidecar + Envoy + upstream, all on loopback, torn down on drop.
 struct Stack {
     dir: PathBuf,
-    sidecar: Option<tokio::process::Child>,
-    _envoy: tokio::process::Child,
+    sidecar: Option<Process>,
+    _envoy: Process,
     upstream: tokio::task::JoinHandle<()>,
     grpc: u16,
     admin: u16,
@@ -154,19 +96,18 @@ impl Stack {
             )
             .replace("UPSTREAM", &upstream.to_string());
         std::fs::write(dir.join("envoy.yaml"), envoy_cfg)?;
-        let envoy = tokio::process::Command::new(envoy_bin())
-            .args([
+        let envoy = Process::spawn_split(
+            &format!("Envoy at {} (run make deps)", envoy().display()),
+            tokio::process::Command::new(envoy()).args([
                 "-c",
                 &dir.join("envoy.yaml").to_string_lossy(),
                 "--log-level",
                 "warn",
                 "--use-dynamic-base-id",
-            ])
-            .stdout(Stdio::from(std::fs::File::create(dir.join("envoy.log"))?))
-            .stderr(Stdio::from(std::fs::File::create(dir.join("envoy.err"))?))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting Envoy at {} (run make deps)", envoy_bin().display()))?;
+            ]),
+            Some(&dir.join("envoy.log")),
+            &dir.join("envoy.err"),
+        )?;
 
         let mut stack = Stack {
             dir,
@@ -180,14 +121,14 @@ impl Stack {
         };
         stack.start_sidecar().await?;
         let envoy_ready = format!("http://127.0.0.1:{envoy_admin}/ready");
-        until("Envoy to be ready", 30, async || {
+        eventually("Envoy to be ready", secs(30), async || {
             http("GET", &envoy_ready, None, vec![])
                 .await
                 .is_ok_and(|r| r.status == 200)
         })
         .await?;
         let up = format!("http://127.0.0.1:{upstream}/");
-        until("the upstream", 30, async || {
+        eventually("the upstream", secs(30), async || {
             http("GET", &up, None, vec![]).await.is_ok()
         })
         .await?;
@@ -201,20 +142,20 @@ impl Stack {
                 .arg(self.dir.join("authz.sock"))
                 .arg("--no-tcp");
         }
-        let child = cmd
-            .arg("--policy")
+        cmd.arg("--policy")
             .arg(self.dir.join("policies"))
             .args(["--listen", &format!("127.0.0.1:{}", self.grpc)])
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin)])
-            .args(["--eval-timeout-ms", "50", "--reload-interval-ms", "100"])
-            .stdout(Stdio::from(std::fs::File::create(self.dir.join("decisions.log"))?))
-            .stderr(Stdio::from(std::fs::File::create(self.dir.join("sidecar.err"))?))
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting mandate-sidecar")?;
+            .args(["--eval-timeout-ms", "50", "--reload-interval-ms", "100"]);
+        let child = Process::spawn_split(
+            "mandate-sidecar",
+            &mut cmd,
+            Some(&self.dir.join("decisions.log")),
+            &self.dir.join("sidecar.err"),
+        )?;
         self.sidecar = Some(child);
         let ready = format!("http://127.0.0.1:{}/readyz", self.admin);
-        until("the sidecar to be ready", 30, async || {
+        eventually("the sidecar to be ready", secs(30), async || {
             http("GET", &ready, None, vec![]).await.is_ok_and(|r| r.status == 200)
         })
         .await
@@ -405,7 +346,7 @@ async fn envoy_enforces_the_sidecars_decisions() -> Result<()> {
         s.dir.join("policies/tools.yaml"),
         GET_ONLY.replace("default decision := false", "default decision := "),
     )?;
-    until("the load error to be reported", 20, async || {
+    eventually("the load error to be reported", secs(20), async || {
         s.stderr().contains("not loaded")
     })
     .await?;
@@ -537,7 +478,7 @@ async fn without_a_policy_the_sidecar_is_not_ready_and_denies() -> Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let readyz = format!("http://127.0.0.1:{admin}/readyz");
-    until("the admin port", 30, async || {
+    eventually("the admin port", secs(30), async || {
         http("GET", &readyz, None, vec![]).await.is_ok()
     })
     .await?;
@@ -546,14 +487,14 @@ async fn without_a_policy_the_sidecar_is_not_ready_and_denies() -> Result<()> {
         "ready without a policy"
     );
     // NOT_SERVING = 2
-    until("gRPC health", 30, async || health(grpc).await.is_ok()).await?;
+    eventually("gRPC health", secs(30), async || health(grpc).await.is_ok()).await?;
     ensure!(health(grpc).await? == 2, "gRPC health says SERVING without a policy");
     let resp = grpc_check(grpc, check("GET", "/", "text/plain", vec![])).await?;
     ensure!(denied_with(&resp, "no policy"), "not denied without a policy: {resp:?}");
 
     // A policy arrives: ready, SERVING (1), and it decides.
     std::fs::write(dir.join("tools.yaml"), GET_ONLY)?;
-    until("readiness once a policy loads", 30, async || {
+    eventually("readiness once a policy loads", secs(30), async || {
         http("GET", &readyz, None, vec![]).await.is_ok_and(|r| r.status == 200)
     })
     .await?;

@@ -14,37 +14,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use mandate_operator::webhook::inject::{InjectConfig, envoy_bootstrap_at};
+use mandate_testsupport::{envoy, eventually, free_port, http_ok, secs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn envoy_bin() -> PathBuf {
-    std::env::var_os("MANDATE_ENVOY").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-            .join(".cache/mandate/envoy/1.40.0/envoy")
-    })
-}
-
-async fn until(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if probe().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("timed out after {secs}s waiting for {what}")
-}
 
 /// Send `request` (raw HTTP/1.1) to the proxy and read until the server closes.
 async fn raw(proxy: u16, request: &str) -> Result<String> {
@@ -168,10 +145,7 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
         .kill_on_drop(true)
         .spawn()?;
     let ready = format!("http://127.0.0.1:{admin}/readyz");
-    until("the sidecar", 30, async || {
-        mandate_e2e_like_get(&ready).await == Some(200)
-    })
-    .await?;
+    eventually("the sidecar to be ready", secs(30), async || http_ok(&ready).await).await?;
 
     let cfg = InjectConfig {
         proxy_port: free_port(),
@@ -181,7 +155,7 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
         ..InjectConfig::default()
     };
     let bootstrap = envoy_bootstrap_at(&cfg, &socket.display().to_string(), "127.0.0.1");
-    let _envoy = tokio::process::Command::new(envoy_bin())
+    let _envoy = tokio::process::Command::new(envoy())
         .args([
             "--config-yaml",
             &bootstrap,
@@ -196,11 +170,9 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
         .spawn()
         .context("starting Envoy (run make deps)")?;
     let health = format!("http://127.0.0.1:{}/healthz/ready", cfg.envoy_health_port);
-    until("Envoy's readiness listener", 30, async || {
-        mandate_e2e_like_get(&health).await == Some(200)
-    })
-    .await
-    .with_context(|| std::fs::read_to_string(dir.join("envoy.err")).unwrap_or_default())?;
+    eventually("Envoy's readiness listener", secs(30), async || http_ok(&health).await)
+        .await
+        .with_context(|| std::fs::read_to_string(dir.join("envoy.err")).unwrap_or_default())?;
     let p = cfg.proxy_port;
 
     // Plain HTTP through the proxy.
@@ -291,16 +263,4 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
     ensure!(status(&r) == 403, "with the sidecar gone: {r}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
-}
-
-/// GET over plain HTTP; the status, if any answer came.
-async fn mandate_e2e_like_get(url: &str) -> Option<u16> {
-    use http_body_util::Empty;
-    let client: hyper_util::client::legacy::Client<_, Empty<hyper::body::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let resp = tokio::time::timeout(Duration::from_secs(2), client.get(url.parse().ok()?))
-        .await
-        .ok()?
-        .ok()?;
-    Some(resp.status().as_u16())
 }

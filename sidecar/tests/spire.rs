@@ -12,17 +12,16 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // test fixtures
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use mandate_e2e::http_get;
 use mandate_e2e::workload_api::{TestCa, WorkloadApi, fetch_raw};
+use mandate_testsupport::{eventually, free_port, http_get, secs};
 
 const TD: &str = "example.org";
 const ID: &str = "spiffe://example.org/ns/agents/agent/researcher";
@@ -44,28 +43,12 @@ spec:
       }
 "#;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn temp_dir(name: &str) -> PathBuf {
     // Short: a unix socket path must fit in 108 bytes.
     let dir = std::env::temp_dir().join(format!("mandate-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Poll `probe` until it is true, or fail after `secs` saying what was awaited.
-async fn until(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if probe().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("timed out after {secs}s waiting for {what}")
 }
 
 struct Sidecar {
@@ -188,7 +171,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     let fail = |what: &str| format!("{what}\n--- sidecar log ---\n{}", sidecar.logs());
 
     // Connected, no SVID issued yet: not ready, and every decision a deny.
-    until("the sidecar to open the Workload API stream", 30, async || {
+    eventually("the sidecar to open the Workload API stream", secs(30), async || {
         api.open_streams() > 0
     })
     .await
@@ -209,9 +192,11 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     // The first SVID: ready; policy and the record see who the SVID says.
     let first = ca.mint(ID, Duration::from_secs(3600))?;
     api.set(ca.response(&[&first]));
-    until("ready with the first SVID", 30, async || sidecar.ready().await.0 == 200)
-        .await
-        .with_context(|| fail("never ready"))?;
+    eventually("ready with the first SVID", secs(30), async || {
+        sidecar.ready().await.0 == 200
+    })
+    .await
+    .with_context(|| fail("never ready"))?;
     let (allowed, record) = sidecar.decide().await?;
     ensure!(allowed, "denied with the SVID: {record}");
     assert_eq!(record["agent"]["spiffe_id"], ID);
@@ -229,7 +214,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     // Rotation, pushed on the open stream: the new SVID is the one in force.
     let rotated = ca.mint(ID, Duration::from_secs(1800))?;
     api.set(ca.response(&[&rotated]));
-    until("the rotated SVID in force", 30, async || {
+    eventually("the rotated SVID in force", secs(30), async || {
         sidecar.metric("mandate_sidecar_svid_expiry_timestamp_seconds").await == Some(unix(rotated.not_after))
     })
     .await
@@ -250,7 +235,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
         Duration::from_secs(3600),
     )?;
     api.set(ca.response(&[&other]));
-    until("the other ID refused", 30, async || {
+    eventually("the other ID refused", secs(30), async || {
         sidecar
             .logs()
             .contains("but not spiffe://example.org/ns/agents/agent/researcher")
@@ -262,7 +247,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     let mut forged = rogue_ca.response(&[&rogue]);
     forged.svids[0].bundle = ca.bundle_der();
     api.set(forged);
-    until("the forged SVID refused", 30, async || {
+    eventually("the forged SVID refused", secs(30), async || {
         sidecar.logs().contains("does not verify against its bundle")
     })
     .await
@@ -280,7 +265,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     // 20 s: enough that a busy 2-core machine decides before the expiry.
     let short = ca.mint(ID, Duration::from_secs(20))?;
     api.set(ca.response(&[&short]));
-    until("the short SVID in force", 30, async || {
+    eventually("the short SVID in force", secs(30), async || {
         sidecar.metric("mandate_sidecar_svid_expiry_timestamp_seconds").await == Some(unix(short.not_after))
     })
     .await
@@ -293,7 +278,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     );
     ensure!(allowed, "denied while the SVID is still valid: {record}");
     assert_eq!(sidecar.ready().await.0, 200);
-    until("not ready after the expiry", 45, async || {
+    eventually("not ready after the expiry", secs(45), async || {
         sidecar.ready().await.0 == 503
     })
     .await
@@ -316,7 +301,7 @@ async fn spire_mode_svid_from_the_workload_api_rotation_and_expiry() -> Result<(
     let api = WorkloadApi::start(&dir, "agent.sock").await?;
     let again = ca.mint(ID, Duration::from_secs(3600))?;
     api.set(ca.response(&[&again]));
-    until("ready again", 60, async || sidecar.ready().await.0 == 200)
+    eventually("ready again", secs(60), async || sidecar.ready().await.0 == 200)
         .await
         .with_context(|| fail("did not recover"))?;
     let (allowed, record) = sidecar.decide().await?;

@@ -7,9 +7,8 @@
 
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
@@ -18,12 +17,13 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 
-use crate::webhook::tls::{Material, text};
+use crate::secret::{self, Contents, Decision, Kept, text};
+use crate::webhook::tls::Material;
+use mandate_api::names::{MANAGED_BY, MANAGED_BY_LABEL, NOT_AFTER_ANNOTATION};
 
 /// Lifetime of a CA; it is replaced when a third of it remains.
 const CA_DAYS: i64 = 365;
 const CA_ROTATE_BELOW_DAYS: i64 = CA_DAYS / 3;
-const NOT_AFTER_ANNOTATION: &str = "mandate.dev/not-after";
 /// The longest SVID lifetime the CA issues.
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -196,10 +196,8 @@ impl Ca {
     /// certificate in the bundle) when absent or near its end. Replicas
     /// racing here converge: writes are conditional and the loser re-reads.
     pub async fn load_or_create(client: &Client, ns: &str, name: &str, trust_domain: &str) -> Result<Self, CaError> {
-        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-        for _ in 0..3 {
-            let existing = api.get_opt(name).await?;
-            if let Some(s) = &existing
+        let kept = secret::keep(client, ns, name, |existing| {
+            if let Some(s) = existing
                 && let (Some(cert_pem), Some(key_pem)) = (text(s, "ca.crt"), text(s, "ca.key"))
             {
                 let td = text(s, "trust-domain").unwrap_or_default();
@@ -221,17 +219,17 @@ impl Ca {
                     });
                 let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Unusable(e.to_string()))?;
                 if fresh {
-                    return Ok(Self {
+                    return Ok(Decision::Keep(Self {
                         trust_domain: trust_domain.into(),
                         cert_pem,
                         key,
                         previous_pem: text(s, "previous.crt"),
-                    });
+                    }));
                 }
                 tracing::info!(secret = %format!("{ns}/{name}"), "the SPIFFE CA nears its end; rotating (the old CA stays in the bundle)");
             }
             let mut ca = Self::generate(trust_domain)?;
-            ca.previous_pem = existing.as_ref().and_then(|s| text(s, "ca.crt"));
+            ca.previous_pem = existing.and_then(|s| text(s, "ca.crt"));
             let not_after = jiff::Timestamp::now()
                 .checked_add(jiff::SignedDuration::from_hours(CA_DAYS * 24))
                 .unwrap_or_else(|_| jiff::Timestamp::now());
@@ -243,44 +241,24 @@ impl Ca {
             if let Some(p) = &ca.previous_pem {
                 data.push(("previous.crt", p.clone()));
             }
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    namespace: Some(ns.into()),
-                    resource_version: existing.as_ref().and_then(|s| s.metadata.resource_version.clone()),
-                    labels: Some(
-                        [(
-                            "app.kubernetes.io/managed-by".to_string(),
-                            "mandate-operator".to_string(),
-                        )]
-                        .into(),
-                    ),
-                    annotations: Some([(NOT_AFTER_ANNOTATION.to_string(), not_after.to_string())].into()),
-                    ..ObjectMeta::default()
-                },
-                data: Some(
-                    data.into_iter()
-                        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
-                        .collect(),
-                ),
-                ..Secret::default()
+            let contents = Contents {
+                type_: None,
+                annotations: [(NOT_AFTER_ANNOTATION.to_string(), not_after.to_string())].into(),
+                data: data.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             };
-            let written = match &existing {
-                None => api.create(&PostParams::default(), &secret).await,
-                Some(_) => api.replace(name, &PostParams::default(), &secret).await,
-            };
-            match written {
-                Ok(_) => {
-                    tracing::info!(secret = %format!("{ns}/{name}"), %trust_domain, "SPIFFE CA created");
-                    return Ok(ca);
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                Err(e) => return Err(e.into()),
+            Ok(Decision::Write(contents, ca))
+        })
+        .await?;
+        match kept {
+            Kept::Read(ca) => Ok(ca),
+            Kept::Written(ca) => {
+                tracing::info!(secret = %format!("{ns}/{name}"), %trust_domain, "SPIFFE CA created");
+                Ok(ca)
             }
+            Kept::Contended => Err(CaError::Unusable(format!(
+                "the Secret {ns}/{name} keeps changing under us"
+            ))),
         }
-        Err(CaError::Unusable(format!(
-            "the Secret {ns}/{name} keeps changing under us"
-        )))
     }
 
     /// Publish the trust bundle as ConfigMap `ns/name` (key `bundle.pem`).
@@ -289,13 +267,7 @@ impl Ca {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(ns.into()),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "mandate-operator".to_string(),
-                    )]
-                    .into(),
-                ),
+                labels: Some([(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())].into()),
                 ..ObjectMeta::default()
             },
             data: Some(
@@ -308,11 +280,7 @@ impl Ca {
             ..ConfigMap::default()
         };
         Api::<ConfigMap>::namespaced(client.clone(), ns)
-            .patch(
-                name,
-                &PatchParams::apply("mandate-operator").force(),
-                &Patch::Apply(&cm),
-            )
+            .patch(name, &PatchParams::apply(MANAGED_BY).force(), &Patch::Apply(&cm))
             .await?;
         Ok(())
     }

@@ -10,6 +10,9 @@
 //! A body that is not an AdmissionReview gets HTTP 400 with the reason (the
 //! apiserver then applies the webhook's failure policy: Fail). Everything
 //! else gets an AdmissionReview answer, allowed or denied with a message.
+//!
+//! One generic handler (`admit`) does that for every route, and counts the
+//! answer; what each kind decides is its [`Validate`] or [`Mutate`] impl.
 
 pub mod inject;
 pub mod tls;
@@ -127,15 +130,15 @@ pub fn stores(client: &Client) -> Stores {
     (ids, nss, synced)
 }
 
-/// The webhook routes.
+/// The webhook routes: one generic handler, one decision per kind.
 pub fn router(state: WebhookState) -> Router {
     Router::new()
-        .route("/mutate/pods", post(mutate_pod))
-        .route("/validate/pods", post(validate_pod))
-        .route("/validate/agentpolicies", post(validate_policy))
-        .route("/validate/agentidentities", post(validate_identity))
-        .route("/mutate/agentapprovals", post(mutate_approval))
-        .route("/validate/agentapprovals", post(validate_approval))
+        .route("/mutate/pods", post(admit::<Mutating, Pod>))
+        .route("/validate/pods", post(admit::<Validating, Pod>))
+        .route("/validate/agentpolicies", post(admit::<Validating, AgentPolicy>))
+        .route("/validate/agentidentities", post(admit::<Validating, AgentIdentity>))
+        .route("/mutate/agentapprovals", post(admit::<Mutating, AgentApproval>))
+        .route("/validate/agentapprovals", post(admit::<Validating, AgentApproval>))
         .with_state(state)
 }
 
@@ -216,6 +219,86 @@ pub async fn serve_tls(
 
 // ------------------------------------------------------------------ plumbing
 
+/// How a validating webhook decides on objects of kind `T`; implemented
+/// once per kind.
+pub trait Validate<T> {
+    /// What the AdmissionReview's objects are read as: Mandate's own kinds
+    /// are read as [`DynamicObject`] and parsed by the decision, so that a
+    /// malformed object is denied with a message rather than refused with 400.
+    type Review: kube::Resource + DeserializeOwned + Send + Sync + 'static;
+    /// The webhook's name in metrics.
+    const WEBHOOK: &'static str;
+    /// Allow or deny (with a message).
+    fn validate(&self, req: &AdmissionRequest<Self::Review>) -> impl Future<Output = AdmissionResponse> + Send;
+}
+
+/// How a mutating webhook decides on (and patches) objects of kind `T`;
+/// implemented once per kind.
+pub trait Mutate<T> {
+    /// See [`Validate::Review`].
+    type Review: kube::Resource + DeserializeOwned + Send + Sync + 'static;
+    /// The webhook's name in metrics.
+    const WEBHOOK: &'static str;
+    /// Allow (with a patch, or not) or deny (with a message).
+    fn mutate(&self, req: &AdmissionRequest<Self::Review>) -> impl Future<Output = AdmissionResponse> + Send;
+}
+
+/// Which of [`Validate`] and [`Mutate`] the one handler asks.
+trait Decide<T> {
+    type Review: kube::Resource + DeserializeOwned + Send + Sync + 'static;
+    const WEBHOOK: &'static str;
+    fn decide(
+        state: &WebhookState,
+        req: &AdmissionRequest<Self::Review>,
+    ) -> impl Future<Output = AdmissionResponse> + Send;
+}
+
+/// The validating webhooks.
+enum Validating {}
+/// The mutating webhooks.
+enum Mutating {}
+
+impl<T> Decide<T> for Validating
+where
+    WebhookState: Validate<T>,
+{
+    type Review = <WebhookState as Validate<T>>::Review;
+    const WEBHOOK: &'static str = <WebhookState as Validate<T>>::WEBHOOK;
+    fn decide(
+        state: &WebhookState,
+        req: &AdmissionRequest<Self::Review>,
+    ) -> impl Future<Output = AdmissionResponse> + Send {
+        state.validate(req)
+    }
+}
+
+impl<T> Decide<T> for Mutating
+where
+    WebhookState: Mutate<T>,
+{
+    type Review = <WebhookState as Mutate<T>>::Review;
+    const WEBHOOK: &'static str = <WebhookState as Mutate<T>>::WEBHOOK;
+    fn decide(
+        state: &WebhookState,
+        req: &AdmissionRequest<Self::Review>,
+    ) -> impl Future<Output = AdmissionResponse> + Send {
+        state.mutate(req)
+    }
+}
+
+/// The one admission handler: read the AdmissionReview (HTTP 400 when the
+/// body is not one), decide, count, answer.
+async fn admit<D: Decide<T>, T>(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let req: AdmissionRequest<D::Review> = match review(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(why),
+    };
+    let resp = D::decide(&state, &req).await;
+    state.observe(D::WEBHOOK, &resp, started);
+    answer(resp)
+}
+
 /// Parse the body as an AdmissionReview of `K`, or say why not.
 fn review<K>(body: &Bytes) -> Result<AdmissionRequest<K>, String>
 where
@@ -228,6 +311,13 @@ where
         .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| {
             format!("the AdmissionReview has no request: {e}")
         })
+}
+
+/// One of Mandate's own objects, read from the review as `kind`.
+fn parse<T: DeserializeOwned>(obj: &DynamicObject, kind: &str) -> Result<T, String> {
+    serde_json::to_value(obj)
+        .and_then(serde_json::from_value::<T>)
+        .map_err(|e| format!("this is not a valid {kind}: {e}"))
 }
 
 /// HTTP 400 with the reason: what a body that is not an AdmissionReview gets.
@@ -390,18 +480,15 @@ async fn pod_scope(state: &WebhookState, req: &AdmissionRequest<Pod>, pod: &Pod)
     }
 }
 
-async fn mutate_pod(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let req: AdmissionRequest<Pod> = match review(&body) {
-        Ok(r) => r,
-        Err(why) => return bad_request(why),
-    };
-    let resp = mutate_pod_inner(&state, &req).await;
-    state.observe("mutate-pods", &resp, started);
-    answer(resp)
+impl Mutate<Pod> for WebhookState {
+    type Review = Pod;
+    const WEBHOOK: &'static str = "mutate-pods";
+    async fn mutate(&self, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+        mutate_pod(self, req).await
+    }
 }
 
-async fn mutate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+async fn mutate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
     if req.operation != Operation::Create {
         return AdmissionResponse::from(req);
     }
@@ -435,18 +522,15 @@ async fn mutate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> 
     }
 }
 
-async fn validate_pod(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let req: AdmissionRequest<Pod> = match review(&body) {
-        Ok(r) => r,
-        Err(why) => return bad_request(why),
-    };
-    let resp = validate_pod_inner(&state, &req).await;
-    state.observe("validate-pods", &resp, started);
-    answer(resp)
+impl Validate<Pod> for WebhookState {
+    type Review = Pod;
+    const WEBHOOK: &'static str = "validate-pods";
+    async fn validate(&self, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+        validate_pod(self, req).await
+    }
 }
 
-async fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
+async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> AdmissionResponse {
     let Some(pod) = &req.object else {
         return AdmissionResponse::from(req); // DELETE
     };
@@ -500,148 +584,238 @@ async fn validate_pod_inner(state: &WebhookState, req: &AdmissionRequest<Pod>) -
 
 // ------------------------------------------------------------------ policies and identities
 
-async fn validate_policy(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let req: AdmissionRequest<DynamicObject> = match review(&body) {
-        Ok(r) => r,
-        Err(why) => return bad_request(why),
-    };
-    let resp = match (&req.operation, &req.object) {
-        (Operation::Create | Operation::Update, Some(obj)) => {
-            match serde_json::to_value(obj).and_then(serde_json::from_value::<AgentPolicy>) {
-                Err(e) => deny(&req, format!("this is not a valid AgentPolicy: {e}")),
-                Ok(p) => {
-                    let spec = p.spec;
-                    let work = tokio::task::spawn_blocking(move || validate::policy(&spec));
-                    match tokio::time::timeout(POLICY_DEADLINE, work).await {
-                        Ok(Ok(Ok(()))) => AdmissionResponse::from(&req),
-                        Ok(Ok(Err(why))) => deny(&req, why),
-                        Ok(Err(e)) => deny(&req, format!("checking the policy failed: {e}")),
-                        Err(_) => deny(
-                            &req,
-                            format!(
-                                "compiling and testing the policy took longer than {}s; make it smaller or its tests cheaper",
-                                POLICY_DEADLINE.as_secs()
-                            ),
-                        ),
-                    }
-                }
-            }
+impl Validate<AgentPolicy> for WebhookState {
+    type Review = DynamicObject;
+    const WEBHOOK: &'static str = "validate-agentpolicies";
+    async fn validate(&self, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        let (Operation::Create | Operation::Update, Some(obj)) = (&req.operation, &req.object) else {
+            return AdmissionResponse::from(req);
+        };
+        let p: AgentPolicy = match parse(obj, "AgentPolicy") {
+            Ok(p) => p,
+            Err(why) => return deny(req, why),
+        };
+        let spec = p.spec;
+        let work = tokio::task::spawn_blocking(move || validate::policy(&spec));
+        match tokio::time::timeout(POLICY_DEADLINE, work).await {
+            Ok(Ok(Ok(()))) => AdmissionResponse::from(req),
+            Ok(Ok(Err(why))) => deny(req, why),
+            Ok(Err(e)) => deny(req, format!("checking the policy failed: {e}")),
+            Err(_) => deny(
+                req,
+                format!(
+                    "compiling and testing the policy took longer than {}s; make it smaller or its tests cheaper",
+                    POLICY_DEADLINE.as_secs()
+                ),
+            ),
         }
-        _ => AdmissionResponse::from(&req),
-    };
-    state.observe("validate-agentpolicies", &resp, started);
-    answer(resp)
+    }
 }
 
-async fn validate_identity(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let req: AdmissionRequest<DynamicObject> = match review(&body) {
-        Ok(r) => r,
-        Err(why) => return bad_request(why),
-    };
-    let resp = match (&req.operation, &req.object) {
-        (Operation::Create | Operation::Update, Some(obj)) => {
-            match serde_json::to_value(obj).and_then(serde_json::from_value::<AgentIdentity>) {
-                Err(e) => deny(&req, format!("this is not a valid AgentIdentity: {e}")),
-                Ok(id) => {
-                    let ns = req.namespace.clone().unwrap_or_default();
-                    let name = id.name_any();
-                    let others: Vec<_> = state
-                        .identities
-                        .state()
-                        .iter()
-                        .filter(|i| i.metadata.namespace.as_deref() == Some(ns.as_str()))
-                        .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.spec.selector.clone())))
-                        .collect();
-                    match validate::identity(&name, &ns, &id.spec, &state.trust_domain, &others) {
-                        Ok(()) => AdmissionResponse::from(&req),
-                        Err(why) => deny(&req, why),
-                    }
-                }
-            }
+impl Validate<AgentIdentity> for WebhookState {
+    type Review = DynamicObject;
+    const WEBHOOK: &'static str = "validate-agentidentities";
+    async fn validate(&self, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        let (Operation::Create | Operation::Update, Some(obj)) = (&req.operation, &req.object) else {
+            return AdmissionResponse::from(req);
+        };
+        let id: AgentIdentity = match parse(obj, "AgentIdentity") {
+            Ok(id) => id,
+            Err(why) => return deny(req, why),
+        };
+        let ns = req.namespace.clone().unwrap_or_default();
+        let name = id.name_any();
+        let others: Vec<_> = self
+            .identities
+            .state()
+            .iter()
+            .filter(|i| i.metadata.namespace.as_deref() == Some(ns.as_str()))
+            .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.spec.selector.clone())))
+            .collect();
+        match validate::identity(&name, &ns, &id.spec, &self.trust_domain, &others) {
+            Ok(()) => AdmissionResponse::from(req),
+            Err(why) => deny(req, why),
         }
-        _ => AdmissionResponse::from(&req),
-    };
-    state.observe("validate-agentidentities", &resp, started);
-    answer(resp)
+    }
 }
 
 // ------------------------------------------------------------------ approvals
 
+/// The old and the new approval of an update.
 fn approvals(req: &AdmissionRequest<DynamicObject>) -> Result<(AgentApproval, AgentApproval), String> {
-    let parse = |o: &DynamicObject| {
-        serde_json::to_value(o)
-            .and_then(serde_json::from_value::<AgentApproval>)
-            .map_err(|e| format!("this is not a valid AgentApproval: {e}"))
-    };
     match (&req.old_object, &req.object) {
-        (Some(old), Some(new)) => Ok((parse(old)?, parse(new)?)),
+        (Some(old), Some(new)) => Ok((parse(old, "AgentApproval")?, parse(new, "AgentApproval")?)),
         _ => Err("an update without both objects".into()),
     }
 }
 
-async fn mutate_approval(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let req: AdmissionRequest<DynamicObject> = match review(&body) {
-        Ok(r) => r,
-        Err(why) => return bad_request(why),
-    };
-    let resp = match req.operation {
-        Operation::Update => match approvals(&req) {
-            Err(why) => deny(&req, why),
-            Ok((old, new)) => {
-                let (o, n) = (old.status.unwrap_or_default(), new.status.unwrap_or_default());
-                if o.phase == ApprovalPhase::Pending
-                    && matches!(n.phase, ApprovalPhase::Approved | ApprovalPhase::Denied)
-                {
-                    // Record who decided, from the authenticated request,
-                    // whatever the object claimed.
-                    let user = req.user_info.username.clone().unwrap_or_default();
-                    let now = jiff::Timestamp::now().to_string();
-                    let patch = vec![
-                        json_patch::PatchOperation::Add(json_patch::AddOperation {
-                            path: jsonptr::PointerBuf::from_tokens(["status", "decidedBy"]),
-                            value: serde_json::Value::String(user),
-                        }),
-                        json_patch::PatchOperation::Add(json_patch::AddOperation {
-                            path: jsonptr::PointerBuf::from_tokens(["status", "decidedAt"]),
-                            value: serde_json::Value::String(now),
-                        }),
-                    ];
-                    AdmissionResponse::from(&req)
-                        .with_patch(json_patch::Patch(patch))
-                        .unwrap_or_else(|e| deny(&req, format!("Mandate could not encode its patch: {e}")))
-                } else {
-                    AdmissionResponse::from(&req)
-                }
-            }
-        },
-        _ => AdmissionResponse::from(&req),
-    };
-    state.observe("mutate-agentapprovals", &resp, started);
-    answer(resp)
+impl Mutate<AgentApproval> for WebhookState {
+    type Review = DynamicObject;
+    const WEBHOOK: &'static str = "mutate-agentapprovals";
+    async fn mutate(&self, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        if req.operation != Operation::Update {
+            return AdmissionResponse::from(req);
+        }
+        let (old, new) = match approvals(req) {
+            Ok(both) => both,
+            Err(why) => return deny(req, why),
+        };
+        let (o, n) = (old.status.unwrap_or_default(), new.status.unwrap_or_default());
+        if o.phase == ApprovalPhase::Pending && matches!(n.phase, ApprovalPhase::Approved | ApprovalPhase::Denied) {
+            // Record who decided, from the authenticated request,
+            // whatever the object claimed.
+            let user = req.user_info.username.clone().unwrap_or_default();
+            let now = jiff::Timestamp::now().to_string();
+            let patch = vec![
+                json_patch::PatchOperation::Add(json_patch::AddOperation {
+                    path: jsonptr::PointerBuf::from_tokens(["status", "decidedBy"]),
+                    value: serde_json::Value::String(user),
+                }),
+                json_patch::PatchOperation::Add(json_patch::AddOperation {
+                    path: jsonptr::PointerBuf::from_tokens(["status", "decidedAt"]),
+                    value: serde_json::Value::String(now),
+                }),
+            ];
+            AdmissionResponse::from(req)
+                .with_patch(json_patch::Patch(patch))
+                .unwrap_or_else(|e| deny(req, format!("Mandate could not encode its patch: {e}")))
+        } else {
+            AdmissionResponse::from(req)
+        }
+    }
 }
 
-async fn validate_approval(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    let req: AdmissionRequest<DynamicObject> = match review(&body) {
-        Ok(r) => r,
-        Err(why) => return bad_request(why),
-    };
-    let resp = match req.operation {
-        Operation::Update => match approvals(&req) {
-            Err(why) => deny(&req, why),
+impl Validate<AgentApproval> for WebhookState {
+    type Review = DynamicObject;
+    const WEBHOOK: &'static str = "validate-agentapprovals";
+    async fn validate(&self, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        if req.operation != Operation::Update {
+            return AdmissionResponse::from(req);
+        }
+        match approvals(req) {
+            Err(why) => deny(req, why),
             Ok((old, new)) => {
                 let user = req.user_info.username.clone().unwrap_or_default();
-                match validate::approval_update(&old, &new, &user, &state.operator_user) {
-                    Ok(()) => AdmissionResponse::from(&req),
-                    Err(why) => deny(&req, why),
+                match validate::approval_update(&old, &new, &user, &self.operator_user) {
+                    Ok(()) => AdmissionResponse::from(req),
+                    Err(why) => deny(req, why),
                 }
             }
-        },
-        _ => AdmissionResponse::from(&req),
-    };
-    state.observe("validate-agentapprovals", &resp, started);
-    answer(resp)
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    fn state(metrics: Arc<Metrics>) -> WebhookState {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        WebhookState {
+            inject: Arc::new(InjectConfig::default()),
+            trust_domain: "example.org".into(),
+            operator_namespace: "mandate-system".into(),
+            operator_user: "system:serviceaccount:mandate-system:mandate-operator".into(),
+            native_sidecars: false,
+            identities: reflector::store().0,
+            namespaces: reflector::store().0,
+            synced: Arc::new(true.into()),
+            metrics,
+            client: Client::try_from(config).unwrap(),
+        }
+    }
+
+    async fn post(app: Router, path: &str, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+        let req = Request::post(path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn review(kind: &str, operation: &str, object: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "mandate.dev", "version": "v1alpha1", "kind": kind},
+                "resource": {"group": "mandate.dev", "version": "v1alpha1", "resource": "x"},
+                "operation": operation,
+                "namespace": "agents",
+                "userInfo": {"username": "alice"},
+                "object": object,
+                "dryRun": false
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn every_route_refuses_a_body_that_is_not_a_review_with_400() {
+        let metrics = Arc::new(Metrics::default());
+        let app = router(state(metrics));
+        for path in [
+            "/mutate/pods",
+            "/validate/pods",
+            "/validate/agentpolicies",
+            "/validate/agentidentities",
+            "/mutate/agentapprovals",
+            "/validate/agentapprovals",
+        ] {
+            let (status, _) = post(app.clone(), path, serde_json::json!({"not": "a review"})).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_identity_is_denied_with_a_message_and_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let app = router(state(metrics.clone()));
+        let object = serde_json::json!({
+            "apiVersion": "mandate.dev/v1alpha1",
+            "kind": "AgentIdentity",
+            "metadata": {"name": "a", "namespace": "agents"},
+            "spec": {"selector": 7}
+        });
+        let (status, body) = post(
+            app.clone(),
+            "/validate/agentidentities",
+            review("AgentIdentity", "CREATE", object),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["response"]["uid"], "u-1");
+        assert_eq!(body["response"]["allowed"], false);
+        assert_eq!(body["response"]["status"]["code"], 403);
+        let message = body["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.starts_with("this is not a valid AgentIdentity: "), "{message}");
+        let denied = crate::admin::AdmissionLabels {
+            webhook: "validate-agentidentities",
+            result: "denied",
+        };
+        assert_eq!(metrics.admissions.get_or_create(&denied).get(), 1);
+
+        // A delete is allowed, and counted as such.
+        let (_, body) = post(
+            app,
+            "/validate/agentapprovals",
+            review("AgentApproval", "DELETE", serde_json::Value::Null),
+        )
+        .await;
+        assert_eq!(body["response"]["allowed"], true);
+        let allowed = crate::admin::AdmissionLabels {
+            webhook: "validate-agentapprovals",
+            result: "allowed",
+        };
+        assert_eq!(metrics.admissions.get_or_create(&allowed).get(), 1);
+    }
 }

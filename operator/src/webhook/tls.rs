@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -23,6 +24,7 @@ const CA_CN: &str = "mandate-webhook-ca";
 /// less than a third of it remains.
 const LEAF_DAYS: i64 = 90;
 const CA_DAYS: i64 = 3650;
+use crate::secret::{self, Contents, Decision, Kept, text};
 use mandate_api::names::{NOT_AFTER_ANNOTATION, SANS_ANNOTATION};
 pub use mandate_identity::certs::{CertError, CertStore, Material, load_files};
 
@@ -65,14 +67,6 @@ impl Source {
             } => generated(client, namespace, secret, sans).await,
         }
     }
-}
-
-/// A key of a Secret as UTF-8 text (PEM), if present.
-pub(crate) fn text(s: &Secret, key: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 fn days_from_now(days: i64) -> time::OffsetDateTime {
@@ -127,140 +121,139 @@ fn new_ca() -> Result<(String, String), TlsError> {
 }
 
 /// The Secret's material, creating it (or renewing its serving certificate)
-/// when absent, expiring or issued for other names. Replicas racing here
-/// converge: creation and update are conditional, and the loser re-reads.
+/// when absent, expiring or issued for other names (see [`secret::keep`]).
 async fn generated(client: &Client, ns: &str, name: &str, sans: &[String]) -> Result<Material, TlsError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    for _ in 0..3 {
-        let existing = api.get_opt(name).await?;
-        let wanted_sans = sans.join(",");
-        let (ca_pem, ca_key) = match existing
-            .as_ref()
-            .and_then(|s| Some((text(s, "ca.crt")?, text(s, "ca.key")?)))
-        {
+    let wanted_sans = sans.join(",");
+    let kept = secret::keep(client, ns, name, |existing| {
+        let (ca_pem, ca_key) = match existing.and_then(|s| Some((text(s, "ca.crt")?, text(s, "ca.key")?))) {
             Some(ca) => ca,
             None => new_ca()?,
         };
-        if let Some(s) = &existing {
+        if let Some(s) = existing {
             let ann = s.metadata.annotations.clone().unwrap_or_default();
             let fresh = ann
                 .get(NOT_AFTER_ANNOTATION)
                 .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .is_some_and(|t| {
+                .filter(|t| {
                     t.duration_since(jiff::Timestamp::now()) > jiff::SignedDuration::from_hours(LEAF_DAYS * 24 / 3)
                 });
-            if fresh
+            if let Some(not_after) = fresh
                 && ann.get(SANS_ANNOTATION) == Some(&wanted_sans)
                 && let (Some(cert_pem), Some(key_pem)) = (text(s, "tls.crt"), text(s, "tls.key"))
             {
-                return Ok(Material {
+                let material = Material {
                     cert_pem,
                     key_pem,
                     ca_pem: Some(ca_pem),
-                });
+                };
+                return Ok(Decision::Keep((material, not_after)));
             }
         }
         let (cert_pem, key_pem, not_after) = leaf(&ca_key, sans)?;
-        let data = [
-            ("ca.crt", &ca_pem),
-            ("ca.key", &ca_key),
-            ("tls.crt", &cert_pem),
-            ("tls.key", &key_pem),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-        .collect();
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                resource_version: existing.as_ref().and_then(|s| s.metadata.resource_version.clone()),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "mandate-operator".to_string(),
-                    )]
-                    .into(),
-                ),
-                annotations: Some(
-                    [
-                        (NOT_AFTER_ANNOTATION.to_string(), not_after.to_string()),
-                        (SANS_ANNOTATION.to_string(), wanted_sans),
-                    ]
-                    .into(),
-                ),
-                ..ObjectMeta::default()
-            },
+        let contents = Contents {
             type_: Some("kubernetes.io/tls".into()),
-            data: Some(data),
-            ..Secret::default()
+            annotations: [
+                (NOT_AFTER_ANNOTATION.to_string(), not_after.to_string()),
+                (SANS_ANNOTATION.to_string(), wanted_sans.clone()),
+            ]
+            .into(),
+            data: [
+                ("ca.crt", &ca_pem),
+                ("ca.key", &ca_key),
+                ("tls.crt", &cert_pem),
+                ("tls.key", &key_pem),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
         };
-        let written = match &existing {
-            None => api.create(&PostParams::default(), &secret).await,
-            Some(_) => api.replace(name, &PostParams::default(), &secret).await,
+        let material = Material {
+            cert_pem,
+            key_pem,
+            ca_pem: Some(ca_pem),
         };
-        match written {
-            Ok(_) => {
-                tracing::info!(secret = %format!("{ns}/{name}"), %not_after, "webhook serving certificate issued");
-                return Ok(Material {
-                    cert_pem,
-                    key_pem,
-                    ca_pem: Some(ca_pem),
-                });
-            }
-            // Another replica wrote first: use what it wrote.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e.into()),
+        Ok::<_, TlsError>(Decision::Write(contents, (material, not_after)))
+    })
+    .await?;
+    match kept {
+        Kept::Read((material, _)) => Ok(material),
+        Kept::Written((material, not_after)) => {
+            tracing::info!(secret = %format!("{ns}/{name}"), %not_after, "webhook serving certificate issued");
+            Ok(material)
         }
+        Kept::Contended => Err(TlsError::Invalid(format!(
+            "the Secret {ns}/{name} keeps changing under us; giving up this round"
+        ))),
     }
-    Err(TlsError::Invalid(format!(
-        "the Secret {ns}/{name} keeps changing under us; giving up this round"
-    )))
 }
 
-/// Put `ca_pem` into every webhook of the named configurations (those that
-/// exist), when it is not there already.
-pub async fn patch_ca_bundles(
-    client: &Client,
-    mutating: &[String],
-    validating: &[String],
-    ca_pem: &str,
-) -> Result<usize, kube::Error> {
-    let bundle = ByteString(ca_pem.as_bytes().to_vec());
-    let mut patched = 0;
-    let m: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    for name in mutating {
-        if let Some(mut cfg) = m.get_opt(name).await? {
-            let mut changed = false;
-            for w in cfg.webhooks.iter_mut().flatten() {
-                if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                    w.client_config.ca_bundle = Some(bundle.clone());
-                    changed = true;
-                }
-            }
-            if changed {
-                m.replace(name, &PostParams::default(), &cfg).await?;
-                patched += 1;
-            }
-        }
+/// The webhook configurations whose caBundle the operator keeps current.
+#[derive(Debug, Clone, Default)]
+pub struct CaBundleTargets {
+    /// Names of MutatingWebhookConfigurations.
+    pub mutating: Vec<String>,
+    /// Names of ValidatingWebhookConfigurations.
+    pub validating: Vec<String>,
+}
+
+/// A kind of webhook configuration: its webhooks' client configs.
+trait WebhookConfiguration:
+    kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+{
+    fn client_configs(&mut self) -> impl Iterator<Item = &mut WebhookClientConfig>;
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn client_configs(&mut self) -> impl Iterator<Item = &mut WebhookClientConfig> {
+        self.webhooks.iter_mut().flatten().map(|w| &mut w.client_config)
     }
-    let v: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    for name in validating {
-        if let Some(mut cfg) = v.get_opt(name).await? {
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn client_configs(&mut self) -> impl Iterator<Item = &mut WebhookClientConfig> {
+        self.webhooks.iter_mut().flatten().map(|w| &mut w.client_config)
+    }
+}
+
+/// Put `bundle` into every webhook of the named configurations of kind `K`
+/// (those that exist), when it is not there already; how many were written.
+async fn patch_ca_bundles_of<K: WebhookConfiguration>(
+    client: &Client,
+    names: &[String],
+    bundle: &ByteString,
+) -> Result<usize, kube::Error> {
+    let api: Api<K> = Api::all(client.clone());
+    let mut patched = 0;
+    for name in names {
+        if let Some(mut cfg) = api.get_opt(name).await? {
             let mut changed = false;
-            for w in cfg.webhooks.iter_mut().flatten() {
-                if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                    w.client_config.ca_bundle = Some(bundle.clone());
+            for c in cfg.client_configs() {
+                if c.ca_bundle.as_ref() != Some(bundle) {
+                    c.ca_bundle = Some(bundle.clone());
                     changed = true;
                 }
             }
             if changed {
-                v.replace(name, &PostParams::default(), &cfg).await?;
+                api.replace(name, &PostParams::default(), &cfg).await?;
                 patched += 1;
             }
         }
     }
     Ok(patched)
+}
+
+/// Put `ca_pem` into every webhook of the named configurations (those that
+/// exist), when it is not there already.
+pub async fn patch_ca_bundles(client: &Client, targets: &CaBundleTargets, ca_pem: &str) -> Result<usize, kube::Error> {
+    let bundle = ByteString(ca_pem.as_bytes().to_vec());
+    let mutating = patch_ca_bundles_of::<MutatingWebhookConfiguration>(client, &targets.mutating, &bundle).await?;
+    let validating =
+        patch_ca_bundles_of::<ValidatingWebhookConfiguration>(client, &targets.validating, &bundle).await?;
+    Ok(mutating + validating)
 }
 
 /// Keep the served certificate and the caBundles current: every `every`,
@@ -271,7 +264,7 @@ pub async fn keep_current(
     source: Source,
     store: Arc<CertStore>,
     every: Duration,
-    ca_bundles: Option<(Vec<String>, Vec<String>)>,
+    ca_bundles: Option<CaBundleTargets>,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -289,10 +282,10 @@ pub async fn keep_current(
                 tracing::error!(error = %e, "cannot read the webhook certificate; still serving the previous one")
             }
         }
-        if let Some((mutating, validating)) = &ca_bundles
+        if let Some(targets) = &ca_bundles
             && let Some(ca) = store.material().ca_pem.clone()
         {
-            match patch_ca_bundles(&client, mutating, validating, &ca).await {
+            match patch_ca_bundles(&client, targets, &ca).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(configurations = n, "caBundle written into the webhook configurations"),
                 Err(e) => tracing::warn!(error = %e, "cannot write the caBundle; retrying"),

@@ -1,42 +1,127 @@
-//! Shared by the operator's cluster tests: an operator process serving the
-//! webhooks on 127.0.0.1, with webhook configurations scoped to the test's
-//! namespaces (removed afterwards); the workspace's other binaries; free ports.
+//! Shared by the operator's cluster tests: a `mandate-operator` process
+//! ([`Operator`]); one serving the webhooks on 127.0.0.1, with webhook
+//! configurations scoped to the test's namespaces (removed afterwards)
+//! ([`Webhooks`]); what a sidecar process reports on its admin port. The
+//! helpers that need no cluster (waits, ports, manifests, processes) are in
+//! mandate-testsupport.
 
-#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)] // each test file uses a part
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)] // each test file uses a part; fixtures
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
+use mandate_testsupport::{Process, eventually, free_port, http_ok, try_eventually};
 use serde_json::{Value, json};
 
-/// Another binary of the workspace (the sidecar, the test agent), built
-/// beside the operator.
-pub fn sibling(name: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_mandate-operator")).with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` (or `cargo test --workspace`) first",
-        path.display()
-    );
-    Ok(path)
+/// A `mandate-operator` command for `cluster` with its admin endpoint on
+/// 127.0.0.1:`admin`; the test adds the rest of its arguments.
+pub fn operator_command(cluster: &Cluster, admin: u16) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"));
+    cmd.args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .env("KUBECONFIG", &cluster.info().kubeconfig);
+    cmd
 }
 
-/// A free port on 127.0.0.1.
-pub fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A `mandate-operator` process (killed when dropped) and its admin port.
+#[derive(Debug)]
+pub struct Operator {
+    pub process: Process,
+    pub admin: u16,
+}
+
+impl Operator {
+    /// Start `cmd` (from [`operator_command`] with `admin`), its output appended to `log`.
+    pub fn spawn(mut cmd: tokio::process::Command, admin: u16, log: &Path) -> Result<Self> {
+        let process = Process::spawn("mandate-operator", &mut cmd, log)?;
+        Ok(Self { process, admin })
+    }
+
+    /// [`Operator::spawn`], then wait up to `timeout` until it is ready.
+    pub async fn start(cmd: tokio::process::Command, admin: u16, log: &Path, timeout: Duration) -> Result<Self> {
+        let op = Self::spawn(cmd, admin, log)?;
+        op.wait_ready(timeout).await?;
+        Ok(op)
+    }
+
+    /// `http://127.0.0.1:<admin><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        http_ok(&self.url("/readyz")).await
+    }
+
+    /// Wait until `/readyz` answers 200; on timeout the error carries the log.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        eventually("the operator to be ready", timeout, async || self.ready().await)
+            .await
+            .with_context(|| format!("operator not ready:\n{}", self.logs()))
+    }
+
+    pub fn logs(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// `name=version` of each policy a sidecar has in force, sorted (from the
+/// `mandate_sidecar_policy_info` metric on its admin port); none when the
+/// port does not answer.
+pub async fn policies_in_force(admin: u16) -> Vec<String> {
+    let Ok((_, m)) = http_get(&format!("http://127.0.0.1:{admin}/metrics")).await else {
+        return vec![];
+    };
+    let mut out: Vec<String> = m
+        .lines()
+        .filter(|l| l.starts_with("mandate_sidecar_policy_info{"))
+        .filter_map(|l| {
+            let field = |k: &str| {
+                l.split(&format!("{k}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .map(str::to_string)
+            };
+            Some(format!("{}={}", field("policy")?, field("version")?))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A `mandate-sidecar` process (killed when dropped) and its admin port.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub process: Process,
+    pub admin: u16,
+}
+
+impl Sidecar {
+    /// `name=version` of each policy it has in force.
+    pub async fn in_force(&self) -> Vec<String> {
+        policies_in_force(self.admin).await
+    }
+
+    /// Whether its `/readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        http_ok(&format!("http://127.0.0.1:{}/readyz", self.admin)).await
+    }
+
+    /// Its stderr so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
 }
 
 /// The operator process, its webhook configurations, and a way to reach them.
 pub struct Webhooks {
-    pub child: Option<tokio::process::Child>,
+    pub child: Option<Process>,
     pub cluster: Cluster,
     pub name: String,
     pub port: u16,
@@ -143,7 +228,7 @@ impl Webhooks {
                 .await?;
         }
         let name = format!("mandate-test-{test}");
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = free_port();
         let (m, v) = configurations(&name, port, &test);
         let pp = PostParams::default();
         Api::<MutatingWebhookConfiguration>::all(cluster.client())
@@ -167,12 +252,10 @@ impl Webhooks {
     }
 
     pub async fn start_operator(&mut self, agents: &str) -> Result<()> {
-        let admin = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let admin = free_port();
         self.admin = admin;
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mandate-operator"))
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .args(["--watch-namespace", agents, "--lease-namespace", &self.op_ns])
+        let mut cmd = operator_command(&self.cluster, admin);
+        cmd.args(["--watch-namespace", agents, "--lease-namespace", &self.op_ns])
             .args(["--operator-namespace", &self.op_ns, "--trust-domain", "example.org"])
             .args([
                 "--webhook-addr",
@@ -197,28 +280,14 @@ impl Webhooks {
                     .as_slice(),
             )
             .args(&self.extra_args)
-            .env("KUBECONFIG", &self.cluster.info().kubeconfig)
-            .env("MANDATE_LOG", "info,mandate_operator=debug")
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting mandate-operator")?;
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + secs(60);
-        loop {
-            let ready = matches!(
-                http_get(&format!("http://127.0.0.1:{admin}/readyz")).await,
-                Ok((200, _))
-            );
-            if ready && self.ca_bundle_written().await? {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("the operator's webhooks never became ready:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            .env("MANDATE_LOG", "info,mandate_operator=debug");
+        self.child = Some(Process::spawn("mandate-operator", &mut cmd, &self.log)?);
+        let readyz = format!("http://127.0.0.1:{admin}/readyz");
+        try_eventually("the operator's webhooks to be ready", secs(60), async || {
+            Ok(http_ok(&readyz).await && self.ca_bundle_written().await?)
+        })
+        .await
+        .with_context(|| format!("the operator's webhooks never became ready:\n{}", self.logs()))
     }
 
     /// Whether every webhook in both configurations has the Secret's CA.

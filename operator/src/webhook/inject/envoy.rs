@@ -1,0 +1,201 @@
+//! Envoy's bootstrap: the egress proxy whose every request the sidecar decides.
+
+use mandate_api::names::AUTHZ_SOCKET;
+use serde_json::json;
+
+use super::InjectConfig;
+
+/// Envoy's bootstrap: an HTTP forward proxy on loopback whose every request
+/// (CONNECT included) is decided by the sidecar over its unix socket, with
+/// `failure_mode_allow: false`. The sidecar's answer steers the request to
+/// a plain, a TLS-originating or a tunnelling upstream, so the bootstrap
+/// never changes when policies do.
+pub fn envoy_bootstrap(cfg: &InjectConfig) -> String {
+    envoy_bootstrap_at(cfg, AUTHZ_SOCKET, "0.0.0.0")
+}
+
+/// [`envoy_bootstrap`] with the ext_authz socket and the readiness
+/// listener's address chosen (tests run it outside a pod).
+pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address: &str) -> String {
+    let dfp_cache = json!({
+        "name": "egress_dns",
+        "dns_lookup_family": "V4_PREFERRED",
+        "max_hosts": 4096,
+    });
+    let dfp_cluster = |name: &str, tls: bool| {
+        let mut c = json!({
+            "name": name,
+            "connect_timeout": "5s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                    "dns_cache_config": dfp_cache,
+                },
+            },
+        });
+        if tls && let Some(m) = c.as_object_mut() {
+            m.insert(
+                "transport_socket".into(),
+                json!({
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "common_tls_context": {
+                            "validation_context": {"trusted_ca": {"filename": cfg.upstream_ca_file}},
+                        },
+                    },
+                }),
+            );
+            m.insert(
+                "typed_extension_protocol_options".into(),
+                json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                        "explicit_http_config": {"http_protocol_options": {}},
+                    },
+                }),
+            );
+        }
+        c
+    };
+    let bootstrap = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy_admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "egress",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.proxy_port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "egress",
+                            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                            "route_config": {
+                                "name": "egress",
+                                "virtual_hosts": [{
+                                    "name": "egress",
+                                    "domains": ["*"],
+                                    "routes": [
+                                        {"match": {"connect_matcher": {}},
+                                         "route": {"cluster": "egress_tunnel",
+                                                   "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+                                         // A tunnel's stream never ends: decide on
+                                         // host and port without waiting for a body.
+                                         "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+                                             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                                             "check_settings": {"disable_request_body_buffering": true}}}},
+                                        {"match": {"prefix": "/", "headers": [
+                                            {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
+                                         "route": {"cluster": "egress_tls", "timeout": "60s"}},
+                                        {"match": {"prefix": "/"},
+                                         "route": {"cluster": "egress_plain", "timeout": "60s"}},
+                                    ],
+                                }],
+                            },
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.ext_authz",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                                        "transport_api_version": "V3",
+                                        "failure_mode_allow": false,
+                                        "clear_route_cache": true,
+                                        "status_on_error": {"code": 403},
+                                        "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
+                                        "grpc_service": {
+                                            "envoy_grpc": {"cluster_name": "mandate_authz"},
+                                            "timeout": format!("{}s", cfg.authz_timeout_ms as f64 / 1000.0),
+                                        },
+                                    },
+                                },
+                                {
+                                    "name": "envoy.filters.http.dynamic_forward_proxy",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                                        "dns_cache_config": dfp_cache,
+                                    },
+                                },
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                                },
+                            ],
+                        },
+                    }]}],
+                },
+                {
+                    // Readiness for kubelet, answered by Envoy's own /ready;
+                    // nothing else is reachable here.
+                    "name": "health",
+                    "address": {"socket_address": {"address": health_address, "port_value": cfg.envoy_health_port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "health",
+                            "route_config": {"virtual_hosts": [{
+                                "name": "health",
+                                "domains": ["*"],
+                                "routes": [{"match": {"path": "/healthz/ready"},
+                                            "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}}],
+                            }]},
+                            "http_filters": [{
+                                "name": "envoy.filters.http.router",
+                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                            }],
+                        },
+                    }]}],
+                },
+            ],
+            "clusters": [
+                {
+                    "name": "mandate_authz",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        },
+                    },
+                    "load_assignment": {"cluster_name": "mandate_authz", "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"pipe": {"path": authz_socket}}}}]}]},
+                },
+                {
+                    "name": "envoy_admin",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy_admin_port}}}}]}]},
+                },
+                dfp_cluster("egress_plain", false),
+                dfp_cluster("egress_tls", true),
+                dfp_cluster("egress_tunnel", false),
+            ],
+        },
+    });
+    bootstrap.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn the_bootstrap_fails_closed() {
+        let b: Value = serde_json::from_str(&envoy_bootstrap(&InjectConfig::default())).unwrap();
+        let text = b.to_string();
+        assert!(text.contains(r#""failure_mode_allow":false"#));
+        assert!(text.contains(AUTHZ_SOCKET));
+        // The egress listener is on loopback only.
+        assert_eq!(
+            b["static_resources"]["listeners"][0]["address"]["socket_address"]["address"],
+            "127.0.0.1"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Whether a pod holds exactly what Mandate injects for it: for re-invoked
+//! and already injected pods, and the admission guard.
+
+use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
+use mandate_api::names::{
+    BUNDLE_VOLUME, ENVOY_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER, SPIFFE_VOLUME,
+    TOKEN_VOLUME,
+};
+use serde_json::json;
+
+use super::containers::{containers, volumes};
+use super::{AgentRef, InjectConfig};
+
+/// Whether `pod` already holds Mandate's containers (by name).
+pub(super) fn has_our_containers(pod: &Pod) -> Vec<String> {
+    let Some(spec) = &pod.spec else { return vec![] };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .map(|c| c.name.clone())
+        .filter(|n| n == ENVOY_CONTAINER || n == SIDECAR_CONTAINER)
+        .collect()
+}
+
+/// A digest of what is injected for this pod, so a re-invocation (or an
+/// already injected pod) is recognised and a forged one is not.
+pub fn digest(envoy: &Container, sidecar: &Container, volumes: &[Volume]) -> String {
+    use sha2::Digest as _;
+    let canonical = json!([envoy, sidecar, volumes]).to_string();
+    let hash = sha2::Sha256::digest(canonical.as_bytes());
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn reserved_volume(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, SPIFFE_VOLUME].contains(&n.as_str()))
+}
+
+/// Whether the pod holds exactly what Mandate injects for it now (its
+/// marker, both containers as generated, its volumes). Used for re-invoked
+/// and already-injected pods, and by the admission guard.
+pub fn injected_as_expected(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidecars: bool) -> bool {
+    injection_difference(pod, cfg, agent, native_sidecars).is_none()
+}
+
+/// What differs between the pod and what Mandate injects for it now, if anything.
+pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidecars: bool) -> Option<String> {
+    let Some(spec) = &pod.spec else {
+        return Some("the pod has no spec".into());
+    };
+    let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
+    let find = |name: &str| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == name)
+    };
+    let marker = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INJECTED_ANNOTATION));
+    let want = digest(&envoy, &sidecar, &volumes(pod, cfg));
+    if marker != Some(&want) {
+        return Some(format!(
+            "its {INJECTED_ANNOTATION} is {marker:?}, not {want} (injected by another version or configuration of Mandate?)"
+        ));
+    }
+    // Ours come first in their list: an init container placed before them
+    // would run before the proxy exists (native sidecars), and a container
+    // before them would start before the postStart hold (the older path).
+    let (list, list_name) = if native_sidecars {
+        (spec.init_containers.as_deref().unwrap_or_default(), "initContainers")
+    } else {
+        (spec.containers.as_slice(), "containers")
+    };
+    let head: Vec<&str> = list.iter().take(2).map(|c| c.name.as_str()).collect();
+    if head != [ENVOY_CONTAINER, SIDECAR_CONTAINER] {
+        return Some(format!(
+            "{ENVOY_CONTAINER} and {SIDECAR_CONTAINER} must be the first two of {list_name}, but they start with {head:?} (if another admission webhook put its containers first, Mandate refuses the pod: anything before its proxy runs unmediated)"
+        ));
+    }
+    // The apiserver defaults fields we leave unset (terminationMessagePath,
+    // probe thresholds...), so compare what we set, field by field.
+    for ours in [&envoy, &sidecar] {
+        let Some(t) = find(&ours.name) else {
+            return Some(format!("container {} is missing", ours.name));
+        };
+        let differs = [
+            ("image", t.image != ours.image),
+            ("command", t.command != ours.command),
+            ("args", t.args != ours.args),
+            ("env", t.env != ours.env),
+            (
+                "volumeMounts",
+                !same_mounts(t.volume_mounts.as_deref(), ours.volume_mounts.as_deref()),
+            ),
+            ("securityContext", t.security_context != ours.security_context),
+            ("restartPolicy", t.restart_policy != ours.restart_policy),
+            (
+                "lifecycle",
+                t.lifecycle.as_ref().map(|l| &l.post_start) != ours.lifecycle.as_ref().map(|l| &l.post_start),
+            ),
+        ];
+        if let Some((field, _)) = differs.iter().find(|(_, d)| *d) {
+            return Some(format!("container {}'s {field} differs", ours.name));
+        }
+    }
+    None
+}
+
+/// Our mounts, plus at most what the apiserver adds itself (the
+/// ServiceAccount admission plugin mounts the token into every container,
+/// including ours, when it re-runs after the webhook).
+fn same_mounts(theirs: Option<&[VolumeMount]>, ours: Option<&[VolumeMount]>) -> bool {
+    let (theirs, ours) = (theirs.unwrap_or_default(), ours.unwrap_or_default());
+    ours.iter().all(|m| theirs.contains(m))
+        && theirs
+            .iter()
+            .filter(|m| !ours.contains(m))
+            .all(|m| m.mount_path.starts_with("/var/run/secrets/") && m.read_only == Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{agent, apply, pod};
+    use super::super::{InjectError, inject};
+    use super::*;
+
+    #[test]
+    fn a_container_slipped_in_before_ours_is_refused() {
+        let cfg = InjectConfig::default();
+        for native in [true, false] {
+            let p = pod(json!({"spec": {"initContainers": [{"name": "fetch"}], "containers": [{"name": "a"}]}}));
+            let injected = apply(&p, &inject(&p, &cfg, &agent(), native).unwrap().unwrap());
+            assert!(injection_difference(&injected, &cfg, &agent(), native).is_none());
+            // A hostile spec: the same, but with its own container first, so
+            // it would run before the proxy (native) or before the hold.
+            let mut forged = serde_json::to_value(&injected).unwrap();
+            let list = if native { "initContainers" } else { "containers" };
+            forged["spec"][list]
+                .as_array_mut()
+                .unwrap()
+                .insert(0, json!({"name": "early", "image": "evil:1"}));
+            let forged: Pod = serde_json::from_value(forged).unwrap();
+            let why = injection_difference(&forged, &cfg, &agent(), native).expect("refused");
+            assert!(why.contains("must be the first two") && why.contains("early"), "{why}");
+            assert!(matches!(
+                inject(&forged, &cfg, &agent(), native),
+                Err(InjectError::Forged(_))
+            ));
+        }
+    }
+}
