@@ -113,7 +113,7 @@ validate_manifests() {
 # check_render FILE LABEL PDB_VERSION: the chart's promises on a rendering.
 check_render() {
   local out
-  if out="$("$PY" hack/chart_check.py rendered --crds "$CRDS" --main operator/src/main.rs \
+  if out="$("$PY" hack/chart_check.py rendered --crds "$CRDS" --operator-reference docs/reference/mandate-operator.md \
     --router operator/src/webhook/mod.rs --namespace "$NS" --pdb "$3" "$1" 2>&1)"; then
     return 0
   fi

@@ -8,7 +8,7 @@
   chart_check.py crs --expect-invalid CRD_FILE FILE...
       Every document in FILEs is refused, for the reason its annotation
       chart-check.mandate.dev/expect names (the validator's own negative test).
-  chart_check.py rendered --crds CRD_FILE --main MAIN_RS --router MOD_RS
+  chart_check.py rendered --crds CRD_FILE --operator-reference REFERENCE_MD --router MOD_RS
                           --namespace NS --pdb API_VERSION RENDERED
       What `helm template` rendered keeps the chart's promises: the CRDs are
       those of CRD_FILE, RBAC is least-privilege, the pod is hardened, the
@@ -182,9 +182,15 @@ def strip_chart_metadata(crd):
     return crd
 
 
-def operator_env_names(main_rs):
-    with open(main_rs, encoding="utf-8") as f:
-        return set(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', f.read()))
+def operator_env_names(reference_md):
+    """The environment variables mandate-operator reads: its generated flag
+    reference (docs/reference/mandate-operator.md, `make reference`; a test
+    fails when it drifts from the binary) names each as `[env: NAME=]`."""
+    with open(reference_md, encoding="utf-8") as f:
+        names = set(re.findall(r"\[env: ([A-Z0-9_]+)=", f.read()))
+    if not names:
+        raise SystemExit(f"{reference_md} names no environment variable; run make reference")
+    return names
 
 
 def router_paths(mod_rs):
@@ -268,7 +274,7 @@ def check_rendered(docs, crd_file, env_known, paths, ns, pdb_version):
                 problem(f"{name} is not set from the pod's {field}")
         for name in env:
             if name.startswith("MANDATE_") and name not in env_known and name not in PENDING_ENV:
-                problem(f"the Deployment sets {name}, which mandate-operator does not read (operator/src/main.rs)")
+                problem(f"the Deployment sets {name}, which mandate-operator does not read (docs/reference/mandate-operator.md)")
         if env.get("MANDATE_LEASE_NAMESPACE", {}).get("value") != ns:
             problem(f"the Lease namespace is {env.get('MANDATE_LEASE_NAMESPACE')}, not the release namespace {ns}")
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -354,7 +360,7 @@ def cmd_rendered(args):
     while args and args[0].startswith("--"):
         opts[args[0][2:]] = args[1]
         args = args[2:]
-    if len(args) != 1 or set(opts) != {"crds", "main", "router", "namespace", "pdb"}:
+    if len(args) != 1 or set(opts) != {"crds", "operator-reference", "router", "namespace", "pdb"}:
         sys.exit(__doc__)
     docs = load_all(args[0])
     for d in docs:
@@ -363,7 +369,7 @@ def cmd_rendered(args):
     check_rendered(
         [d for d in docs if "kind" in d],
         opts["crds"],
-        operator_env_names(opts["main"]),
+        operator_env_names(opts["operator-reference"]),
         router_paths(opts["router"]),
         opts["namespace"],
         opts["pdb"],
