@@ -267,6 +267,16 @@ AGENT_IP="$(jq -r .status.podIP <<<"$agent")"
 AGENT_UID="$(jq -r .metadata.uid <<<"$agent")"
 pass "the agent pod runs with Envoy and mandate-sidecar injected as native sidecars ($names; restartable: $restartable)"
 
+# A hostile operator of the agent attaches an ephemeral container (it would
+# share the pod's network with no proxy and no decision): refused.
+if out="$(K debug -n "$AGENTS" agent --image="$TESTBIN" --image-pull-policy=Never -c debugger -- true 2>&1)"; then
+  fail "kubectl debug attached an ephemeral container to the agent pod: $out"
+fi
+has "ephemeral containers .kubectl debug. are refused on agent pods" <<<"$out" || fail "kubectl debug was refused, but not by Mandate: $out"
+[ "$(K get pod -n "$AGENTS" agent -o jsonpath='{.spec.ephemeralContainers}')" = "" ] ||
+  fail "the agent pod has an ephemeral container after the refusal"
+pass "kubectl debug on the agent pod is refused by the pod guard, with the reason"
+
 svid_issued() {
   K get agentidentity -n "$AGENTS" researcher -o json | jq -e '.status.svids[]? | select(.pod == "agent")' >/dev/null
 }

@@ -340,6 +340,8 @@ def check_rendered(docs, crd_file, env_known, paths, ns, pdb_version):
                     problem(f"{where} does not exempt kube-system and {ns} by name")
                 if kind.startswith("Mutating") and w.get("reinvocationPolicy") != "IfNeeded":
                     problem(f"{where}: reinvocationPolicy is not IfNeeded")
+                if kind.startswith("Validating") and w.get("failurePolicy") != "Fail":
+                    problem(f"{where}: the pod guard's failurePolicy is {w.get('failurePolicy')}, not Fail")
     served = {
         w["clientConfig"]["service"]["path"]
         for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")

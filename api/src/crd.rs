@@ -68,7 +68,8 @@ pub struct AgentPolicySpec {
     pub identities: Vec<String>,
 
     /// Enforce: the decision is carried out. DryRun: the decision is logged
-    /// and the request allowed, to try a policy on live traffic first.
+    /// and never carried out, to try a policy on live traffic first. An agent
+    /// bound only to DryRun policies is denied everything, as with no policy.
     #[serde(default)]
     pub mode: PolicyMode,
 
@@ -423,9 +424,11 @@ fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyDocument {
-    /// `mandate.dev/v1alpha1`.
+    /// `mandate.dev/v1alpha1` (not checked: files without it load, as before).
+    #[serde(default)]
     pub api_version: String,
-    /// `AgentPolicy`.
+    /// `AgentPolicy` (the loader checks it).
+    #[serde(default)]
     pub kind: String,
     /// The name and namespace (other metadata is ignored here).
     #[serde(default)]

@@ -249,7 +249,7 @@ async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
             .iter()
             .filter(|p| p.namespace().as_deref() == Some(id_ns.as_str()))
             .filter(|p| {
-                binding::policy_binds(&p.spec, Some(&name), &Default::default())
+                p.spec.identities.contains(&name)
                     || mine
                         .iter()
                         .any(|pod| binding::policy_binds(&p.spec, None, pod.labels()))

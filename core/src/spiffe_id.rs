@@ -1,4 +1,10 @@
 //! SPIFFE IDs of agents (no Kubernetes here).
+//!
+//! An agent's ID is bound to its namespace: it is always under
+//! `spiffe://<trust domain>/ns/<namespace>/`, so a tenant can never template
+//! an ID in another namespace, or one under `/mandate/` (Mandate's own, e.g.
+//! the operator's `spiffe://<td>/mandate/operator`). And an ID names one
+//! identity: where two identities resolve to the same ID, neither gets it.
 
 /// The template used when an AgentIdentity names none.
 pub const DEFAULT_TEMPLATE: &str = "spiffe://{trustDomain}/ns/{namespace}/agent/{name}";
@@ -12,7 +18,18 @@ pub enum SpiffeIdError {
     UnknownPlaceholder(String),
     #[error("'{id}' is not a valid SPIFFE ID: {why}")]
     Invalid { id: String, why: &'static str },
+    #[error(
+        "'{id}' is outside the agent's namespace: an agent's SPIFFE ID starts with spiffe://{trust_domain}/ns/{namespace}/ (e.g. the default, spiffe://{{trustDomain}}/ns/{{namespace}}/agent/{{name}})"
+    )]
+    OutsideNamespace {
+        id: String,
+        trust_domain: String,
+        namespace: String,
+    },
 }
+
+/// The path prefix reserved for Mandate's own workloads (the operator).
+pub const RESERVED_PREFIX: &str = "mandate/";
 
 /// Render `template` (or the default) for the agent `name` in `namespace`.
 pub fn spiffe_id(
@@ -37,7 +54,29 @@ pub fn spiffe_id(
         return Err(SpiffeIdError::UnknownPlaceholder(template.to_string()));
     }
     validate(&id, trust_domain)?;
+    let in_namespace = id
+        .strip_prefix(&format!("spiffe://{trust_domain}/ns/{namespace}/"))
+        .is_some_and(|rest| !rest.is_empty());
+    if !in_namespace {
+        return Err(SpiffeIdError::OutsideNamespace {
+            id,
+            trust_domain: trust_domain.to_string(),
+            namespace: namespace.to_string(),
+        });
+    }
     Ok(id)
+}
+
+/// The one identity, among `(key, resolved ID)` pairs, whose ID is `id`:
+/// `None` when none has it, and also when several do (an ID two identities
+/// share belongs to neither).
+pub fn sole_owner<K, I>(id: &str, resolved: I) -> Option<K>
+where
+    I: IntoIterator<Item = (K, String)>,
+{
+    let mut owners = resolved.into_iter().filter(|(_, r)| r == id).map(|(k, _)| k);
+    let first = owners.next()?;
+    owners.next().is_none().then_some(first)
 }
 
 /// The SPIFFE ID rules that matter here: scheme, our trust domain, a
@@ -80,9 +119,51 @@ mod tests {
             "spiffe://example.org/ns/team-a/agent/researcher"
         );
         assert_eq!(
-            spiffe_id(Some("spiffe://{trustDomain}/agents/{name}"), "example.org", "ns", "bot").unwrap(),
-            "spiffe://example.org/agents/bot"
+            spiffe_id(
+                Some("spiffe://{trustDomain}/ns/{namespace}/bots/{name}"),
+                "example.org",
+                "ns",
+                "bot"
+            )
+            .unwrap(),
+            "spiffe://example.org/ns/ns/bots/bot"
         );
+    }
+
+    #[test]
+    fn an_id_is_bound_to_its_namespace_and_mandate_is_reserved() {
+        // A tenant in team-b templating its way into team-a, or into Mandate's own IDs.
+        for template in [
+            "spiffe://{trustDomain}/ns/team-a/agent/{name}",
+            "spiffe://{trustDomain}/mandate/operator",
+            "spiffe://{trustDomain}/agents/{name}",
+            "spiffe://{trustDomain}/ns/{namespace}",
+            "spiffe://{trustDomain}/ns/{namespace}x/agent/{name}",
+            "spiffe://{trustDomain}/x/ns/{namespace}/agent/{name}",
+        ] {
+            assert!(
+                matches!(
+                    spiffe_id(Some(template), "example.org", "team-b", "n"),
+                    Err(SpiffeIdError::OutsideNamespace { .. })
+                ),
+                "{template} was accepted"
+            );
+        }
+        // A namespace or name that would climb out is refused as a path, too.
+        assert!(spiffe_id(None, "example.org", "..", "n").is_err());
+        assert!(spiffe_id(None, "example.org", "ns", "a/../../mandate").is_err());
+    }
+
+    #[test]
+    fn an_id_two_identities_resolve_to_belongs_to_neither() {
+        let ids = |v: &[(&'static str, &str)]| v.iter().map(|(k, id)| (*k, id.to_string())).collect::<Vec<_>>();
+        let id = "spiffe://td/ns/a/agent/x";
+        assert_eq!(
+            sole_owner(id, ids(&[("x", id), ("y", "spiffe://td/ns/a/agent/y")])),
+            Some("x")
+        );
+        assert_eq!(sole_owner(id, ids(&[("x", id), ("shared", id)])), None);
+        assert_eq!(sole_owner(id, ids(&[("y", "spiffe://td/ns/a/agent/y")])), None);
     }
 
     #[test]

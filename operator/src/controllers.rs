@@ -408,6 +408,27 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
         },
         generation,
     );
+    // A problem is also an Event, once per change of it (the status is
+    // recomputed every minute): an identity written before a rule existed
+    // (a SPIFFE ID outside its namespace, say) binds nothing until fixed.
+    let was = previous.conditions.iter().find(|c| c.type_ == "Ready");
+    if let Some((reason, message)) = &problem
+        && was.is_none_or(|c| c.reason != *reason || c.message != ready.message)
+    {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: (*reason).into(),
+            note: Some(mandate_core::conditions::truncate(
+                format!("{message}; this identity's pods get no SVID and no policies until it is fixed"),
+                1000,
+            )),
+            action: "Resolve".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(identity = %format!("{ns}/{name}"), %err, "could not publish event");
+        }
+    }
     let status = AgentIdentityStatus {
         observed_generation: generation,
         spiffe_id: spiffe.ok(),

@@ -125,8 +125,11 @@ impl Distributor {
     }
 
     /// The AgentIdentity `(namespace, name, spec)` whose SPIFFE ID is `id`.
+    /// `None` also when several identities resolve to `id`: an ID two
+    /// identities share belongs to neither.
     fn identity_of(&self, id: &str) -> Option<(String, String, AgentIdentity)> {
-        self.identities.state().iter().find_map(|i| {
+        let state = self.identities.state();
+        let resolved = state.iter().filter_map(|i| {
             let parsed = i.parsed.as_ref().ok()?;
             let ns = i.metadata.namespace.clone()?;
             let name = i.name_any();
@@ -137,8 +140,9 @@ impl Distributor {
                 &name,
             )
             .ok()?;
-            (resolved == id).then(|| (ns, name, parsed.clone()))
-        })
+            Some(((ns, name, parsed.clone()), resolved))
+        });
+        mandate_core::spiffe_id::sole_owner(id, resolved)
     }
 
     /// Whether `spec` compiles and passes its tests (cached per version).

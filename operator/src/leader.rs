@@ -109,6 +109,17 @@ impl Elector {
 
     /// Give the lease up (on shutdown), so another replica need not wait for it to expire.
     pub async fn release(&self) {
+        // Best effort, and bounded: an apiserver that does not answer must
+        // not hold up the exit (the next leader then waits for expiry).
+        if tokio::time::timeout(self.cfg.lease_duration, self.release_now())
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not release the leader lease in time; it expires on its own");
+        }
+    }
+
+    async fn release_now(&self) {
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await {
             let Some(spec) = lease.spec.as_mut() else { return };
             if spec.holder_identity.as_deref() == Some(self.cfg.identity.as_str()) {

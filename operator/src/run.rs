@@ -42,11 +42,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ready: false.into(),
     });
-    let supervisor = Supervisor::new(Duration::from_secs(args.shutdown_drain_seconds)).on_stop({
-        let state = state.clone();
-        // Not ready at once, so the Service stops routing here.
-        move || state.ready.store(false, Ordering::SeqCst)
-    });
+    // After the drain the leader finishes its reconciles (a policy compile
+    // may take COMPILE_DEADLINE) and hands the lease over; past this it is
+    // aborted, and the process exits rather than linger serving nothing.
+    let graceful_limit = controllers::COMPILE_DEADLINE + Duration::from_secs(args.lease_duration_seconds);
+    let supervisor = Supervisor::new(Duration::from_secs(args.shutdown_drain_seconds))
+        .graceful_limit(graceful_limit)
+        .on_stop({
+            let state = state.clone();
+            // Not ready at once, so the Service stops routing here.
+            move || state.ready.store(false, Ordering::SeqCst)
+        });
     let tasks = supervisor.tasks();
     tasks.spawn_fatal("admin server", admin::serve(args.admin_addr, state.clone()));
     let spawner = tasks.clone();

@@ -363,7 +363,44 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
         bad.as_ref().is_err_and(|e| e.to_string().contains("trust domain")),
         "{bad:?}"
     );
+    // A hostile tenant templates an ID in another namespace, or Mandate's own.
+    for (name, template) in [
+        ("steal-ns", "spiffe://{trustDomain}/ns/victim/agent/{name}"),
+        ("steal-operator", "spiffe://{trustDomain}/mandate/operator"),
+    ] {
+        let stolen = agents
+            .apply(
+                &agent_identity(name)
+                    .match_label("agent", name)
+                    .spiffe_id_template(template)
+                    .manifest(),
+            )
+            .await;
+        ensure!(
+            stolen
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("outside the agent's namespace")),
+            "{template}: {stolen:?}"
+        );
+    }
     identity(&agents, "writer", json!({"matchLabels": {"agent": "writer"}})).await?;
+    // Two identities may not resolve to one SPIFFE ID (it would name neither).
+    // (Retried while the webhook's view of the just-created writer catches up.)
+    let twin = agent_identity("twin")
+        .match_label("agent", "twin")
+        .spiffe_id_template("spiffe://{trustDomain}/ns/{namespace}/agent/writer")
+        .manifest();
+    let mut last = String::new();
+    wait_for("the twin identity to be refused", secs(20))
+        .until(async || match agents.apply(&twin).await {
+            Err(e) if e.to_string().contains("the SPIFFE ID of AgentIdentity writer") => true,
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        })
+        .await
+        .with_context(|| format!("an identity resolving to writer's SPIFFE ID was admitted: {last}"))?;
 
     // Every answer is counted and timed.
     let (count, mean) = hooks.admission_latency("mutate-pods").await?;

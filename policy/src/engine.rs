@@ -1,8 +1,8 @@
 //! Policies compiled once per version, and the decision over all of them.
 //!
 //! Deny wins: every Enforce policy must allow. DryRun policies are evaluated
-//! and logged but never block. No policy, an undefined result, an error or a
-//! timeout is a deny with a reason.
+//! and logged but never decide: no policy, no Enforce policy, an undefined
+//! result, an error or a timeout is a deny with a reason.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -372,9 +372,15 @@ impl PolicySet {
             }
         }
         if enforced == 0 {
-            // Only DryRun policies: their verdicts are logged, the request goes.
-            decision.allow = true;
-            decision.reason = "allowed: only DryRun policies apply".into();
+            // Only DryRun policies: their verdicts are logged, and the agent
+            // is where it would be with no policy at all. Adding a DryRun
+            // policy, or removing the last Enforce one, must never turn
+            // deny-all into allow-all.
+            decision = Decision {
+                verdicts: decision.verdicts,
+                reason: "no Enforce policy applies to this agent (DryRun policies are only logged): denied".into(),
+                ..Decision::default()
+            };
         } else if decision.allow {
             decision.reason = "allowed by every policy".into();
         }

@@ -56,13 +56,19 @@ pub enum SupervisorError {
     /// A task panicked.
     #[error("the task '{task}' panicked: {why}")]
     Panicked { task: String, why: String },
+    /// A graceful task did not finish within the limit after the drain.
+    #[error("the task '{task}' did not stop within {seconds}s of the drain's end; aborted")]
+    Stuck { task: String, seconds: u64 },
 }
 
 impl SupervisorError {
     /// The name of the task that failed.
     pub fn task(&self) -> &str {
         match self {
-            Self::Failed { task, .. } | Self::Ended { task } | Self::Panicked { task, .. } => task,
+            Self::Failed { task, .. }
+            | Self::Ended { task }
+            | Self::Panicked { task, .. }
+            | Self::Stuck { task, .. } => task,
         }
     }
 }
@@ -161,9 +167,13 @@ impl Tasks {
 
 type StopHook = Box<dyn FnOnce() + Send>;
 
+/// See [`Supervisor::graceful_limit`].
+pub const DEFAULT_GRACEFUL_LIMIT: Duration = Duration::from_secs(30);
+
 /// Runs until a shutdown signal or a fatal task's end, then drains.
 pub struct Supervisor {
     drain: Duration,
+    graceful_limit: Duration,
     tasks: Tasks,
     registered: mpsc::UnboundedReceiver<Registered>,
     stop_tx: watch::Sender<bool>,
@@ -174,6 +184,7 @@ impl std::fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Supervisor")
             .field("drain", &self.drain)
+            .field("graceful_limit", &self.graceful_limit)
             .field("on_stop", &self.on_stop.len())
             .finish()
     }
@@ -202,6 +213,7 @@ impl Supervisor {
         let (stop_tx, stop_rx) = watch::channel(false);
         Self {
             drain,
+            graceful_limit: DEFAULT_GRACEFUL_LIMIT,
             tasks: Tasks {
                 register,
                 stop: Stop(stop_rx),
@@ -210,6 +222,14 @@ impl Supervisor {
             stop_tx,
             on_stop: Vec::new(),
         }
+    }
+
+    /// How long the graceful tasks may take after the drain before they are
+    /// aborted too (a task stuck on an unreachable server must not keep a
+    /// process alive that serves nothing). Default 30 s.
+    pub fn graceful_limit(mut self, limit: Duration) -> Self {
+        self.graceful_limit = limit;
+        self
     }
 
     /// Run `hook` first thing when stopping (e.g. report not ready, so the
@@ -231,6 +251,7 @@ impl Supervisor {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), SupervisorError> {
         let Supervisor {
             drain,
+            graceful_limit,
             tasks,
             mut registered,
             stop_tx,
@@ -257,10 +278,12 @@ impl Supervisor {
             }
         };
 
+        // Stop first, then the hooks: a task that becomes ready after the
+        // hooks ran sees the stop when it checks (see `Stop::is_stopped`).
+        let _ = stop_tx.send(true);
         for hook in on_stop {
             hook();
         }
-        let _ = stop_tx.send(true);
         match &why {
             Why::Signal => tracing::info!(
                 seconds = drain.as_secs(),
@@ -305,9 +328,30 @@ impl Supervisor {
                 task.abort.abort();
             }
         }
-        while let Some((id, result)) = endings.next().await {
-            let f = ended(running.remove(&id), result, true);
-            failure = failure.or(f);
+        let limit = tokio::time::sleep(graceful_limit);
+        tokio::pin!(limit);
+        loop {
+            tokio::select! {
+                ending = endings.next() => match ending {
+                    Some((id, result)) => {
+                        let f = ended(running.remove(&id), result, true);
+                        failure = failure.or(f);
+                    }
+                    None => break,
+                },
+                () = &mut limit => {
+                    for task in running.values() {
+                        tracing::error!(task = %task.name, seconds = graceful_limit.as_secs(), "did not stop in time; aborting it");
+                        task.abort.abort();
+                        failure = failure.or(Some(SupervisorError::Stuck {
+                            task: task.name.clone(),
+                            seconds: graceful_limit.as_secs(),
+                        }));
+                    }
+                    running.clear();
+                    break;
+                }
+            }
         }
         match failure {
             None => {
@@ -435,6 +479,46 @@ mod tests {
             started.elapsed() >= Duration::from_secs(1) + Duration::from_secs(7),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_graceful_task_stuck_after_the_drain_is_aborted_at_the_limit() {
+        let (s, ready) = supervisor();
+        let s = s.graceful_limit(Duration::from_secs(10));
+        let tasks = s.tasks();
+        // A lease hand-over against an apiserver that never answers.
+        tasks.spawn_graceful("leader", move |stop| async move {
+            stop.stopped().await;
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let started = Instant::now();
+        let err = s.run(tokio::time::sleep(Duration::from_secs(1))).await.unwrap_err();
+        assert!(
+            matches!(&err, SupervisorError::Stuck { task, seconds: 10 } if task == "leader"),
+            "{err:?}"
+        );
+        assert!(!ready.load(Ordering::SeqCst));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) + DRAIN + Duration::from_secs(10)
+                && took < Duration::from_secs(1) + DRAIN + Duration::from_secs(11),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stop_is_visible_before_the_hooks_run() {
+        let tasks_seen = Arc::new(AtomicBool::new(false));
+        let (s, _) = supervisor();
+        let stop = s.tasks().stop();
+        let seen = tasks_seen.clone();
+        let s = s.on_stop(move || seen.store(stop.is_stopped(), Ordering::SeqCst));
+        s.run(std::future::ready(())).await.unwrap();
+        assert!(
+            tasks_seen.load(Ordering::SeqCst),
+            "a task that became ready after the hooks would not see the stop"
         );
     }
 

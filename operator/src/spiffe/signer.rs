@@ -159,6 +159,19 @@ impl IdentityService {
             &name,
         )
         .map_err(|e| Refusal::Identity(format!("AgentIdentity {ns}/{name}: {e}")))?;
+        // An ID two identities resolve to belongs to neither (IDs are bound
+        // to their namespace, so only this namespace's identities can clash).
+        let resolved = identities.items.iter().filter_map(|i| {
+            let other = i.name_any();
+            mandate_core::spiffe_id::spiffe_id(i.spec.spiffe_id_template.as_deref(), ca.trust_domain(), ns, &other)
+                .ok()
+                .map(|id| (other, id))
+        });
+        if mandate_core::spiffe_id::sole_owner(&spiffe_id, resolved).as_deref() != Some(name.as_str()) {
+            return Err(Refusal::Identity(format!(
+                "AgentIdentity {ns}/{name}: another AgentIdentity in {ns} resolves to {spiffe_id} too; a SPIFFE ID names one agent"
+            )));
+        }
         let ttl = match &identity.spec.svid_ttl {
             Some(t) => Duration::from_secs(
                 mandate_core::duration::parse_duration(t)

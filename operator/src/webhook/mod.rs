@@ -546,6 +546,10 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
             req,
             "this pod is an agent in a namespace Mandate enforces, but it does not carry Mandate's injected proxy and sidecar as Mandate injects them (is the mutating webhook configured?)",
         ),
+        Operation::Update if ephemeral_added(req.old_object.as_ref(), pod) => deny(
+            req,
+            "ephemeral containers (kubectl debug) are refused on agent pods in a namespace Mandate enforces: they would share the agent's network with no proxy and no decision; debug a copy of the pod outside the namespace instead",
+        ),
         Operation::Update => {
             // The injected containers must survive any update unchanged.
             let names = [
@@ -580,6 +584,18 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
         }
         _ => AdmissionResponse::from(req),
     }
+}
+
+/// Whether the update adds an ephemeral container (the apiserver only adds
+/// them, through the `pods/ephemeralcontainers` subresource).
+fn ephemeral_added(old: Option<&Pod>, new: &Pod) -> bool {
+    let count = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.ephemeral_containers.as_ref())
+            .map_or(0, Vec::len)
+    };
+    count(new) > old.map_or(0, count)
 }
 
 // ------------------------------------------------------------------ policies and identities
@@ -630,7 +646,7 @@ impl Validate<AgentIdentity> for WebhookState {
             .state()
             .iter()
             .filter(|i| i.metadata.namespace.as_deref() == Some(ns.as_str()))
-            .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.spec.selector.clone())))
+            .filter_map(|i| i.parsed.as_ref().ok().map(|p| (i.name_any(), p.spec.clone())))
             .collect();
         match validate::identity(&name, &ns, &id.spec, &self.trust_domain, &others) {
             Ok(()) => AdmissionResponse::from(req),

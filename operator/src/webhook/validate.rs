@@ -3,7 +3,6 @@
 //! approvals changed in any way but their decision. Pure functions; the
 //! handlers in `mod.rs` feed them the objects.
 
-use mandate_api::meta::LabelSelector;
 use mandate_core::selector::Selector;
 
 use mandate_api::crd::{AgentApproval, AgentIdentitySpec, AgentPolicySpec, ApprovalPhase};
@@ -23,7 +22,8 @@ pub fn policy(spec: &AgentPolicySpec) -> Verdict {
     }
 }
 
-/// An AgentIdentity must resolve to a SPIFFE ID in the trust domain, have a
+/// An AgentIdentity must resolve to a SPIFFE ID in the trust domain under
+/// its namespace that no other identity in the namespace resolves to, have a
 /// selector that selects something but not everything, and claim no pod
 /// another identity in its namespace could also claim.
 pub fn identity(
@@ -31,10 +31,18 @@ pub fn identity(
     namespace: &str,
     spec: &AgentIdentitySpec,
     trust_domain: &str,
-    others: &[(String, LabelSelector)],
+    others: &[(String, AgentIdentitySpec)],
 ) -> Verdict {
-    identity::spiffe_id(spec.spiffe_id_template.as_deref(), trust_domain, namespace, name)
+    let id = identity::spiffe_id(spec.spiffe_id_template.as_deref(), trust_domain, namespace, name)
         .map_err(|e| format!("spec.spiffeIdTemplate: {e}"))?;
+    for (other, other_spec) in others.iter().filter(|(o, _)| o != name) {
+        let theirs = identity::spiffe_id(other_spec.spiffe_id_template.as_deref(), trust_domain, namespace, other);
+        if theirs.is_ok_and(|t| t == id) {
+            return Err(format!(
+                "spec.spiffeIdTemplate resolves to {id}, the SPIFFE ID of AgentIdentity {other}: a SPIFFE ID names one agent; put {{name}} in the template"
+            ));
+        }
+    }
     let selector = Selector::try_from(&spec.selector).map_err(|e| format!("spec.selector: {e}"))?;
     if selector.selects_all() {
         return Err(
@@ -45,8 +53,8 @@ pub fn identity(
     if let Some(ttl) = &spec.svid_ttl {
         parse_duration(ttl).map_err(|e| format!("spec.svidTtl: {e}"))?;
     }
-    for (other, sel) in others {
-        if other != name && may_overlap(&spec.selector, sel) {
+    for (other, other_spec) in others {
+        if other != name && may_overlap(&spec.selector, &other_spec.selector) {
             return Err(format!(
                 "spec.selector can select the same pods as AgentIdentity {other}: an agent's pods must have exactly one identity; make the selectors exclusive (e.g. different values of one label)"
             ));

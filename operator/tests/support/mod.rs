@@ -186,7 +186,7 @@ fn configurations(name: &str, port: u16, test: &str) -> (Value, Value) {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": name},
         "webhooks": [
-            hook("pods.mandate.dev", "/validate/pods", json!(["CREATE", "UPDATE"]), "", "v1", json!(["pods"]), true),
+            hook("pods.mandate.dev", "/validate/pods", json!(["CREATE", "UPDATE"]), "", "v1", json!(["pods", "pods/ephemeralcontainers"]), true),
             hook("agentpolicies.mandate.dev", "/validate/agentpolicies", json!(["CREATE", "UPDATE"]), "mandate.dev",
                  "v1alpha1", json!(["agentpolicies"]), false),
             hook("agentidentities.mandate.dev", "/validate/agentidentities", json!(["CREATE", "UPDATE"]), "mandate.dev",

@@ -36,7 +36,8 @@ pub struct InjectConfig {
     /// CA certificates Envoy verifies TLS-originated upstreams against.
     pub upstream_ca_file: String,
     /// ConfigMap (in the pod's namespace) of AgentPolicy files the sidecar
-    /// reads, unless the pod's `mandate.dev/policy-configmap` names another.
+    /// reads. The admin chooses it, never the pod (a pod that names one
+    /// with `mandate.dev/policy-configmap` is refused).
     pub policy_configmap: String,
     /// The operator's SVID signing service (`https://host:port`). When set,
     /// the sidecar gets the pod's projected service-account token for the

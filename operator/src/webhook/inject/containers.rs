@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mandate_api::env::{BuiltinIdentity, EnvValue, PodField, SidecarEnv, SidecarIdentity, SpireIdentity};
 use mandate_api::names::{
-    AUTHZ_SOCKET, BUNDLE_VOLUME, ENVOY_CONTAINER, POLICY_CONFIGMAP_ANNOTATION, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME,
-    SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
+    AUTHZ_SOCKET, BUNDLE_VOLUME, ENVOY_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
+    SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
 };
 use mandate_identity::workload::IdentitySource;
 
@@ -226,16 +226,7 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
     (envoy, sidecar)
 }
 
-fn policy_configmap(pod: &Pod, cfg: &InjectConfig) -> String {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(POLICY_CONFIGMAP_ANNOTATION))
-        .cloned()
-        .unwrap_or_else(|| cfg.policy_configmap.clone())
-}
-
-pub(super) fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
+pub(super) fn volumes(cfg: &InjectConfig) -> Vec<Volume> {
     let mut vols = vec![
         Volume {
             name: RUN_VOLUME.into(),
@@ -248,7 +239,7 @@ pub(super) fn volumes(pod: &Pod, cfg: &InjectConfig) -> Vec<Volume> {
         Volume {
             name: POLICY_VOLUME.into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: policy_configmap(pod, cfg),
+                name: cfg.policy_configmap.clone(),
                 // A missing ConfigMap leaves the sidecar without policy: not
                 // Ready, and every request denied.
                 optional: Some(true),

@@ -5,11 +5,13 @@ use std::collections::BTreeMap;
 use json_patch::{AddOperation, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
-use mandate_api::names::{IDENTITY_ANNOTATION, INJECTED_ANNOTATION, PROXY_WARNING_ANNOTATION};
+use mandate_api::names::{
+    IDENTITY_ANNOTATION, INJECTED_ANNOTATION, POLICY_CONFIGMAP_ANNOTATION, PROXY_WARNING_ANNOTATION,
+};
 use serde_json::Value;
 
 use super::containers::{containers, volumes};
-use super::verify::{digest, has_our_containers, injection_difference, reserved_volume};
+use super::verify::{digest, has_our_containers, injection_difference, reserved_mount, reserved_volume};
 use super::{AgentRef, InjectConfig};
 
 /// The proxy variables set on the agent's containers (both spellings: tools
@@ -36,6 +38,14 @@ pub enum InjectError {
     ReservedName(String),
     #[error("volume name '{0}' is reserved for what Mandate injects; rename the pod's volume")]
     ReservedVolume(String),
+    #[error(
+        "container {container} mounts {volume}, a volume only Mandate's containers may mount (it holds the authz socket, the sidecar's token or its trust material); remove the mount"
+    )]
+    ReservedMount { container: String, volume: String },
+    #[error(
+        "the pod names its own policy ConfigMap ({POLICY_CONFIGMAP_ANNOTATION}: {0}); the admin chooses which policies bind an agent (the operator's inject config), never the pod; remove the annotation"
+    )]
+    PodChosenPolicy(String),
     #[error(
         "the pod carries {INJECTED_ANNOTATION} but its Mandate containers are not the ones Mandate injects ({0}); remove them and the annotation and let the webhook inject"
     )]
@@ -93,9 +103,20 @@ pub fn inject(
     if let Some(v) = reserved_volume(pod) {
         return Err(InjectError::ReservedVolume(v));
     }
+    if let Some((container, volume)) = reserved_mount(pod) {
+        return Err(InjectError::ReservedMount { container, volume });
+    }
+    if let Some(chosen) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POLICY_CONFIGMAP_ANNOTATION))
+    {
+        return Err(InjectError::PodChosenPolicy(chosen.clone()));
+    }
 
     let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
-    let vols = volumes(pod, cfg);
+    let vols = volumes(cfg);
     let to_value = |v: &dyn erased::Ser| v.value().map_err(|e| InjectError::Patch(e.to_string()));
     let mut patch = Vec::new();
     let mut warnings = Vec::new();
@@ -323,6 +344,38 @@ mod tests {
             inject(&vol, &cfg, &agent(), false),
             Err(InjectError::ReservedVolume(_))
         ));
+        // A hostile agent mounts the volume the webhook is about to add: the
+        // authz socket's directory (to swap in its own Check server), or the
+        // sidecar's token; from an init container too.
+        for (list, volume) in [
+            ("containers", RUN_VOLUME),
+            ("containers", mandate_api::names::TOKEN_VOLUME),
+            ("initContainers", mandate_api::names::BUNDLE_VOLUME),
+        ] {
+            let mounts = json!([{"name": volume, "mountPath": "/steal"}]);
+            let spec = if list == "containers" {
+                json!({"containers": [{"name": "a", "volumeMounts": mounts}]})
+            } else {
+                json!({"containers": [{"name": "a"}], "initContainers": [{"name": "i", "volumeMounts": mounts}]})
+            };
+            let hostile = pod(json!({ "spec": spec }));
+            assert!(
+                matches!(
+                    inject(&hostile, &cfg, &agent(), false),
+                    Err(InjectError::ReservedMount { volume: ref v, .. }) if v == volume
+                ),
+                "{list} mounting {volume}"
+            );
+        }
+        // The pod does not choose its own (allow-all) policies.
+        let chooser = pod(json!({
+            "metadata": {"name": "a", "annotations": {POLICY_CONFIGMAP_ANNOTATION: "my-allow-all"}},
+            "spec": {"containers": [{"name": "a"}]}
+        }));
+        assert_eq!(
+            inject(&chooser, &cfg, &agent(), false),
+            Err(InjectError::PodChosenPolicy("my-allow-all".into()))
+        );
         // A huge environment is carried, not choked on.
         let env: Vec<Value> = (0..5000)
             .map(|i| json!({"name": format!("V{i}"), "value": "x"}))

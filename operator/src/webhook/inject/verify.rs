@@ -31,6 +31,34 @@ pub fn digest(envoy: &Container, sidecar: &Container, volumes: &[Volume]) -> Str
     hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The volumes Mandate injects: only its own containers may mount them.
+pub const RESERVED_VOLUMES: [&str; 5] = [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, SPIFFE_VOLUME];
+
+/// A container of the agent's (or an ephemeral one) that mounts one of
+/// Mandate's volumes, as `(container, volume)`: with `mandate-run` it could
+/// replace the authz socket with its own Check server, with `mandate-token`
+/// take the sidecar's token and get an SVID for a key it holds.
+pub fn reserved_mount(pod: &Pod) -> Option<(String, String)> {
+    let spec = pod.spec.as_ref()?;
+    let theirs = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter(|c| c.name != ENVOY_CONTAINER && c.name != SIDECAR_CONTAINER)
+        .map(|c| (&c.name, c.volume_mounts.as_deref().unwrap_or_default()));
+    let ephemeral = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|c| (&c.name, c.volume_mounts.as_deref().unwrap_or_default()));
+    theirs.chain(ephemeral).find_map(|(container, mounts)| {
+        mounts
+            .iter()
+            .find(|m| RESERVED_VOLUMES.contains(&m.name.as_str()))
+            .map(|m| (container.clone(), m.name.clone()))
+    })
+}
+
 pub(super) fn reserved_volume(pod: &Pod) -> Option<String> {
     pod.spec
         .as_ref()?
@@ -38,7 +66,7 @@ pub(super) fn reserved_volume(pod: &Pod) -> Option<String> {
         .iter()
         .flatten()
         .map(|v| v.name.clone())
-        .find(|n| [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, SPIFFE_VOLUME].contains(&n.as_str()))
+        .find(|n| RESERVED_VOLUMES.contains(&n.as_str()))
 }
 
 /// Whether the pod holds exactly what Mandate injects for it now (its
@@ -53,6 +81,11 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
     let Some(spec) = &pod.spec else {
         return Some("the pod has no spec".into());
     };
+    if let Some((container, volume)) = reserved_mount(pod) {
+        return Some(format!(
+            "container {container} mounts {volume}, a volume only Mandate's containers may mount"
+        ));
+    }
     let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
     let find = |name: &str| {
         spec.containers
@@ -65,7 +98,7 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
         .annotations
         .as_ref()
         .and_then(|a| a.get(INJECTED_ANNOTATION));
-    let want = digest(&envoy, &sidecar, &volumes(pod, cfg));
+    let want = digest(&envoy, &sidecar, &volumes(cfg));
     if marker != Some(&want) {
         return Some(format!(
             "its {INJECTED_ANNOTATION} is {marker:?}, not {want} (injected by another version or configuration of Mandate?)"
@@ -155,5 +188,34 @@ mod tests {
                 Err(InjectError::Forged(_))
             ));
         }
+    }
+
+    #[test]
+    fn an_injected_pod_whose_agent_mounts_our_volumes_is_refused_by_the_guard() {
+        let cfg = InjectConfig::default();
+        let p = pod(json!({"spec": {"containers": [{"name": "a"}]}}));
+        let injected = apply(&p, &inject(&p, &cfg, &agent(), true).unwrap().unwrap());
+        assert!(injection_difference(&injected, &cfg, &agent(), true).is_none());
+        for volume in RESERVED_VOLUMES {
+            let mut hostile = serde_json::to_value(&injected).unwrap();
+            let agent_container = hostile["spec"]["containers"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|c| c["name"] == "a")
+                .unwrap();
+            agent_container["volumeMounts"] = json!([{"name": volume, "mountPath": "/var/run/mandate"}]);
+            let hostile: Pod = serde_json::from_value(hostile).unwrap();
+            let why = injection_difference(&hostile, &cfg, &agent(), true).expect("refused");
+            assert!(why.contains("container a mounts") && why.contains(volume), "{why}");
+        }
+        // An ephemeral container (kubectl debug) mounting the socket's directory.
+        let mut debug = serde_json::to_value(&injected).unwrap();
+        debug["spec"]["ephemeralContainers"] = json!([{"name": "debugger", "image": "busybox", "volumeMounts": [{"name": RUN_VOLUME, "mountPath": "/x"}]}]);
+        let debug: Pod = serde_json::from_value(debug).unwrap();
+        assert_eq!(
+            reserved_mount(&debug),
+            Some(("debugger".to_string(), RUN_VOLUME.to_string()))
+        );
     }
 }
