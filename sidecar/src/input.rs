@@ -39,6 +39,10 @@ pub enum InputError {
     NoHttp,
     #[error("the request body is {size} bytes, over the {limit}-byte limit policy may inspect")]
     BodyTooLarge { size: usize, limit: usize },
+    #[error(
+        "the request body is larger than Envoy buffers for policy (with_request_body.max_request_bytes) and arrived cut short, so no policy can see all of it"
+    )]
+    PartialBody,
     #[error("the body claims to be JSON but does not parse: {0}")]
     BadJson(String),
     #[error("the JSON body nests deeper than {0} levels")]
@@ -98,11 +102,13 @@ pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value
         .headers
         .get("x-envoy-auth-partial-body")
         .is_some_and(|v| v == "true");
-    let parsed_body = if truncated {
-        Value::Null
-    } else {
-        parse_body(content_type, body_bytes, limits)?
-    };
+    // A body policy cannot see whole is a deny: padding a request past the
+    // buffer must not hide what a body rule would refuse. (Envoy writes this
+    // header itself whenever it buffers bodies, over any the agent sent.)
+    if truncated {
+        return Err(InputError::PartialBody);
+    }
+    let parsed_body = parse_body(content_type, body_bytes, limits)?;
 
     let mut attributes = Object::new();
     if let Some(a) = attrs {
@@ -569,6 +575,26 @@ mod tests {
             .unwrap_err(),
             InputError::TooDeep(64)
         );
+        // Envoy cut the body at its buffer: policy cannot see it whole.
+        assert_eq!(
+            build(
+                &check(
+                    "POST",
+                    "/",
+                    &[
+                        ("content-type", "application/json"),
+                        ("x-envoy-auth-partial-body", "true")
+                    ],
+                    "{\"cmd\": \"ls\", \"pad\": \"xxxx"
+                ),
+                &Agent::default(),
+                Limits::default()
+            )
+            .unwrap_err(),
+            InputError::PartialBody
+        );
+        let whole = check("POST", "/", &[("x-envoy-auth-partial-body", "false")], "{}");
+        assert!(build(&whole, &Agent::default(), Limits::default()).is_ok());
         let big = "x".repeat(2 * 1024 * 1024);
         assert!(matches!(
             build(&check("POST", "/", &[], &big), &Agent::default(), Limits::default()),

@@ -332,6 +332,20 @@ async fn envoy_enforces_the_sidecars_decisions() -> Result<()> {
         r.body
     );
 
+    // A hostile agent pads a body past Envoy's 64 KiB buffer, so that policy
+    // would see a cut-short body (parsed_body null) and no body rule could
+    // refuse it: denied, with the reason.
+    let mut padded = br#"{"ticket":"T-1","pad":""#.to_vec();
+    padded.extend(std::iter::repeat_n(b'x', 2 * 1024 * 1024));
+    padded.extend(br#""}"#);
+    let r = http("POST", &s.url("/v1/items"), Some("application/json"), padded).await?;
+    ensure!(
+        r.status == 403 && r.body.contains("arrived cut short"),
+        "a 2 MB padded body: {} {}",
+        r.status,
+        r.body
+    );
+
     // An evaluation over its time limit is denied.
     let r = http("GET", &s.url("/slow"), None, vec![]).await?;
     ensure!(
