@@ -3,10 +3,9 @@
 //! signer, the policy distributor, the controllers, the CLI) calls these.
 //!
 //! The rules:
-//! - a selector binds a pod when it is well formed, requires some label
-//!   (`matchLabels`, `In` or `Exists`: an empty selector, or one of only
-//!   `NotIn`/`DoesNotExist`, would make nearly every pod in the namespace the
-//!   agent, so it binds none), and matches the pod's labels;
+//! - a selector binds a pod when it is well formed, is not empty, and
+//!   matches the pod's labels (an empty selector would make every pod in
+//!   the namespace the agent, so it binds none);
 //! - a pod is an agent when exactly one AgentIdentity in its namespace
 //!   selects it; two is an error, never a choice;
 //! - a policy binds an agent when it names the agent's identity, or when
@@ -21,7 +20,7 @@ use crate::selector::Selector;
 
 /// Whether `selector` binds a pod with `labels`.
 pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    Selector::try_from(selector).is_ok_and(|s| s.requires_a_label() && s.matches(labels))
+    Selector::try_from(selector).is_ok_and(|s| !s.selects_all() && s.matches(labels))
 }
 
 /// What the identities of a namespace make of one pod.
@@ -198,10 +197,6 @@ mod tests {
             "an unknown operator binds nothing"
         );
         assert!(!selects(&labels(&[("app", "b")]), &any));
-        assert!(
-            !selects(&expr("debug", "DoesNotExist", &[]), &any),
-            "a selector of only negative requirements would bind nearly every pod"
-        );
     }
 
     #[test]

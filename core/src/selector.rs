@@ -76,16 +76,6 @@ impl Selector {
         self.0.is_empty()
     }
 
-    /// Whether some requirement demands something of a pod's labels (a
-    /// `matchLabels` pair, `In`, `Exists`). A selector of only `NotIn` and
-    /// `DoesNotExist` is not empty, yet matches every pod that lacks a label,
-    /// which is nearly every pod in the namespace.
-    pub fn requires_a_label(&self) -> bool {
-        self.0
-            .iter()
-            .any(|r| matches!(r, Requirement::Equal(..) | Requirement::In(..) | Requirement::Exists(_)))
-    }
-
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|r| match r {
@@ -174,30 +164,6 @@ mod tests {
             "DoesNotExist"
         );
         assert_eq!(s.to_string(), "app=a,tier in (x,y),env notin (prod),team,!debug");
-    }
-
-    #[test]
-    fn only_negative_requirements_require_no_label() {
-        let negative = Selector::try_from(&sel(
-            &[],
-            &[("debug", "DoesNotExist", None), ("app", "NotIn", Some(&[]))],
-        ))
-        .unwrap();
-        assert!(!negative.selects_all() && !negative.requires_a_label());
-        assert!(
-            negative.matches(&pod(&[("anything", "at-all")])),
-            "it matches nearly every pod"
-        );
-        for positive in [
-            sel(&[("app", "a")], &[]),
-            sel(&[], &[("app", "In", Some(&["a"]))]),
-            sel(&[], &[("app", "Exists", None)]),
-        ] {
-            assert!(
-                Selector::try_from(&positive).unwrap().requires_a_label(),
-                "{positive:?}"
-            );
-        }
     }
 
     #[test]

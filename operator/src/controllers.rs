@@ -388,13 +388,6 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
                 "spec.selector is empty and would make every pod in the namespace this agent".into(),
             )),
         ),
-        (Ok(_), Ok(sel)) if !sel.requires_a_label() => (
-            0,
-            Some((
-                "InvalidSelector",
-                "spec.selector requires no label (only NotIn and DoesNotExist) and would make nearly every pod in the namespace this agent".into(),
-            )),
-        ),
         (Ok(_), Ok(sel)) => {
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
             let list = pods
@@ -474,7 +467,7 @@ async fn sidecars_in_force(
         }
     }
     selectors.extend(spec.agent_selector.as_ref().and_then(|s| Selector::try_from(s).ok()));
-    selectors.retain(Selector::requires_a_label);
+    selectors.retain(|s| !s.selects_all());
     let pod_api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
     let mut pods = std::collections::BTreeMap::new();
     for sel in &selectors {

@@ -50,12 +50,6 @@ pub fn identity(
                 .into(),
         );
     }
-    if !selector.requires_a_label() {
-        return Err(
-            "spec.selector requires no label (only NotIn and DoesNotExist): it would make nearly every pod in the namespace this agent; add a matchLabels pair, or an In or Exists requirement"
-                .into(),
-        );
-    }
     if let Some(ttl) = &spec.svid_ttl {
         parse_duration(ttl).map_err(|e| format!("spec.svidTtl: {e}"))?;
     }
