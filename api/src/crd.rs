@@ -235,8 +235,9 @@ pub struct AgentIdentitySpec {
     pub selector: LabelSelector,
 
     /// The SPIFFE ID the agent's pods get. `{trustDomain}`, `{namespace}` and
-    /// `{name}` are replaced; the result must be in the cluster's trust domain.
-    /// The default is `spiffe://{trustDomain}/ns/{namespace}/agent/{name}`.
+    /// `{name}` are replaced; the result must be in the cluster's trust domain,
+    /// under `/ns/<this namespace>/`, and no other identity's. The default is
+    /// `spiffe://{trustDomain}/ns/{namespace}/agent/{name}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id_template: Option<String>,
 

@@ -28,9 +28,6 @@ pub enum SpiffeIdError {
     },
 }
 
-/// The path prefix reserved for Mandate's own workloads (the operator).
-pub const RESERVED_PREFIX: &str = "mandate/";
-
 /// Render `template` (or the default) for the agent `name` in `namespace`.
 pub fn spiffe_id(
     template: Option<&str>,

@@ -105,7 +105,10 @@ pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value
     // A body policy cannot see whole is a deny: padding a request past the
     // buffer must not hide what a body rule would refuse. (Envoy writes this
     // header itself whenever it buffers bodies, over any the agent sent.)
-    if truncated {
+    // Envoy says "false" for a body stopped exactly at its buffer, with more
+    // to come, so a body of the limit's size counts as cut short too (the
+    // injector gives Envoy and the sidecar the same limit).
+    if truncated || body_bytes.len() >= limits.max_body_bytes {
         return Err(InputError::PartialBody);
     }
     let parsed_body = parse_body(content_type, body_bytes, limits)?;
@@ -595,6 +598,18 @@ mod tests {
         );
         let whole = check("POST", "/", &[("x-envoy-auth-partial-body", "false")], "{}");
         assert!(build(&whole, &Agent::default(), Limits::default()).is_ok());
+        // Stopped exactly at the buffer (Envoy then says "false"): cut short too.
+        let limits = Limits {
+            max_body_bytes: 16,
+            ..Limits::default()
+        };
+        let at_limit = check("POST", "/", &[("x-envoy-auth-partial-body", "false")], &"x".repeat(16));
+        assert_eq!(
+            build(&at_limit, &Agent::default(), limits).unwrap_err(),
+            InputError::PartialBody
+        );
+        let below = check("POST", "/", &[("x-envoy-auth-partial-body", "false")], &"x".repeat(15));
+        assert!(build(&below, &Agent::default(), limits).is_ok());
         let big = "x".repeat(2 * 1024 * 1024);
         assert!(matches!(
             build(&check("POST", "/", &[], &big), &Agent::default(), Limits::default()),

@@ -534,6 +534,18 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
     let Some(pod) = &req.object else {
         return AdmissionResponse::from(req); // DELETE
     };
+    // A pod Mandate injected stays isolated whatever its labels say now (a
+    // pod relabelled away from its identity is otherwise not an agent here).
+    if let (Operation::Update, Some(old)) = (&req.operation, &req.old_object)
+        && old.annotations().contains_key(mandate_api::names::INJECTED_ANNOTATION)
+    {
+        if ephemeral_added(Some(old), pod) {
+            return deny(req, EPHEMERAL_REFUSED);
+        }
+        if let Some(why) = inject::isolation_breach(pod) {
+            return deny(req, why);
+        }
+    }
     let agent = match pod_scope(state, req, pod).await {
         PodScope::NotOurs => return AdmissionResponse::from(req),
         PodScope::Refuse(why) => return deny(req, why),
@@ -546,10 +558,7 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
             req,
             "this pod is an agent in a namespace Mandate enforces, but it does not carry Mandate's injected proxy and sidecar as Mandate injects them (is the mutating webhook configured?)",
         ),
-        Operation::Update if ephemeral_added(req.old_object.as_ref(), pod) => deny(
-            req,
-            "ephemeral containers (kubectl debug) are refused on agent pods in a namespace Mandate enforces: they would share the agent's network with no proxy and no decision; debug a copy of the pod outside the namespace instead",
-        ),
+        Operation::Update if ephemeral_added(req.old_object.as_ref(), pod) => deny(req, EPHEMERAL_REFUSED),
         Operation::Update => {
             // The injected containers must survive any update unchanged.
             let names = [
@@ -585,6 +594,8 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
         _ => AdmissionResponse::from(req),
     }
 }
+
+const EPHEMERAL_REFUSED: &str = "ephemeral containers (kubectl debug) are refused on agent pods in a namespace Mandate enforces: they would share the agent's network with no proxy and no decision; debug a copy of the pod outside the namespace instead";
 
 /// Whether the update adds an ephemeral container (the apiserver only adds
 /// them, through the `pods/ephemeralcontainers` subresource).

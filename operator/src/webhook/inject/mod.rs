@@ -20,7 +20,7 @@ pub use config::{AgentRef, InjectConfig};
 pub use containers::{containers, sidecar_env};
 pub use envoy::{envoy_bootstrap, envoy_bootstrap_at};
 pub use patch::{InjectError, Injection, inject};
-pub use verify::{digest, injected_as_expected, injection_difference};
+pub use verify::{digest, injected_as_expected, injection_difference, isolation_breach};
 
 /// Pods and helpers the tests of every part share.
 #[cfg(test)]

@@ -11,7 +11,7 @@ use mandate_api::names::{
 use serde_json::Value;
 
 use super::containers::{containers, volumes};
-use super::verify::{digest, has_our_containers, injection_difference, reserved_mount, reserved_volume};
+use super::verify::{digest, has_our_containers, injection_difference, isolation_breach, reserved_volume};
 use super::{AgentRef, InjectConfig};
 
 /// The proxy variables set on the agent's containers (both spellings: tools
@@ -38,10 +38,8 @@ pub enum InjectError {
     ReservedName(String),
     #[error("volume name '{0}' is reserved for what Mandate injects; rename the pod's volume")]
     ReservedVolume(String),
-    #[error(
-        "container {container} mounts {volume}, a volume only Mandate's containers may mount (it holds the authz socket, the sidecar's token or its trust material); remove the mount"
-    )]
-    ReservedMount { container: String, volume: String },
+    #[error("{0}")]
+    Isolation(String),
     #[error(
         "the pod names its own policy ConfigMap ({POLICY_CONFIGMAP_ANNOTATION}: {0}); the admin chooses which policies bind an agent (the operator's inject config), never the pod; remove the annotation"
     )]
@@ -103,8 +101,8 @@ pub fn inject(
     if let Some(v) = reserved_volume(pod) {
         return Err(InjectError::ReservedVolume(v));
     }
-    if let Some((container, volume)) = reserved_mount(pod) {
-        return Err(InjectError::ReservedMount { container, volume });
+    if let Some(why) = isolation_breach(pod) {
+        return Err(InjectError::Isolation(why));
     }
     if let Some(chosen) = pod
         .metadata
@@ -362,11 +360,31 @@ mod tests {
             assert!(
                 matches!(
                     inject(&hostile, &cfg, &agent(), false),
-                    Err(InjectError::ReservedMount { volume: ref v, .. }) if v == volume
+                    Err(InjectError::Isolation(ref why)) if why.contains(volume) && why.contains("mounts")
                 ),
                 "{list} mounting {volume}"
             );
         }
+        // Through a shared process namespace the agent reaches the sidecar's
+        // files without a mount; and a token of its own for the signer's audience.
+        let shared = pod(json!({"spec": {"shareProcessNamespace": true, "containers": [{"name": "a"}]}}));
+        assert!(matches!(
+            inject(&shared, &cfg, &agent(), false),
+            Err(InjectError::Isolation(ref why)) if why.contains("shareProcessNamespace")
+        ));
+        let own_token = pod(
+            json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": "t", "projected": {
+            "sources": [{"serviceAccountToken": {"audience": "mandate", "path": "token"}}]}}]}}),
+        );
+        assert!(matches!(
+            inject(&own_token, &cfg, &agent(), false),
+            Err(InjectError::Isolation(ref why)) if why.contains("audience mandate")
+        ));
+        let other_audience = pod(
+            json!({"spec": {"containers": [{"name": "a"}], "volumes": [{"name": "t", "projected": {
+            "sources": [{"serviceAccountToken": {"audience": "vault", "path": "token"}}]}}]}}),
+        );
+        assert!(inject(&other_audience, &cfg, &agent(), false).is_ok());
         // The pod does not choose its own (allow-all) policies.
         let chooser = pod(json!({
             "metadata": {"name": "a", "annotations": {POLICY_CONFIGMAP_ANNOTATION: "my-allow-all"}},

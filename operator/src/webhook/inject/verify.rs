@@ -59,6 +59,40 @@ pub fn reserved_mount(pod: &Pod) -> Option<(String, String)> {
     })
 }
 
+/// Why the agent's containers would not be isolated from Mandate's, if
+/// they would not: one mounts Mandate's volumes; the pod shares one process
+/// namespace (through `/proc/<pid>/root` the agent reaches the sidecar's
+/// socket and token without a mount); or the pod projects its own
+/// ServiceAccount token for the audience the SVID signer accepts.
+pub fn isolation_breach(pod: &Pod) -> Option<String> {
+    if let Some((container, volume)) = reserved_mount(pod) {
+        return Some(format!(
+            "container {container} mounts {volume}, a volume only Mandate's containers may mount (it holds the authz socket, the sidecar's token or its trust material); remove the mount"
+        ));
+    }
+    let spec = pod.spec.as_ref()?;
+    if spec.share_process_namespace == Some(true) {
+        return Some(
+            "the pod sets shareProcessNamespace: true, through which the agent could reach the sidecar's socket and token; an agent pod may not share its process namespace".into(),
+        );
+    }
+    let own_token = spec.volumes.iter().flatten().find(|v| {
+        v.name != TOKEN_VOLUME
+            && v.projected.iter().flat_map(|p| p.sources.iter().flatten()).any(|s| {
+                s.service_account_token
+                    .as_ref()
+                    .is_some_and(|t| t.audience.as_deref() == Some(crate::spiffe::signer::TOKEN_AUDIENCE))
+            })
+    });
+    own_token.map(|v| {
+        format!(
+            "volume {} projects a ServiceAccount token for audience {}, which only Mandate's sidecar may hold (it would get an SVID for a key the agent holds); remove it",
+            v.name,
+            crate::spiffe::signer::TOKEN_AUDIENCE
+        )
+    })
+}
+
 pub(super) fn reserved_volume(pod: &Pod) -> Option<String> {
     pod.spec
         .as_ref()?
@@ -81,10 +115,8 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
     let Some(spec) = &pod.spec else {
         return Some("the pod has no spec".into());
     };
-    if let Some((container, volume)) = reserved_mount(pod) {
-        return Some(format!(
-            "container {container} mounts {volume}, a volume only Mandate's containers may mount"
-        ));
+    if let Some(why) = isolation_breach(pod) {
+        return Some(why);
     }
     let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
     let find = |name: &str| {
