@@ -570,9 +570,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut stop_a = stop_tx.subscribe();
     let mut stop_b = stop_tx.subscribe();
+    let mut stop_early = stop_tx.subscribe();
 
     // The controllers' caches hold slimmed objects (see `lenient::slim_meta`).
     let (policy_reader, policy_writer) = reflector::store();
+    let policies_ready = policy_reader.clone();
     let policy_objects = reflector::reflector(
         policy_writer,
         watcher(policies, watcher::Config::default())
@@ -603,6 +605,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
         });
 
     let (identity_reader, identity_writer) = reflector::store();
+    let identities_ready = identity_reader.clone();
     let identity_objects = reflector::reflector(
         identity_writer,
         watcher(identities, watcher::Config::default())
@@ -631,5 +634,26 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
         shutdown.await;
         let _ = stop_tx.send(());
     });
-    futures::join!(policy_ctl, identity_ctl);
+    // A stop before both caches are ready: no reconcile can be in flight, and
+    // kube-runtime's graceful shutdown would wait for a store that is no
+    // longer filled (so the lease would not be handed over). Return at once.
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let started = started.clone();
+        async move {
+            if policies_ready.wait_until_ready().await.is_ok() && identities_ready.wait_until_ready().await.is_ok() {
+                started.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let stopped_before_start = async move {
+        let _ = stop_early.recv().await;
+        if started.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join(policy_ctl, identity_ctl) => {}
+        () = stopped_before_start => tracing::info!("stopped before the controllers' caches were ready"),
+    }
 }
