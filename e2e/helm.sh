@@ -404,6 +404,10 @@ pass "with every operator pod gone, the last policy stays enforced"
 K scale deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate --replicas=2 >/dev/null || fail "scaling the operator up"
 operator_ready() { [ "$(K get deploy -n "$OP_NS" -l app.kubernetes.io/name=mandate -o jsonpath='{.items[0].status.readyReplicas}')" = 2 ]; }
 until_ok "the operator to be back with 2 ready replicas" 120 operator_ready
+# Ready replicas come before kube-proxy routes the Service to them (the
+# apiserver then sees "connection refused"): wait until the webhook answers.
+webhook_answers() { policy reads-only Enforce "$READS_ONLY" | K apply --dry-run=server -n "$AGENTS" -f - >/dev/null 2>&1; }
+until_ok "the validating webhook to answer through its Service" 60 webhook_answers
 # The sidecar reconnects to a new replica and keeps what it enforced (a
 # replica that has not loaded its caches must not hand it an empty set).
 for _ in 1 2 3 4 5; do
@@ -426,6 +430,7 @@ H upgrade "$RELEASE" charts/mandate -n "$OP_NS" -f "$tmp/values.yaml" --set webh
 K get crd agentpolicies.mandate.dev >/dev/null || fail "helm upgrade removed the CRDs"
 [ "$(K get agentpolicy -n "$AGENTS" -o name | wc -l)" = 2 ] || fail "helm upgrade lost policies"
 until_ok "enforcement after the upgrade" 30 status_is 403 POST /allowed/1
+until_ok "the validating webhook to answer after the upgrade" 60 webhook_answers
 policy reads-only Enforce "$READS_ANY" | K apply -n "$AGENTS" -f - >/dev/null || fail "applying after the upgrade"
 until_ok "a change after the upgrade to be enforced" 60 status_is 200 GET /secret
 pass "helm upgrade (operator rolled) keeps the CRDs and the policies; changes are still pushed"
