@@ -47,6 +47,10 @@ pub const SPIFFE_VOLUME: &str = "mandate-spiffe-workload-api";
 
 /// Where the sidecar serves ext_authz in an injected pod.
 pub const AUTHZ_SOCKET: &str = "/var/run/mandate/authz.sock";
+/// Envoy's admin interface, a unix socket only Envoy's user may open (mode
+/// 0600, in a volume no agent container may mount): on a loopback port the
+/// agent could reach `/quitquitquit`, `/config_dump` and `/logging`.
+pub const ENVOY_ADMIN_SOCKET: &str = "/var/run/mandate/envoy-admin.sock";
 /// Where the policy ConfigMap is mounted in the sidecar.
 pub const POLICY_DIR: &str = "/etc/mandate/policies";
 /// Where the sidecar's projected token is mounted.

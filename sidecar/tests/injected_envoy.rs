@@ -149,12 +149,17 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
 
     let cfg = InjectConfig {
         proxy_port: free_port(),
-        envoy_admin_port: free_port(),
         envoy_health_port: free_port(),
         upstream_ca_file: dir.join("ca.pem").display().to_string(),
         ..InjectConfig::default()
     };
-    let bootstrap = envoy_bootstrap_at(&cfg, &socket.display().to_string(), "127.0.0.1");
+    let admin_socket = dir.join("envoy-admin.sock");
+    let bootstrap = envoy_bootstrap_at(
+        &cfg,
+        &socket.display().to_string(),
+        &admin_socket.display().to_string(),
+        "127.0.0.1",
+    );
     let _envoy = tokio::process::Command::new(envoy())
         .args([
             "--config-yaml",
@@ -173,6 +178,14 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
     eventually("Envoy's readiness listener", secs(30), async || http_ok(&health).await)
         .await
         .with_context(|| std::fs::read_to_string(dir.join("envoy.err")).unwrap_or_default())?;
+    // Envoy's admin (what /healthz/ready just reached) is a unix socket
+    // only Envoy's user may open; no loopback port serves it.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin_socket)?.permissions());
+    ensure!(
+        mode & 0o777 == 0o600,
+        "Envoy's admin socket has mode {:o}",
+        mode & 0o777
+    );
     let p = cfg.proxy_port;
 
     // Plain HTTP through the proxy.

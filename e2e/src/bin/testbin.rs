@@ -63,8 +63,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         retry_for: u64,
     },
-    /// Serve `/do?method=M&url=U`: make that request (through `HTTP_PROXY`
-    /// when set) and answer JSON `{status, headers, body}`, or `{error}`.
+    /// Serve `/do?method=M&url=U[&direct=1]`: make that request (through
+    /// `HTTP_PROXY` when set, unless direct) and answer JSON `{status,
+    /// headers, body}`, or `{error}`.
     Agent {
         #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
@@ -212,7 +213,9 @@ async fn agent(listen: SocketAddr) -> Result<()> {
             |axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>| async move {
                 let method = q.get("method").cloned().unwrap_or_else(|| "GET".into());
                 let url = q.get("url").cloned().unwrap_or_default();
-                let out = match through_proxy(&method, &url).await {
+                // direct=1: as a process that ignores HTTP_PROXY would.
+                let direct = q.get("direct").is_some_and(|d| d == "1");
+                let out = match through_proxy(&method, &url, direct).await {
                     Ok((status, headers, body)) => {
                         serde_json::json!({"status": status, "headers": headers, "body": body})
                     }
@@ -233,13 +236,14 @@ async fn agent(listen: SocketAddr) -> Result<()> {
 
 /// One HTTP/1.1 request to an `http://` URL: to the proxy in `HTTP_PROXY`
 /// (absolute-form, as curl and agent SDKs send it) when set, else directly.
-async fn through_proxy(method: &str, url: &str) -> Result<(u16, BTreeMap<String, String>, String)> {
+async fn through_proxy(method: &str, url: &str, direct: bool) -> Result<(u16, BTreeMap<String, String>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
     let authority = uri.authority().context("the URL has no host")?.to_string();
     let proxy = std::env::var("HTTP_PROXY")
         .or_else(|_| std::env::var("http_proxy"))
-        .ok();
+        .ok()
+        .filter(|_| !direct);
     let (connect_to, target) = match &proxy {
         Some(p) => {
             let p: hyper::Uri = p.parse().with_context(|| format!("bad HTTP_PROXY {p}"))?;

@@ -21,8 +21,6 @@ pub struct InjectConfig {
     pub sidecar_command: String,
     /// Envoy's egress (forward proxy) listener, on loopback.
     pub proxy_port: u16,
-    /// Envoy's admin, on loopback.
-    pub envoy_admin_port: u16,
     /// Envoy's readiness listener, on the pod IP (for kubelet's probes).
     pub envoy_health_port: u16,
     /// mandate-sidecar's /livez, /readyz and /metrics, on the pod IP.
@@ -95,7 +93,6 @@ impl Default for InjectConfig {
             envoy_command: "/usr/local/bin/envoy".into(),
             sidecar_command: "/usr/local/bin/mandate-sidecar".into(),
             proxy_port: 15001,
-            envoy_admin_port: 15000,
             envoy_health_port: 15021,
             sidecar_admin_port: 15020,
             eval_timeout_ms: 50,

@@ -1,6 +1,6 @@
 //! Envoy's bootstrap: the egress proxy whose every request the sidecar decides.
 
-use mandate_api::names::AUTHZ_SOCKET;
+use mandate_api::names::{AUTHZ_SOCKET, ENVOY_ADMIN_SOCKET};
 use serde_json::json;
 
 use super::InjectConfig;
@@ -11,12 +11,12 @@ use super::InjectConfig;
 /// a plain, a TLS-originating or a tunnelling upstream, so the bootstrap
 /// never changes when policies do.
 pub fn envoy_bootstrap(cfg: &InjectConfig) -> String {
-    envoy_bootstrap_at(cfg, AUTHZ_SOCKET, "0.0.0.0")
+    envoy_bootstrap_at(cfg, AUTHZ_SOCKET, ENVOY_ADMIN_SOCKET, "0.0.0.0")
 }
 
-/// [`envoy_bootstrap`] with the ext_authz socket and the readiness
-/// listener's address chosen (tests run it outside a pod).
-pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address: &str) -> String {
+/// [`envoy_bootstrap`] with the ext_authz socket, Envoy's admin socket and
+/// the readiness listener's address chosen (tests run it outside a pod).
+pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: &str, health_address: &str) -> String {
     let dfp_cache = json!({
         "name": "egress_dns",
         "dns_lookup_family": "V4_PREFERRED",
@@ -62,7 +62,9 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address
         c
     };
     let bootstrap = json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy_admin_port}}},
+        // Admin on a unix socket only Envoy's user may open, never on a
+        // port: loopback is the agent's too.
+        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
         "static_resources": {
             "listeners": [
                 {
@@ -170,7 +172,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, health_address
                     "type": "STATIC",
                     "connect_timeout": "1s",
                     "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy_admin_port}}}}]}]},
+                        {"endpoint": {"address": {"pipe": {"path": admin_socket}}}}]}]},
                 },
                 dfp_cluster("egress_plain", false),
                 dfp_cluster("egress_tls", true),
@@ -196,6 +198,22 @@ mod tests {
         assert_eq!(
             b["static_resources"]["listeners"][0]["address"]["socket_address"]["address"],
             "127.0.0.1"
+        );
+        // Admin is a unix socket for Envoy's user alone; no port serves it.
+        assert_eq!(
+            b["admin"]["address"],
+            serde_json::json!({"pipe": {"path": ENVOY_ADMIN_SOCKET, "mode": 0o600}})
+        );
+        let ports: Vec<&Value> = b["static_resources"]["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| &l["address"]["socket_address"]["port_value"])
+            .collect();
+        let cfg = InjectConfig::default();
+        assert_eq!(
+            ports,
+            [&Value::from(cfg.proxy_port), &Value::from(cfg.envoy_health_port)]
         );
     }
 }
