@@ -43,15 +43,39 @@ fn status(resp: &str) -> u16 {
     resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// Requests `/flaky` has had (it answers 503, which a retry policy replays).
+static FLAKY_HITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// An upstream answering "plain <path>" (or "tls <path>" when served over TLS).
 fn upstream(kind: &'static str) -> axum::Router {
-    axum::Router::new().fallback(move |req: axum::extract::Request| async move {
-        let steer = req
-            .headers()
-            .get("x-mandate-upstream-tls")
-            .map(|v| v.to_str().unwrap_or("?").to_string());
-        format!("{kind} {} steer={steer:?}", req.uri().path())
-    })
+    axum::Router::new()
+        .route(
+            "/v1/flaky",
+            axum::routing::any(|| async {
+                FLAKY_HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "flaky")
+            }),
+        )
+        .fallback(move |req: axum::extract::Request| async move {
+            let steer = req
+                .headers()
+                .get("x-mandate-upstream-tls")
+                .map(|v| v.to_str().unwrap_or("?").to_string());
+            // What of the agent's own forwarding and Envoy-control headers arrived.
+            let forwarded: Vec<String> = req
+                .headers()
+                .iter()
+                .filter(|(k, _)| {
+                    let k = k.as_str();
+                    (k.starts_with("x-envoy-") && k != "x-envoy-expected-rq-timeout-ms")
+                        || k.starts_with("x-forwarded-")
+                        || k == "forwarded"
+                        || k == "x-real-ip"
+                })
+                .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+                .collect();
+            format!("{kind} {} steer={steer:?} fwd={forwarded:?}", req.uri().path())
+        })
 }
 
 const POLICY: &str = r#"apiVersion: mandate.dev/v1alpha1
@@ -225,6 +249,45 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
     ensure!(
         status(&r) == 200 && r.contains("plain /v1/x steer=Some(\"false\")"),
         "forged steering: {r}"
+    );
+
+    // The agent's own Envoy-control and forwarding headers are dropped
+    // before ext_authz: no forged client address, no retry policy that
+    // replays one allowed request.
+    let r = raw(
+        p,
+        &format!(
+            "GET http://127.0.0.1:{plain}/v1/fwd HTTP/1.1\r\nHost: 127.0.0.1:{plain}\r\nx-forwarded-for: 10.9.9.9\r\nx-forwarded-host: evil.example\r\nforwarded: for=10.9.9.9\r\nx-real-ip: 10.9.9.9\r\nx-envoy-original-dst-host: 10.9.9.9:80\r\nx-envoy-upstream-rq-timeout-ms: 1\r\nx-envoy-internal: true\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await?;
+    // What arrives is what Envoy itself writes: it treats the agent as an
+    // external client (x-envoy-external-address, no x-envoy-internal).
+    for forged in [
+        "10.9.9.9",
+        "evil.example",
+        "x-envoy-original-dst-host",
+        "x-envoy-internal",
+        "x-real-ip",
+    ] {
+        ensure!(
+            status(&r) == 200 && !r.contains(forged),
+            "the agent's {forged} arrived: {r}"
+        );
+    }
+    ensure!(r.contains("x-envoy-external-address=127.0.0.1"), "{r}");
+    let r = raw(
+        p,
+        &format!(
+            "GET http://127.0.0.1:{plain}/v1/flaky HTTP/1.1\r\nHost: 127.0.0.1:{plain}\r\nx-envoy-retry-on: 5xx\r\nx-envoy-max-retries: 5\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await?;
+    ensure!(status(&r) == 503, "flaky: {r}");
+    let hits = FLAKY_HITS.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        hits == 1,
+        "one allowed request reached the upstream {hits} times (the agent's retry policy was honoured)"
     );
 
     // TLS origination to the declared host: the agent speaks plain HTTP to

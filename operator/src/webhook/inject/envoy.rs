@@ -5,6 +5,25 @@ use serde_json::json;
 
 use super::InjectConfig;
 
+/// Headers of the agent's dropped before anything decides on them: forwarding
+/// headers (who the client is, through which proxies), the ones Envoy acts on
+/// that edge sanitizing leaves, and Mandate's own (only the sidecar's answer
+/// sets them).
+const AGENT_HEADERS_DROPPED: [&str; 12] = [
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-forwarded-client-cert",
+    "forwarded",
+    "x-real-ip",
+    "x-envoy-original-dst-host",
+    "x-envoy-auth-partial-body",
+    "x-envoy-original-path",
+    mandate_api::names::UPSTREAM_TLS_HEADER,
+    mandate_api::names::DECISION_HEADER,
+];
+
 /// Envoy's bootstrap: an HTTP forward proxy on loopback whose every request
 /// (CONNECT included) is decided by the sidecar over its unix socket, with
 /// `failure_mode_allow: false`. The sidecar's answer steers the request to
@@ -75,6 +94,22 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                         "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": "egress",
+                            // The agent is an external client: Envoy drops its
+                            // x-envoy-* headers (no retry policy replaying one
+                            // allowed request, no timeouts of its choosing) and
+                            // writes the forwarding headers itself.
+                            "use_remote_address": true,
+                            // No client is internal (an empty list means
+                            // Envoy's default: loopback and RFC 1918 are).
+                            "internal_address_config": {"cidr_ranges": [
+                                {"address_prefix": "255.255.255.255", "prefix_len": 32}]},
+                            "early_header_mutation_extensions": [{
+                                "name": "envoy.http.early_header_mutation.header_mutation",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                                    "mutations": AGENT_HEADERS_DROPPED.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+                                },
+                            }],
                             "upgrade_configs": [{"upgrade_type": "CONNECT"}],
                             "route_config": {
                                 "name": "egress",
