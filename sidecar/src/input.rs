@@ -47,6 +47,8 @@ pub enum InputError {
     BadJson(String),
     #[error("the JSON body nests deeper than {0} levels")]
     TooDeep(usize),
+    #[error("the path {0:?} has a malformed percent escape (a '%' not followed by two hex digits)")]
+    BadPath(String),
 }
 
 /// Who is asking: what the sidecar knows of its agent (empty standalone
@@ -138,7 +140,7 @@ pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value
 
     let input = object([
         ("attributes", attributes.into()),
-        ("parsed_path", path_segments(path_only)),
+        ("parsed_path", path_segments(path_only)?),
         ("parsed_query", parse_query(query)),
         ("parsed_body", parsed_body),
         ("truncated_body", Value::Bool(truncated)),
@@ -192,26 +194,38 @@ fn split_path(path: &str) -> (&str, &str) {
     path.split_once('?').unwrap_or((path, ""))
 }
 
-/// `/a/b%20c/` → `["a", "b c", ""]`, as OPA-Envoy splits it (leading `/` dropped).
-fn path_segments(path: &str) -> Value {
-    let trimmed = path.strip_prefix('/').unwrap_or(path);
-    if trimmed.is_empty() {
-        return Value::from(vec![Value::from("")]);
-    }
-    Value::from(
-        trimmed
+/// `/a/b%20c/` → `["a", "b c", ""]`, as OPA-Envoy parses it (Go's
+/// `url.Parse`, then `strings.Split(strings.TrimLeft(path, "/"), "/")`): the
+/// path is decoded first, so `%2F` separates segments; every leading `/` is
+/// dropped; `//name/rest` names a host, as Go reads it, leaving `/rest`; a
+/// malformed escape is an error (a deny). Envoy merges slashes and refuses
+/// escaped ones before this, so the last three arise only without it.
+fn path_segments(path: &str) -> Result<Value, InputError> {
+    let raw = path;
+    let path = match path.strip_prefix("//") {
+        Some(rest) if !rest.starts_with('/') => rest.split_once('/').map_or(String::new(), |(_, p)| format!("/{p}")),
+        _ => path.to_string(),
+    };
+    let decoded = unescape(&path, false).ok_or_else(|| InputError::BadPath(raw.to_string()))?;
+    Ok(Value::from(
+        decoded
+            .trim_start_matches('/')
             .split('/')
-            .map(|s| Value::from(percent_decode(s)))
+            .map(Value::from)
             .collect::<Vec<_>>(),
-    )
+    ))
 }
 
-/// `a=1&a=2&b` → `{"a": ["1", "2"], "b": [""]}`.
+/// `a=1&a=2&b` → `{"a": ["1", "2"], "b": [""]}`, as Go's `url.ParseQuery`
+/// (OPA-Envoy's): pairs with a `;` or a malformed escape are skipped, `+`
+/// is a space.
 fn parse_query(query: &str) -> Value {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
+    for pair in query.split('&').filter(|p| !p.is_empty() && !p.contains(';')) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.entry(form_decode(k)).or_default().push(Value::from(form_decode(v)));
+        if let (Some(k), Some(v)) = (unescape(k, true), unescape(v, true)) {
+            out.entry(k).or_default().push(Value::from(v));
+        }
     }
     out.into_iter()
         .map(|(k, v)| (Value::from(k), Value::from(v)))
@@ -266,27 +280,31 @@ fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` decoding as Go's `url.PathUnescape` (`plus_is_space`: as
+/// `url.QueryUnescape`); `None` for a `%` not followed by two hex digits.
+fn unescape(s: &str, plus_is_space: bool) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
+        match b {
+            b'%' => {
+                let hex = |at: usize| bytes.get(at).and_then(|c| (*c as char).to_digit(16));
+                let (hi, lo) = (hex(i + 1)?, hex(i + 2)?);
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
                 i += 3;
-                continue;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
             }
         }
-        out.push(b);
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn form_decode(s: &str) -> String {
-    percent_decode(&s.replace('+', " "))
+    Some(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn peer(p: &Peer) -> Value {
@@ -622,10 +640,42 @@ mod tests {
     }
 
     #[test]
-    fn paths_split_like_opa_envoy() {
-        assert_eq!(to_json(path_segments("/")), json!([""]));
-        assert_eq!(to_json(path_segments("/a/b/")), json!(["a", "b", ""]));
+    fn paths_and_queries_parse_like_opa_envoy() {
+        let segs = |p: &str| path_segments(p).map(to_json);
+        assert_eq!(segs("/"), Ok(json!([""])));
+        assert_eq!(segs(""), Ok(json!([""])));
+        assert_eq!(segs("/a/b/"), Ok(json!(["a", "b", ""])));
+        assert_eq!(segs("/b%20c"), Ok(json!(["b c"])));
+        // Decoded, then split: an escaped slash separates.
+        assert_eq!(segs("/v1%2F..%2Fadmin"), Ok(json!(["v1", "..", "admin"])));
+        // Every leading slash goes; "//name" is a host to Go's url.Parse.
+        assert_eq!(segs("///a"), Ok(json!(["a"])));
+        assert_eq!(segs("//admin/x"), Ok(json!(["x"])));
+        assert_eq!(segs("//admin"), Ok(json!([""])));
+        // '+' is a plus in a path.
+        assert_eq!(segs("/a+b"), Ok(json!(["a+b"])));
+        // A malformed escape is a deny, with the path in the reason.
+        for bad in ["/a%zz", "/a%4", "/%", "/%+1"] {
+            assert_eq!(segs(bad), Err(InputError::BadPath(bad.into())), "{bad}");
+        }
         assert_eq!(split_path("/a?q=1#frag"), ("/a", "q=1"));
-        assert_eq!(percent_decode("%zz%41"), "%zzA");
+
+        let q = |s: &str| to_json(parse_query(s));
+        assert_eq!(
+            q("a=1&a=2&b&c=x+y%21"),
+            json!({"a": ["1", "2"], "b": [""], "c": ["x y!"]})
+        );
+        // Go skips pairs with ';' or a bad escape, keeps an empty key.
+        assert_eq!(q("a=1;b=2&c=%zz&d=1&=e"), json!({"d": ["1"], "": ["e"]}));
+        assert_eq!(unescape("%41%62", false).as_deref(), Some("Ab"));
+    }
+
+    #[test]
+    fn a_bad_path_escape_is_a_reason_to_deny() {
+        let req = check("GET", "/files/%zz", &[], "");
+        assert_eq!(
+            build(&req, &Agent::default(), Limits::default()).map(|_| ()),
+            Err(InputError::BadPath("/files/%zz".into()))
+        );
     }
 }

@@ -237,6 +237,27 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
     .await?;
     ensure!(status(&r) == 403, "denied DELETE: {r}");
 
+    // Paths are normalized before policy sees them: a dot-segment or a
+    // doubled slash cannot walk a GET past the policy's "/admin" rule, and
+    // escaped slashes are refused.
+    for (path, want) in [
+        ("/v1/../admin", 403),
+        ("//admin", 403),
+        ("/v1/./..//admin/", 403),
+        ("/v1%2F..%2Fadmin", 400),
+        ("/v1%5Cadmin", 400),
+        ("/v1/./data", 200),
+    ] {
+        let r = raw(
+            p,
+            &format!(
+                "GET http://127.0.0.1:{plain}{path} HTTP/1.1\r\nHost: 127.0.0.1:{plain}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await?;
+        ensure!(status(&r) == want, "GET {path}: want {want}: {r}");
+    }
+
     // The agent cannot steer a plain host onto the TLS route: the sidecar
     // overwrites the header with its own answer.
     let r = raw(

@@ -80,6 +80,83 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
         }
         c
     };
+    let egress_hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "egress",
+        // The agent is an external client: Envoy drops its
+        // x-envoy-* headers (no retry policy replaying one
+        // allowed request, no timeouts of its choosing) and
+        // writes the forwarding headers itself.
+        "use_remote_address": true,
+        // No client is internal (an empty list means
+        // Envoy's default: loopback and RFC 1918 are).
+        "internal_address_config": {"cidr_ranges": [
+            {"address_prefix": "255.255.255.255", "prefix_len": 32}]},
+        "early_header_mutation_extensions": [{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": AGENT_HEADERS_DROPPED.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+            },
+        }],
+        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+        // Policy sees the path the upstream acts on:
+        // `/v1/../admin` is `/admin`, `//admin` is `/admin`,
+        // and an escaped slash (`%2F`, `%5C`) is refused (400).
+        "normalize_path": true,
+        "merge_slashes": true,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "route_config": {
+            "name": "egress",
+            "virtual_hosts": [{
+                "name": "egress",
+                "domains": ["*"],
+                "routes": [
+                    {"match": {"connect_matcher": {}},
+                     "route": {"cluster": "egress_tunnel",
+                               "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+                     // A tunnel's stream never ends: decide on
+                     // host and port without waiting for a body.
+                     "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+                         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                         "check_settings": {"disable_request_body_buffering": true}}}},
+                    {"match": {"prefix": "/", "headers": [
+                        {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
+                     "route": {"cluster": "egress_tls", "timeout": "60s"}},
+                    {"match": {"prefix": "/"},
+                     "route": {"cluster": "egress_plain", "timeout": "60s"}},
+                ],
+            }],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.ext_authz",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                    "transport_api_version": "V3",
+                    "failure_mode_allow": false,
+                    "clear_route_cache": true,
+                    "status_on_error": {"code": 403},
+                    "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": "mandate_authz"},
+                        "timeout": format!("{}s", cfg.authz_timeout_ms as f64 / 1000.0),
+                    },
+                },
+            },
+            {
+                "name": "envoy.filters.http.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                    "dns_cache_config": dfp_cache,
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    });
     let bootstrap = json!({
         // Admin on a unix socket only Envoy's user may open, never on a
         // port: loopback is the agent's too.
@@ -91,77 +168,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.proxy_port}},
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "egress",
-                            // The agent is an external client: Envoy drops its
-                            // x-envoy-* headers (no retry policy replaying one
-                            // allowed request, no timeouts of its choosing) and
-                            // writes the forwarding headers itself.
-                            "use_remote_address": true,
-                            // No client is internal (an empty list means
-                            // Envoy's default: loopback and RFC 1918 are).
-                            "internal_address_config": {"cidr_ranges": [
-                                {"address_prefix": "255.255.255.255", "prefix_len": 32}]},
-                            "early_header_mutation_extensions": [{
-                                "name": "envoy.http.early_header_mutation.header_mutation",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                                    "mutations": AGENT_HEADERS_DROPPED.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
-                                },
-                            }],
-                            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                            "route_config": {
-                                "name": "egress",
-                                "virtual_hosts": [{
-                                    "name": "egress",
-                                    "domains": ["*"],
-                                    "routes": [
-                                        {"match": {"connect_matcher": {}},
-                                         "route": {"cluster": "egress_tunnel",
-                                                   "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
-                                         // A tunnel's stream never ends: decide on
-                                         // host and port without waiting for a body.
-                                         "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
-                                             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                                             "check_settings": {"disable_request_body_buffering": true}}}},
-                                        {"match": {"prefix": "/", "headers": [
-                                            {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
-                                         "route": {"cluster": "egress_tls", "timeout": "60s"}},
-                                        {"match": {"prefix": "/"},
-                                         "route": {"cluster": "egress_plain", "timeout": "60s"}},
-                                    ],
-                                }],
-                            },
-                            "http_filters": [
-                                {
-                                    "name": "envoy.filters.http.ext_authz",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                                        "transport_api_version": "V3",
-                                        "failure_mode_allow": false,
-                                        "clear_route_cache": true,
-                                        "status_on_error": {"code": 403},
-                                        "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
-                                        "grpc_service": {
-                                            "envoy_grpc": {"cluster_name": "mandate_authz"},
-                                            "timeout": format!("{}s", cfg.authz_timeout_ms as f64 / 1000.0),
-                                        },
-                                    },
-                                },
-                                {
-                                    "name": "envoy.filters.http.dynamic_forward_proxy",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-                                        "dns_cache_config": dfp_cache,
-                                    },
-                                },
-                                {
-                                    "name": "envoy.filters.http.router",
-                                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                                },
-                            ],
-                        },
+                        "typed_config": egress_hcm,
                     }]}],
                 },
                 {
