@@ -49,6 +49,8 @@ pub enum InputError {
     TooDeep(usize),
     #[error("the path {0:?} has a malformed percent escape (a '%' not followed by two hex digits)")]
     BadPath(String),
+    #[error("the host {0:?} is not a host name or address with an optional port 1-65535")]
+    BadHost(String),
 }
 
 /// Who is asking: what the sidecar knows of its agent (empty standalone
@@ -114,6 +116,7 @@ pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value
         return Err(InputError::PartialBody);
     }
     let parsed_body = parse_body(content_type, body_bytes, limits)?;
+    let (host_name, host_port) = parse_host(&http.host, &http.scheme, &http.method)?;
 
     let mut attributes = Object::new();
     if let Some(a) = attrs {
@@ -142,6 +145,13 @@ pub fn build(req: &CheckRequest, agent: &Agent, limits: Limits) -> Result<(Value
         ("attributes", attributes.into()),
         ("parsed_path", path_segments(path_only)?),
         ("parsed_query", parse_query(query)),
+        (
+            "parsed_host",
+            object([
+                ("name", Value::from(host_name)),
+                ("port", Value::from(u64::from(host_port))),
+            ]),
+        ),
         ("parsed_body", parsed_body),
         ("truncated_body", Value::Bool(truncated)),
         (
@@ -214,6 +224,45 @@ fn path_segments(path: &str) -> Result<Value, InputError> {
             .map(Value::from)
             .collect::<Vec<_>>(),
     ))
+}
+
+/// `API.Example.com.:8443` → `("api.example.com", 8443)`: the host as a
+/// policy should compare it (lower case, no trailing dot, no IPv6
+/// brackets) and its port (the scheme's when none is given: 443 for https,
+/// else 80; a CONNECT must name one). Anything else is an error (a deny), so
+/// that no spelling of a host slips past a rule written for another.
+fn parse_host(authority: &str, scheme: &str, method: &str) -> Result<(String, u16), InputError> {
+    let bad = || InputError::BadHost(authority.to_string());
+    let (name, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']').ok_or_else(bad)?;
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad());
+        }
+        match after {
+            "" => (v6, None),
+            _ => (v6, Some(after.strip_prefix(':').ok_or_else(bad)?)),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?
+        }
+        Some(_) => return Err(bad()),
+        None if method.eq_ignore_ascii_case("CONNECT") => return Err(bad()),
+        None if scheme.eq_ignore_ascii_case("https") => 443,
+        None => 80,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':');
+    if name.is_empty() || !name.chars().all(ok_char) || (name.contains(':') && !authority.starts_with('[')) {
+        return Err(bad());
+    }
+    Ok((name, port))
 }
 
 /// `a=1&a=2&b` → `{"a": ["1", "2"], "b": [""]}`, as Go's `url.ParseQuery`
@@ -550,6 +599,7 @@ mod tests {
             },
             "parsed_path": ["a"],
             "parsed_query": {"q": ["1"]},
+            "parsed_host": {"name": "api.example.com", "port": 80},
             "parsed_body": null,
             "truncated_body": false,
             "version": {"encoding": "protojson", "ext_authz": "v3"},
@@ -668,6 +718,50 @@ mod tests {
         // Go skips pairs with ';' or a bad escape, keeps an empty key.
         assert_eq!(q("a=1;b=2&c=%zz&d=1&=e"), json!({"d": ["1"], "": ["e"]}));
         assert_eq!(unescape("%41%62", false).as_deref(), Some("Ab"));
+    }
+
+    #[test]
+    fn hosts_are_normalized_and_bad_ones_denied() {
+        let h = |a: &str, scheme: &str, method: &str| parse_host(a, scheme, method);
+        assert_eq!(h("API.Example.com.", "http", "GET"), Ok(("api.example.com".into(), 80)));
+        assert_eq!(
+            h("api.example.com:8443", "", "GET"),
+            Ok(("api.example.com".into(), 8443))
+        );
+        assert_eq!(
+            h("api.example.com", "https", "GET"),
+            Ok(("api.example.com".into(), 443))
+        );
+        assert_eq!(
+            h("api.example.com:443", "", "CONNECT"),
+            Ok(("api.example.com".into(), 443))
+        );
+        assert_eq!(h("10.0.0.1:80", "http", "GET"), Ok(("10.0.0.1".into(), 80)));
+        assert_eq!(h("[::1]:8080", "http", "GET"), Ok(("::1".into(), 8080)));
+        assert_eq!(h("[::1]", "http", "GET"), Ok(("::1".into(), 80)));
+        for bad in [
+            "",
+            ":80",
+            "api.example.com:",
+            "api.example.com:0",
+            "api.example.com:65536",
+            "api.example.com:+80",
+            "api.example.com:80:80",
+            "a b.example",
+            "evil.example/x",
+            "user@evil.example",
+            "::1",
+            "[::1",
+            "[zz]:80",
+            "[::1]80",
+        ] {
+            assert_eq!(h(bad, "http", "GET"), Err(InputError::BadHost(bad.into())), "{bad:?}");
+        }
+        // A CONNECT names its port.
+        assert_eq!(
+            h("api.example.com", "", "CONNECT"),
+            Err(InputError::BadHost("api.example.com".into()))
+        );
     }
 
     #[test]
