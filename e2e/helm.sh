@@ -234,6 +234,8 @@ metadata:
   name: agent
   labels: {agent: researcher}
 spec:
+  # An explicit UID: Mandate refuses an agent whose UID it cannot see.
+  securityContext: {runAsUser: 1000, runAsNonRoot: true}
   containers:
   - name: agent
     image: ${TESTBIN}

@@ -3,12 +3,14 @@
 # the libraries ldd names) into an OCI image with umoci, turn it into a
 # docker-archive with skopeo, and import it into the test node's containerd.
 #
-#   hack/image.sh build REF BINARY [--as PATH] [--add SRC:DEST]... [--entrypoint ARG]...
-#                                  [--busybox-applets] [--user UID:GID]
+#   hack/image.sh build REF BINARY [--as PATH] [--add SRC:DEST]... [--add-bin SRC:DEST]...
+#                                  [--entrypoint ARG]... [--busybox-applets] [--user UID:GID]
+#       (--add copies one file; --add-bin copies a program with the libraries ldd names)
 #       e.g. hack/image.sh build mandate.local/echo:dev target/debug/mandate-e2e-echo
 #   hack/image.sh import TAR...        # into the running node's containerd (k8s.io namespace)
 #   hack/image.sh base                 # build (if needed) and print the base images:
 #                                      # pause, busybox, envoy
+#   hack/image.sh sidecar REF DIR      # a sidecar image from DIR's binaries (tests)
 #   hack/image.sh mandate              # Mandate's images as images/Dockerfile makes them
 #                                      # (static musl release binaries, user 65532), plus the
 #                                      # test agent; prints the archives (import them with import)
@@ -56,13 +58,14 @@ cmd_build() {
   [[ "$ref" == *:* ]] || die "image reference '${ref}' needs a tag (e.g. ${ref}:dev)"
   [[ "$ref" != *:latest ]] || die "do not tag test images 'latest': kubelet would try to pull them"
   [ -f "$bin" ] || die "binary '${bin}' not found; build it first"
-  local as adds=() entry=() applets=0 user=""
+  local as adds=() bins=() entry=() applets=0 user=""
   as="/usr/local/bin/$(basename "$bin")"
   while [ $# -gt 0 ]; do
     case "$1" in
       --as) as="$2"; shift 2 ;;
       --busybox-applets) applets=1; shift ;;
       --add) adds+=("$2"); shift 2 ;;
+      --add-bin) bins+=("$2"); shift 2 ;;
       --entrypoint) entry+=("$2"); shift 2 ;;
       --user) user="$2"; shift 2 ;;
       *) die "unknown option '$1' for build" ;;
@@ -78,7 +81,7 @@ cmd_build() {
   key="$( {
     echo "$ref" "$as" "$applets" "$user" "${entry[@]}"
     sha256sum <"$bin"
-    for a in "${adds[@]}"; do echo "$a"; sha256sum <"${a%%:*}"; done
+    for a in "${adds[@]}" "${bins[@]}"; do echo "$a"; sha256sum <"${a%%:*}"; done
     sha256sum <"$0"
   } | sha256sum | cut -c1-64)"
   if [ -f "$out" ] && [ "$(cat "$out.key" 2>/dev/null)" = "$key" ]; then
@@ -92,8 +95,8 @@ cmd_build() {
   local rootfs="$tmp/rootfs"
   mkdir -p "$rootfs"/{etc,tmp,proc,sys,dev}
   chmod 1777 "$rootfs/tmp"
-  printf 'root:x:0:0:root:/:/bin/sh\nnonroot:x:65532:65532:nonroot:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$rootfs/etc/passwd"
-  printf 'root:x:0:\nnonroot:x:65532:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+  printf 'root:x:0:0:root:/:/bin/sh\nnonroot:x:65532:65532:nonroot:/:/bin/false\nmandate-proxy:x:15999:15999:mandate-proxy:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$rootfs/etc/passwd"
+  printf 'root:x:0:\nnonroot:x:65532:\nmandate-proxy:x:15999:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
   copy_with_libs "$bin" "$rootfs" "$as"
   if ((applets)); then
     local app
@@ -105,6 +108,10 @@ cmd_build() {
   for a in "${adds[@]}"; do
     [ -e "${a%%:*}" ] || die "--add source '${a%%:*}' not found"
     install -D -m 0755 "${a%%:*}" "${rootfs}${a#*:}"
+  done
+  for a in "${bins[@]}"; do
+    [ -e "${a%%:*}" ] || die "--add-bin source '${a%%:*}' not found"
+    copy_with_libs "${a%%:*}" "$rootfs" "${a#*:}"
   done
 
   local tag="${ref##*:}" layout="$tmp/oci"
@@ -166,6 +173,23 @@ cmd_base() {
     --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt
 }
 
+# sidecar_extras DIR: the --add-bin options that put the egress init step
+# (DIR's mandate-egress-init, and Debian's nft with its libraries) into a
+# sidecar image.
+sidecar_extras() {
+  [ -x /usr/sbin/nft ] || die "no /usr/sbin/nft (Debian's nftables); run make deps"
+  [ -x "$1/mandate-egress-init" ] || die "no $1/mandate-egress-init; build it first"
+  echo --add-bin "$1/mandate-egress-init:/usr/local/bin/mandate-egress-init" --add-bin /usr/sbin/nft:/usr/sbin/nft
+}
+
+# sidecar REF DIR: a sidecar image from DIR's mandate-sidecar (a debug
+# build, for tests), with the egress init step.
+cmd_sidecar() {
+  [ $# -eq 2 ] || usage
+  # shellcheck disable=SC2046 # the options are words
+  cmd_build "$1" "$2/mandate-sidecar" --user 15999:15999 $(sidecar_extras "$2")
+}
+
 # Mandate's images, built as images/Dockerfile builds them: the release
 # binaries, static (musl), user 65532 (the chart and the injector run as
 # that user), on a base with CA certificates. The test agent image too.
@@ -194,7 +218,7 @@ cmd_mandate() {
     -p mandate-operator -p mandate-cli -p mandate-e2e \
     --bin mandate-operator --bin mandate --bin mandate-testbin) || die "the release build failed"
   if ((static)); then
-    for b in mandate-operator mandate-sidecar mandate mandate-testbin; do
+    for b in mandate-operator mandate-sidecar mandate-egress-init mandate mandate-testbin; do
       file -b "$out/$b" | has 'static' || die "$out/$b is not statically linked"
     done
   fi
@@ -202,14 +226,16 @@ cmd_mandate() {
   cmd_build "mandate.local/operator:${version}" "$out/mandate-operator" --user 65532:65532 --add "$certs"
   # The CLI beside the sidecar, from the same build (copied with its libraries
   # when dynamic: both binaries need the same ones).
-  cmd_build "mandate.local/sidecar:${version}" "$out/mandate-sidecar" --user 65532:65532 --add "$certs" \
-    --add "$out/mandate:/usr/local/bin/mandate"
+  # shellcheck disable=SC2046 # the options are words
+  cmd_build "mandate.local/sidecar:${version}" "$out/mandate-sidecar" --user 15999:15999 --add "$certs" \
+    --add "$out/mandate:/usr/local/bin/mandate" $(sidecar_extras "$out")
   cmd_build "mandate.local/testbin:${version}" "$out/mandate-testbin" --user 65532:65532
 }
 
 case "${1:-}" in
   mandate) shift; cmd_mandate "$@" ;;
   build) shift; cmd_build "$@" ;;
+  sidecar) shift; cmd_sidecar "$@" ;;
   import) shift; cmd_import "$@" ;;
   base) shift; cmd_base "$@" ;;
   *) usage ;;

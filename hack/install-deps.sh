@@ -26,6 +26,9 @@ APT_PACKAGES=(
   shellcheck
   # make bench: h2load, an independent gRPC client beside mandate-bench's
   nghttp2-client
+  # the sidecar's DNS resolver tests (sidecar/tests/dns.rs): a real upstream
+  # DNS server with a query log, and a real client
+  dnsmasq-base bind9-dnsutils
   # misc used by the scripts
   curl ca-certificates jq
 )

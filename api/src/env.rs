@@ -61,9 +61,15 @@ pub const MANDATE_POLICY_SERVER: &str = "MANDATE_POLICY_SERVER";
 pub const MANDATE_WORKERS: &str = "MANDATE_WORKERS";
 /// The diagnostics filter (`--log`).
 pub const MANDATE_LOG: &str = "MANDATE_LOG";
+/// The DNS resolver's addresses, comma-separated (`--dns-listen`).
+pub const MANDATE_DNS_LISTEN: &str = "MANDATE_DNS_LISTEN";
+/// The nameservers allowed names are forwarded to (`--dns-upstream`).
+pub const MANDATE_DNS_UPSTREAM: &str = "MANDATE_DNS_UPSTREAM";
+/// The cluster's DNS domain, always resolved (`--dns-cluster-domain`).
+pub const MANDATE_DNS_CLUSTER_DOMAIN: &str = "MANDATE_DNS_CLUSTER_DOMAIN";
 
 /// Every environment variable the sidecar reads.
-pub const SIDECAR_ENV_NAMES: [&str; 25] = [
+pub const SIDECAR_ENV_NAMES: [&str; 28] = [
     MANDATE_POLICY,
     MANDATE_LISTEN,
     MANDATE_LISTEN_UNIX,
@@ -89,6 +95,9 @@ pub const SIDECAR_ENV_NAMES: [&str; 25] = [
     MANDATE_POLICY_SERVER,
     MANDATE_WORKERS,
     MANDATE_LOG,
+    MANDATE_DNS_LISTEN,
+    MANDATE_DNS_UPSTREAM,
+    MANDATE_DNS_CLUSTER_DOMAIN,
 ];
 
 /// Where X.509-SVIDs come from.
@@ -181,6 +190,14 @@ pub struct SidecarEnv {
     pub identity: SidecarIdentity,
     /// `MANDATE_AGENT_SPIFFE_ID`: the agent's SPIFFE ID.
     pub agent_spiffe_id: Option<String>,
+    /// `MANDATE_DNS_LISTEN`: the DNS resolver's addresses, comma-separated
+    /// socket addresses (`127.0.0.1:15053,[::1]:15053`); no resolver when
+    /// `None` (transparent egress off).
+    pub dns_listen: Option<String>,
+    /// `MANDATE_DNS_CLUSTER_DOMAIN`: the cluster's DNS domain (names under
+    /// it always resolve); the sidecar's default (`cluster.local`) when
+    /// `None`.
+    pub dns_cluster_domain: Option<String>,
 }
 
 /// The sidecar's SVID source, and the settings that come with it. A policy
@@ -226,7 +243,7 @@ pub struct SpireIdentity {
 
 impl SidecarEnv {
     /// Every name [`SidecarEnv::pairs`] can write.
-    pub const NAMES: [&str; 19] = [
+    pub const NAMES: [&str; 21] = [
         MANDATE_POLICY,
         MANDATE_LISTEN_UNIX,
         MANDATE_NO_TCP,
@@ -246,6 +263,8 @@ impl SidecarEnv {
         MANDATE_OPERATOR_SPIFFE_ID,
         MANDATE_POLICY_SERVER,
         MANDATE_AGENT_SPIFFE_ID,
+        MANDATE_DNS_LISTEN,
+        MANDATE_DNS_CLUSTER_DOMAIN,
     ];
 
     /// The environment, in the order the container lists it (the order is
@@ -294,6 +313,12 @@ impl SidecarEnv {
         if let Some(id) = &self.agent_spiffe_id {
             env.push((MANDATE_AGENT_SPIFFE_ID, EnvValue::literal(id)));
         }
+        if let Some(listen) = &self.dns_listen {
+            env.push((MANDATE_DNS_LISTEN, EnvValue::literal(listen)));
+        }
+        if let Some(domain) = &self.dns_cluster_domain {
+            env.push((MANDATE_DNS_CLUSTER_DOMAIN, EnvValue::literal(domain)));
+        }
         env
     }
 }
@@ -317,6 +342,8 @@ mod tests {
             agent_identity: Some("x".into()),
             identity,
             agent_spiffe_id: Some("spiffe://e/x".into()),
+            dns_listen: Some("127.0.0.1:15053".into()),
+            dns_cluster_domain: Some("c.example".into()),
         }
     }
 

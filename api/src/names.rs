@@ -34,6 +34,9 @@ pub const MANAGED_BY: &str = "mandate-operator";
 pub const ENVOY_CONTAINER: &str = "mandate-envoy";
 /// The ext_authz sidecar's container.
 pub const SIDECAR_CONTAINER: &str = "mandate-sidecar";
+/// The init container that installs the pod's egress rules (transparent
+/// egress); it runs before anything else in the pod.
+pub const INIT_CONTAINER: &str = "mandate-egress-init";
 /// The volume holding the authz socket (shared by Envoy and the sidecar).
 pub const RUN_VOLUME: &str = "mandate-run";
 /// The volume of policy files (ConfigMap mode).
@@ -64,3 +67,8 @@ pub const DECISION_HEADER: &str = "x-mandate-decision-id";
 /// with `tls: true`: Envoy's route table then sends it through the
 /// TLS-originating cluster.
 pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";
+
+/// gRPC metadata Envoy puts on its ext_authz calls from the transparent
+/// listener, naming the egress path (`http`, `sni`, `raw`); absent from the
+/// explicit proxy's. Set by Envoy's bootstrap, out of the agent's reach.
+pub const EGRESS_PATH_METADATA: &str = "x-mandate-egress";

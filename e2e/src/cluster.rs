@@ -261,6 +261,25 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Build the sidecar image from the workspace's debug binaries
+    /// (mandate-sidecar, mandate-egress-init, and Debian's nft for the
+    /// egress rules) and load it into the node.
+    pub async fn load_sidecar_image(&self, reference: &str, sidecar: &Path) -> Result<()> {
+        self.require_node()?;
+        let script = hack_dir().join("image.sh");
+        let dir = sidecar.parent().context("the sidecar binary has no directory")?;
+        let archive = run(&script, &["sidecar", reference, &dir.to_string_lossy()]).await?;
+        let archive = archive
+            .lines()
+            .last()
+            .context("hack/image.sh sidecar printed no archive path")?
+            .to_string();
+        run(&script, &["import", &archive]).await?;
+        Ok(())
+    }
+}
+
 /// The repository's `hack/` directory.
 pub fn hack_dir() -> PathBuf {
     repo_dir().join("hack")

@@ -127,7 +127,7 @@ async fn injected_agent(native: bool) -> Result<()> {
         .load_image(TESTBIN, &workspace_binary("mandate-testbin")?)
         .await?;
     cluster
-        .load_image(SIDECAR, &workspace_binary("mandate-sidecar")?)
+        .load_sidecar_image(SIDECAR, &workspace_binary("mandate-sidecar")?)
         .await?;
     let mode = if native { "native" } else { "never" };
     let op = cluster.namespace(&format!("inj-op-{mode}")).await?;
@@ -213,7 +213,8 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     // fetches an allowed URL through it (and fails the pod otherwise).
     let mut agent_pod = json!({
         "metadata": {"name": "agent", "labels": {"agent": "researcher"}},
-        "spec": {"containers": [{
+        // An explicit UID: Mandate refuses an agent whose UID it cannot see.
+        "spec": {"securityContext": {"runAsUser": 1000, "runAsNonRoot": true}, "containers": [{
             "name": "agent", "image": TESTBIN, "imagePullPolicy": "Never",
             "command": ["/usr/local/bin/mandate-testbin"], "args": ["agent"],
             "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
@@ -256,10 +257,13 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     );
     if native {
         ensure!(containers == ["agent"], "{containers:?}");
-        ensure!(init == ["mandate-envoy", "mandate-sidecar", "warm-up"], "{init:?}");
+        ensure!(
+            init == ["mandate-egress-init", "mandate-envoy", "mandate-sidecar", "warm-up"],
+            "{init:?}"
+        );
         // Ours are restartable init containers, started before the agent's
         // own init container, which found the proxy ready.
-        for c in &spec.init_containers.as_ref().unwrap()[..2] {
+        for c in &spec.init_containers.as_ref().unwrap()[1..3] {
             ensure!(
                 c.restart_policy.as_deref() == Some("Always"),
                 "{} is not a native sidecar",
@@ -291,7 +295,8 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
             containers == ["mandate-envoy", "mandate-sidecar", "agent"],
             "{containers:?}"
         );
-        ensure!(init.is_empty(), "{init:?}");
+        // The egress rules go in before anything else runs, on this path too.
+        ensure!(init == ["mandate-egress-init"], "{init:?}");
     }
     let ip = running
         .status

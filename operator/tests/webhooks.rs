@@ -9,6 +9,10 @@
 //!   module:line:col, one whose test fails names the test, a good one passes;
 //!   overlapping or malformed identities are refused;
 //! - an approval records its approver from the request, not the object;
+//! - hostile agent pods (host namespaces, hostPath, privileged, added
+//!   capabilities, privilege escalation, the proxy's UID, root keeping
+//!   SETUID, no UID at all) are refused with the reason, forged injected
+//!   ones too; an ordinary one gets allowPrivilegeEscalation: false;
 //! - a rotated certificate is served and trusted without a restart;
 //! - with the operator down, pods in enforced namespaces are refused while
 //!   kube-system is unaffected.
@@ -34,7 +38,8 @@ fn pod(name: &str, labels: Value, extra: Value) -> Pod {
     let mut p = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "agent", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"],
+        "spec": {"securityContext": {"runAsUser": 1000, "runAsNonRoot": true},
+                 "containers": [{"name": "agent", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"],
                                  "env": [{"name": "HTTPS_PROXY", "value": "http://elsewhere:3128"}]}]},
     });
     merge(&mut p, extra);
@@ -291,7 +296,10 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
     early["spec"]["containers"]
         .as_array_mut()
         .context("no containers")?
-        .insert(0, json!({"name": "early", "image": "evil/early:1"}));
+        .insert(
+            0,
+            json!({"name": "early", "image": "evil/early:1", "securityContext": {"allowPrivilegeEscalation": false}}),
+        );
     refused(
         "a container placed before Mandate's",
         serde_json::from_value(early)?,
@@ -707,6 +715,220 @@ async fn spire_mode_injection_mounts_the_workload_api_through_the_apiserver() ->
         )
         .await
         .with_context(|| hooks.logs())?;
+    op.delete().await?;
+    agents.delete().await
+}
+
+/// The pod's one container `agent` with this securityContext.
+fn agent_container(sc: Value) -> Value {
+    json!({"spec": {"containers": [{"name": "agent", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"],
+                                    "securityContext": sc}]}})
+}
+
+/// Every container of the pod, ordinary and init, by name.
+fn container<'a>(p: &'a Pod, name: &str) -> Option<&'a k8s_openapi::api::core::v1::Container> {
+    let spec = p.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
+async fn hostile_agent_pods_are_refused_with_the_reason_and_ordinary_ones_cannot_escalate() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-posture").await?;
+    let hooks = Webhooks::start(&cluster, &op, &agents).await?;
+    identity(&agents, "researcher", json!({"matchLabels": {"agent": "researcher"}})).await?;
+    let researcher = json!({"agent": "researcher"});
+
+    // An ordinary agent pod (UID 1000, nothing else said): admitted, and
+    // every container of its own, init ones too, cannot gain privileges.
+    let ordinary = pod(
+        "ordinary",
+        researcher.clone(),
+        json!({"spec": {"initContainers": [{"name": "setup", "image": "mandate.local/busybox:1", "command": ["true"],
+                                             "securityContext": {"readOnlyRootFilesystem": true}}]}}),
+    );
+    let got = create_agent_pod(&agents, &ordinary, true).await?;
+    for name in ["agent", "setup"] {
+        let sc = container(&got, name)
+            .and_then(|c| c.security_context.clone())
+            .with_context(|| format!("{name} has no securityContext\n{}", hooks.logs()))?;
+        ensure!(sc.allow_privilege_escalation == Some(false), "{name}: {sc:?}");
+        if name == "setup" {
+            ensure!(
+                sc.read_only_root_filesystem == Some(true),
+                "{name}'s own fields kept: {sc:?}"
+            );
+        }
+    }
+
+    // Hostile agents, each trying one way out of mediation.
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "hostPID",
+            json!({"spec": {"hostPID": true}}),
+            &["spec.hostPID", "/proc"],
+        ),
+        ("hostIPC", json!({"spec": {"hostIPC": true}}), &["spec.hostIPC"]),
+        (
+            "hostPath",
+            json!({"spec": {"volumes": [{"name": "node-root", "hostPath": {"path": "/"}}]}}),
+            &["volume node-root is a hostPath volume"],
+        ),
+        (
+            "privileged",
+            agent_container(json!({"privileged": true})),
+            &["container agent (containers)", "privileged: true"],
+        ),
+        (
+            "NET_ADMIN",
+            agent_container(json!({"capabilities": {"add": ["NET_ADMIN"]}})),
+            &["container agent", "adds capability NET_ADMIN"],
+        ),
+        (
+            "SETUID",
+            agent_container(json!({"capabilities": {"add": ["CAP_SETUID"]}})),
+            &["adds capability CAP_SETUID", "NET_BIND_SERVICE"],
+        ),
+        (
+            "allowPrivilegeEscalation",
+            agent_container(json!({"allowPrivilegeEscalation": true})),
+            &["container agent", "allowPrivilegeEscalation: true"],
+        ),
+        (
+            "the proxy's UID",
+            json!({"spec": {"securityContext": {"runAsUser": 15999}}}),
+            &["runs as UID 15999", "the UID of Mandate's proxy"],
+        ),
+        (
+            "root keeping SETUID",
+            json!({"spec": {"securityContext": {"runAsUser": 0, "runAsNonRoot": false}}}),
+            &["runs as root", "SETUID"],
+        ),
+        (
+            "no runAsUser",
+            json!({"spec": {"securityContext": null}}),
+            &["container agent (containers) has no runAsUser", "runAsUser"],
+        ),
+        (
+            "an init container adding SYS_ADMIN",
+            json!({"spec": {"initContainers": [{"name": "setup", "image": "mandate.local/busybox:1",
+                                                 "securityContext": {"capabilities": {"add": ["sys_admin"]}}}]}}),
+            &["container setup (initContainers)", "sys_admin"],
+        ),
+    ];
+    let api = agents.api::<Pod>();
+    for (i, (what, extra, needles)) in cases.into_iter().enumerate() {
+        let p = pod(&format!("hostile-{i}"), researcher.clone(), extra);
+        match api.create(&PostParams::default(), &p).await {
+            Ok(created) => bail!("{what}: admitted as {:?}\n{}", names(&created), hooks.logs()),
+            Err(e) => {
+                let e = e.to_string();
+                ensure!(e.contains("Mandate cannot inject this agent pod"), "{what}: {e}");
+                for n in needles {
+                    ensure!(e.contains(n), "{what}: {e:?} does not say {n:?}");
+                }
+            }
+        }
+    }
+
+    // Forged injected pods (Mandate's containers and marker copied from a
+    // real one) are held to the same rules: by the mutating webhook...
+    let mut injected = serde_json::to_value(&got)?;
+    injected["metadata"] = json!({"name": "x", "namespace": agents.name(), "labels": got.labels(),
+                                  "annotations": got.annotations()});
+    injected.as_object_mut().context("a pod")?.remove("status");
+    let forge = |name: &str, change: &dyn Fn(&mut Value)| -> Result<Value> {
+        let mut v = injected.clone();
+        v["metadata"]["name"] = json!(name);
+        change(&mut v);
+        Ok(v)
+    };
+    let agent_index = got
+        .spec
+        .as_ref()
+        .context("no spec")?
+        .containers
+        .iter()
+        .position(|c| c.name == "agent")
+        .context("no agent container")?;
+    let host_pid = forge("forged-hostpid", &|v| v["spec"]["hostPID"] = json!(true))?;
+    let escalating = forge("forged-escalation", &|v| {
+        v["spec"]["containers"][agent_index]["securityContext"] = json!({});
+    })?;
+    let proxy_uid = forge("forged-proxy-uid", &|v| {
+        v["spec"]["containers"][agent_index]["securityContext"]["runAsUser"] = json!(15999);
+    })?;
+    for (what, forged, needle) in [
+        ("hostPID", &host_pid, "spec.hostPID"),
+        (
+            "allowPrivilegeEscalation unset",
+            &escalating,
+            "does not set securityContext.allowPrivilegeEscalation: false",
+        ),
+        ("the proxy's UID", &proxy_uid, "runs as UID 15999"),
+    ] {
+        match api
+            .create(&PostParams::default(), &serde_json::from_value(forged.clone())?)
+            .await
+        {
+            Ok(_) => bail!("forged, {what}: admitted\n{}", hooks.logs()),
+            Err(e) => {
+                let e = e.to_string();
+                ensure!(
+                    e.contains("not the ones Mandate injects") && e.contains(needle),
+                    "forged, {what}: {e}"
+                );
+            }
+        }
+    }
+    // ... and by the guard, asked directly (as if the mutating webhook had
+    // been bypassed), on creation and on an update of an injected pod.
+    let ca = hooks.secret_ca().await?.context("no CA")?;
+    let ask = async |op: &str, object: &Value, old: Value| -> Result<Value> {
+        let (code, body) = hooks
+            .post(
+                "/validate/pods",
+                &review("Pod", "", "pods", op, object.clone(), old),
+                &ca,
+            )
+            .await?;
+        ensure!(code == 200, "{code} {body}");
+        Ok(serde_json::from_str(&body)?)
+    };
+    let allowed = ask("CREATE", &injected, Value::Null).await?;
+    ensure!(
+        allowed["response"]["allowed"] == true,
+        "the injected pod itself: {allowed}"
+    );
+    for (op, old) in [("CREATE", Value::Null), ("UPDATE", injected.clone())] {
+        let answer = ask(op, &host_pid, old).await?;
+        ensure!(
+            answer["response"]["allowed"] == false
+                && answer["response"]["status"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("spec.hostPID")),
+            "the guard, {op} of a forged hostPID pod: {answer}"
+        );
+    }
+    // The injected pod as stored passes the guard on an update.
+    api.patch(
+        "ordinary",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+    )
+    .await
+    .with_context(|| hooks.logs())?;
+
+    drop(hooks);
     op.delete().await?;
     agents.delete().await
 }

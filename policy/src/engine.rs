@@ -71,8 +71,12 @@ pub struct LoadedPolicy {
     vms: Arc<std::sync::Mutex<Vec<RegoVM>>>,
     /// `input.policy` for this policy, built once.
     policy_value: regorus::Value,
-    /// Hosts declared in `egress` with `tls: true` (exact, or `*.suffix`).
+    /// Hosts declared in `egress` with `tls: true` (exact, or `*.suffix`),
+    /// normalized by [`normalize_host`].
     pub tls_hosts: Vec<String>,
+    /// Every host declared in `egress` (exact, or `*.suffix`), normalized by
+    /// [`normalize_host`]: the names the sidecar's DNS resolver answers.
+    pub egress_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -130,11 +134,13 @@ impl LoadedPolicy {
             .egress
             .iter()
             .filter(|e| e.tls)
-            .map(|e| e.host.to_ascii_lowercase())
+            .map(|e| normalize_host(&e.host))
             .collect();
+        let egress_hosts = spec.egress.iter().map(|e| normalize_host(&e.host)).collect();
         Ok(Self {
             policy_value,
             tls_hosts,
+            egress_hosts,
             program,
             data,
             vms: Arc::default(),
@@ -395,15 +401,44 @@ impl PolicySet {
         let host = match authority.rsplit_once(':') {
             Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
             _ => authority,
-        }
-        .to_ascii_lowercase();
+        };
+        let host = normalize_host(host);
         self.policies
             .iter()
             .flat_map(|p| &p.tls_hosts)
-            .any(|pattern| match pattern.strip_prefix("*.") {
-                Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
-                None => *pattern == host,
-            })
+            .any(|pattern| host_matches(pattern, &host))
+    }
+
+    /// Whether a policy in force declares the DNS name `name` (any case, a
+    /// trailing dot or not) as an egress host, exactly or under a `*.suffix`
+    /// pattern: the names the sidecar's resolver answers (besides the
+    /// cluster's own).
+    pub fn resolves(&self, name: &str) -> bool {
+        let name = normalize_host(name);
+        self.policies
+            .iter()
+            .flat_map(|p| &p.egress_hosts)
+            .any(|pattern| host_matches(pattern, &name))
+    }
+}
+
+/// A host name as policies compare it: ASCII lower case, one trailing dot
+/// (the DNS root) removed.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.to_ascii_lowercase()
+}
+
+/// Whether the normalized `host` is the normalized `pattern`: exactly, or,
+/// for `*.suffix`, a strict subdomain of `suffix` (at a label boundary, so
+/// `*.example.com` matches neither `example.com` nor `evilexample.com`).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .strip_suffix(suffix)
+            .and_then(|rest| rest.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty()),
+        None => !pattern.is_empty() && pattern == host,
     }
 }
 
@@ -412,3 +447,91 @@ pub type SharedPolicies = Arc<arc_swap::ArcSwap<PolicySet>>;
 
 // The decisions themselves are tested as data: tests/cases/*.yaml, run by
 // tests/cases.rs on the VM and the interpreter.
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn set(egress: serde_json::Value) -> PolicySet {
+        let spec: AgentPolicySpec = serde_json::from_value(serde_json::json!({
+            "modules": [{"name": "authz.rego", "rego": "package mandate.authz\nimport rego.v1\ndefault decision := false\n"}],
+            "egress": egress,
+        }))
+        .unwrap();
+        PolicySet {
+            policies: vec![LoadedPolicy::compile("p".into(), &spec).unwrap()],
+        }
+    }
+
+    #[test]
+    fn hosts_match_exactly_or_as_strict_subdomains() {
+        assert!(host_matches("api.example.com", "api.example.com"));
+        assert!(!host_matches("api.example.com", "x.api.example.com"));
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(host_matches("*.example.com", "a.b.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", ".example.com"));
+        assert!(!host_matches("*.example.com", "evilexample.com"));
+        assert!(!host_matches("*.example.com", "example.com.evil"));
+        assert!(!host_matches("", ""));
+        assert_eq!(normalize_host("API.Example.COM."), "api.example.com");
+        assert_eq!(normalize_host("*.Example.com."), "*.example.com");
+    }
+
+    #[test]
+    fn resolves_declared_hosts_in_any_case_with_or_without_the_root_dot() {
+        let s = set(serde_json::json!([
+            {"host": "API.example.com", "port": 443, "tls": true},
+            {"host": "*.Files.example.", "port": 80},
+        ]));
+        assert_eq!(s.policies[0].egress_hosts, ["api.example.com", "*.files.example"]);
+        for yes in [
+            "api.example.com",
+            "API.EXAMPLE.COM.",
+            "a.files.example",
+            "x.y.FILES.example.",
+        ] {
+            assert!(s.resolves(yes), "{yes}");
+        }
+        for no in [
+            "example.com",
+            "x.api.example.com",
+            "files.example",
+            "evilfiles.example",
+            "api.example.com.evil",
+            "api.example.com..",
+            "",
+            ".",
+        ] {
+            assert!(!s.resolves(no), "{no}");
+        }
+        assert!(!PolicySet::default().resolves("api.example.com"));
+    }
+
+    #[test]
+    fn tls_origination_normalizes_the_authority_like_dns_names() {
+        let s = set(serde_json::json!([
+            {"host": "API.example.com", "port": 443, "tls": true},
+            {"host": "*.tls.example", "port": 443, "tls": true},
+            {"host": "plain.example", "port": 80},
+        ]));
+        for yes in [
+            "api.example.com",
+            "api.example.com:443",
+            "API.example.com.:443",
+            "api.example.com.",
+            "a.tls.example.:8443",
+        ] {
+            assert!(s.originates_tls(yes), "{yes}");
+        }
+        for no in [
+            "plain.example",
+            "plain.example.:80",
+            "tls.example:443",
+            "eviltls.example",
+        ] {
+            assert!(!s.originates_tls(no), "{no}");
+        }
+    }
+}

@@ -159,4 +159,25 @@ pub struct Args {
     /// Diagnostics filter (tracing EnvFilter syntax), written to stderr.
     #[arg(long, env = env::MANDATE_LOG, default_value = "info")]
     pub log: String,
+
+    /// Serve DNS (UDP and TCP) on these addresses, comma-separated (e.g.
+    /// `127.0.0.1:15053,[::1]:15053`); none when empty. Only names a policy
+    /// in force declares as an egress host, and names under
+    /// --dns-cluster-domain, are resolved (forwarded to --dns-upstream);
+    /// every other name is answered NXDOMAIN and never forwarded. An
+    /// address that cannot be bound because its family (IPv6) is off is
+    /// skipped; the sidecar does not start unless one binds.
+    #[arg(long, env = env::MANDATE_DNS_LISTEN, value_delimiter = ',')]
+    pub dns_listen: Vec<SocketAddr>,
+
+    /// The nameservers allowed names are forwarded to, comma-separated
+    /// socket addresses, tried in order (default: the `nameserver` lines
+    /// of /etc/resolv.conf, port 53).
+    #[arg(long, env = env::MANDATE_DNS_UPSTREAM, value_delimiter = ',')]
+    pub dns_upstream: Vec<SocketAddr>,
+
+    /// The cluster's DNS domain: names under it (services, pods, and the
+    /// search list's expansions of short names) always resolve.
+    #[arg(long, env = env::MANDATE_DNS_CLUSTER_DOMAIN, default_value = "cluster.local")]
+    pub dns_cluster_domain: String,
 }

@@ -231,7 +231,7 @@ fn path_segments(path: &str) -> Result<Value, InputError> {
 /// brackets) and its port (the scheme's when none is given: 443 for https,
 /// else 80; a CONNECT must name one). Anything else is an error (a deny), so
 /// that no spelling of a host slips past a rule written for another.
-fn parse_host(authority: &str, scheme: &str, method: &str) -> Result<(String, u16), InputError> {
+pub fn parse_host(authority: &str, scheme: &str, method: &str) -> Result<(String, u16), InputError> {
     let bad = || InputError::BadHost(authority.to_string());
     let (name, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (v6, after) = rest.split_once(']').ok_or_else(bad)?;

@@ -6,6 +6,9 @@
 
 pub mod args;
 pub mod decision_log;
+pub mod dns;
+pub mod egress;
+pub mod egress_rules;
 pub mod input;
 pub mod loader;
 pub mod metrics;

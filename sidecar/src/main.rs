@@ -14,6 +14,7 @@ use mandate_identity::workload::{IdentitySource, WorkloadConfig};
 use mandate_policy::engine::{PolicySet, SharedPolicies};
 use mandate_sidecar::args::Args;
 use mandate_sidecar::decision_log::DecisionLog;
+use mandate_sidecar::dns::{DnsConfig, DnsServers};
 use mandate_sidecar::input::{Agent, Limits};
 use mandate_sidecar::loader::Loader;
 use mandate_sidecar::metrics::{self, Metrics};
@@ -172,6 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let authz = Authz {
         svid: svid.clone(),
+        resolver: Arc::default(),
         policies,
         log: Arc::new(DecisionLog::new(Box::new(std::io::stdout()), &args.redact_headers)),
         metrics: metrics.clone(),
@@ -188,6 +190,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     };
 
+    // The DNS resolver, bound before anything is served: a sidecar whose
+    // resolver cannot listen must not start.
+    let dns = if args.dns_listen.is_empty() {
+        None
+    } else {
+        let upstreams = if args.dns_upstream.is_empty() {
+            let text = std::fs::read_to_string("/etc/resolv.conf")
+                .context("--dns-upstream is not given and /etc/resolv.conf cannot be read")?;
+            mandate_sidecar::dns::resolv_conf_nameservers(&text)
+        } else {
+            args.dns_upstream.clone()
+        };
+        let cfg = DnsConfig {
+            listen: args.dns_listen.clone(),
+            upstreams,
+            cluster_domain: args.dns_cluster_domain.clone(),
+            timeout: mandate_sidecar::dns::UPSTREAM_TIMEOUT,
+        };
+        tracing::info!(upstreams = ?cfg.upstreams, cluster_domain = %cfg.cluster_domain, "DNS resolver: policy hosts and the cluster's names only");
+        Some(
+            DnsServers::bind(cfg, authz.policies.clone(), metrics.clone())
+                .await
+                .context("starting the DNS resolver (--dns-listen)")?,
+        )
+    };
+
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
@@ -201,6 +229,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Room for large requests, so that they are denied with a reason
     // (the body limit) rather than failing at the gRPC layer.
     let service = || AuthorizationServer::new(authz.clone()).max_decoding_message_size(64 * 1024 * 1024);
+    // Serves until the ext_authz servers stop (dropping the set ends it).
+    let mut dns_tasks = tokio::task::JoinSet::new();
+    if let Some(dns) = dns {
+        dns.spawn(&mut dns_tasks);
+    }
     let mut servers = tokio::task::JoinSet::new();
     if let Some(path) = args.listen_unix.clone() {
         let _ = std::fs::remove_file(&path);
@@ -234,6 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     while let Some(done) = servers.join_next().await {
         done.context("an ext_authz server task failed")??;
     }
+    dns_tasks.abort_all();
     Ok(())
 }
 

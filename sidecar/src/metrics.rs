@@ -43,6 +43,8 @@ pub struct Metrics {
     pub svid_expiry: Gauge,
     /// SVIDs taken into use (the first and every rotation).
     pub svid_updates: Counter,
+    /// DNS queries by result (forwarded, refused, error, malformed).
+    dns_queries: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,6 +84,12 @@ impl Default for Metrics {
             "X.509-SVIDs taken into use (the first and each renewal or rotation)",
             svid_updates.clone(),
         );
+        let dns_queries = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries of the agent by result: forwarded (an allowed name, answered by the upstream), refused (answered here: NXDOMAIN, no records or REFUSED), error (SERVFAIL: no upstream answered; or dropped under load), malformed (not a query, FORMERR, NOTIMP)",
+            dns_queries.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -93,6 +101,7 @@ impl Default for Metrics {
             svid_valid,
             svid_expiry,
             svid_updates,
+            dns_queries,
         }
     }
 }
@@ -108,6 +117,11 @@ impl Metrics {
         if svid.is_some() {
             self.svid_updates.inc();
         }
+    }
+
+    /// Count one DNS query by its result.
+    pub fn dns_query(&self, result: &'static str) {
+        self.dns_queries.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn observe(&self, d: &Decision, latency: Duration) {

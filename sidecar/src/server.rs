@@ -18,6 +18,7 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use crate::decision_log::DecisionLog;
+use crate::egress::{EGRESS_PATH_METADATA, EgressPath, HostResolver};
 use crate::input::{self, Agent, Limits, Summary};
 use crate::metrics::Metrics;
 use mandate_policy::engine::{Decision, SharedPolicies};
@@ -32,6 +33,8 @@ pub struct Authz {
     pub limits: Limits,
     /// When the sidecar runs with an SVID: the current one (none = deny all).
     pub svid: Option<crate::svid::SharedSvid>,
+    /// Resolves Host headers on the transparent HTTP path.
+    pub resolver: Arc<HostResolver>,
 }
 
 fn decision_id() -> String {
@@ -51,11 +54,49 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
 }
 
 impl Authz {
-    /// Decide one request (the whole Check, minus gRPC).
+    /// Decide one request from the explicit proxy (the whole Check, minus gRPC).
     pub fn decide(&self, req: &CheckRequest) -> (String, Decision, CheckResponse) {
+        self.decide_on(req, Ok(EgressPath::Proxy), None)
+    }
+
+    /// Decide one check from an egress path (`Err`: the path is unknown, a
+    /// deny); on the transparent HTTP path, with whether the Host agrees
+    /// with where the agent connected.
+    pub fn decide_on(
+        &self,
+        original: &CheckRequest,
+        path: Result<EgressPath, String>,
+        host_matches: Option<Result<bool, String>>,
+    ) -> (String, Decision, CheckResponse) {
         let started = Instant::now();
         let id = decision_id();
         let set = self.policies.load();
+        // A connection's check is decided as the CONNECT it amounts to.
+        let connect;
+        let (req, refused) = match path {
+            Ok(p) if p.is_connection() => match crate::egress::as_connect(original, p) {
+                Ok(c) => {
+                    connect = c;
+                    (&connect, None)
+                }
+                Err(e) => (original, Some(e)),
+            },
+            Ok(_) => (original, None),
+            Err(ref e) => (original, Some(e.clone())),
+        };
+        let path_now = path.as_ref().copied().unwrap_or(EgressPath::Proxy);
+        let matches = match &host_matches {
+            Some(Ok(m)) => Some(*m),
+            _ => None,
+        };
+        let refused = refused.or(match host_matches {
+            Some(Err(e)) => Some(format!("the Host cannot be checked against the original destination: {e}")),
+            Some(Ok(false)) => Some(
+                "the Host header names another destination than the one the agent connected to (original destination and Host disagree), so the request is not what it seems"
+                    .into(),
+            ),
+            _ => None,
+        });
         let http_headers = req
             .attributes
             .as_ref()
@@ -85,6 +126,16 @@ impl Authz {
         };
         let no_svid = matches!(&svid, Some(None)) || matches!(&svid, Some(Some(s)) if !s.valid_now());
         let (mut decision, summary) = match input::build(req, agent, self.limits) {
+            Ok((_, summary)) if refused.is_some() => (
+                Decision {
+                    reason: format!(
+                        "the request cannot be decided: {}",
+                        refused.as_deref().unwrap_or_default()
+                    ),
+                    ..Decision::default()
+                },
+                summary,
+            ),
             Ok((_, summary)) if no_svid => (
                 Decision {
                     reason: "the sidecar holds no valid SVID (its workload identity), so it decides nothing".into(),
@@ -92,12 +143,23 @@ impl Authz {
                 },
                 summary,
             ),
-            Ok((doc, summary)) => (set.decide_prepared(doc), summary),
+            Ok((mut doc, summary)) => {
+                if let Ok(m) = doc.as_object_mut() {
+                    m.insert(
+                        regorus::Value::from("egress"),
+                        crate::egress::input_value(path_now, original, matches),
+                    );
+                }
+                (set.decide_prepared(doc), summary)
+            }
             Err(e) => {
                 let summary = http_summary(req);
                 (
                     Decision {
-                        reason: format!("the request cannot be decided: {e}"),
+                        reason: format!(
+                            "the request cannot be decided: {}",
+                            refused.unwrap_or_else(|| e.to_string())
+                        ),
                         ..Decision::default()
                     },
                     summary,
@@ -117,6 +179,12 @@ impl Authz {
             "request".into(),
             json!({"method": summary.method, "host": summary.host, "path": summary.path, "headers": headers}),
         );
+        if path_now != EgressPath::Proxy {
+            record.insert(
+                "egress".into(),
+                serde_json::to_value(crate::egress::input_value(path_now, original, matches)).unwrap_or_default(),
+            );
+        }
         record.insert("policies".into(), json!(decision.verdicts));
         record.insert("result".into(), json!(if decision.allow { "allow" } else { "deny" }));
         if decision.escalate {
@@ -214,7 +282,15 @@ pub fn respond(id: &str, d: &Decision) -> CheckResponse {
 #[tonic::async_trait]
 impl Authorization for Authz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let (_, _, resp) = self.decide(request.get_ref());
+        let path = match request.metadata().get(EGRESS_PATH_METADATA) {
+            None => Ok(EgressPath::Proxy),
+            Some(v) => EgressPath::from_metadata(Some(v.to_str().unwrap_or("(not text)"))),
+        };
+        let host_matches = match path {
+            Ok(EgressPath::TransparentHttp) => Some(self.resolver.host_matches(request.get_ref()).await),
+            _ => None,
+        };
+        let (_, _, resp) = self.decide_on(request.get_ref(), path, host_matches);
         Ok(Response::new(resp))
     }
 }

@@ -67,6 +67,8 @@ fn full(identity: SidecarIdentity) -> SidecarEnv {
         agent_identity: Some("researcher".into()),
         identity,
         agent_spiffe_id: Some("spiffe://example.org/ns/agents/agent/researcher".into()),
+        dns_listen: Some("127.0.0.1:15053,[::1]:15053".into()),
+        dns_cluster_domain: Some("corp.internal".into()),
     }
 }
 
@@ -211,6 +213,13 @@ fn expected(env: &SidecarEnv) -> Args {
         workers: 2,
         wait_timeout_seconds: 120,
         log: "info".into(),
+        dns_listen: env
+            .dns_listen
+            .as_deref()
+            .map(|l| l.split(',').map(|a| a.parse().unwrap()).collect())
+            .unwrap_or_default(),
+        dns_upstream: vec![],
+        dns_cluster_domain: env.dns_cluster_domain.clone().unwrap_or_else(|| "cluster.local".into()),
     };
     match &env.identity {
         SidecarIdentity::None => {}

@@ -174,6 +174,7 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
     let cfg = InjectConfig {
         proxy_port: free_port(),
         envoy_health_port: free_port(),
+        transparent_port: free_port(),
         upstream_ca_file: dir.join("ca.pem").display().to_string(),
         ..InjectConfig::default()
     };

@@ -542,7 +542,7 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
         if ephemeral_added(Some(old), pod) {
             return deny(req, EPHEMERAL_REFUSED);
         }
-        if let Some(why) = inject::isolation_breach(pod) {
+        if let Some(why) = inject::isolation_breach(pod, &state.inject) {
             return deny(req, why);
         }
     }
@@ -551,13 +551,16 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
         PodScope::Refuse(why) => return deny(req, why),
         PodScope::Agent(a) => a,
     };
-    let ours = |p: &Pod| inject::injected_as_expected(p, &state.inject, &agent, state.native_sidecars);
     match req.operation {
-        Operation::Create if ours(pod) => AdmissionResponse::from(req),
-        Operation::Create => deny(
-            req,
-            "this pod is an agent in a namespace Mandate enforces, but it does not carry Mandate's injected proxy and sidecar as Mandate injects them (is the mutating webhook configured?)",
-        ),
+        Operation::Create => match inject::injection_difference(pod, &state.inject, &agent, state.native_sidecars) {
+            None => AdmissionResponse::from(req),
+            Some(why) => deny(
+                req,
+                format!(
+                    "this pod is an agent in a namespace Mandate enforces, but it does not carry Mandate's injected proxy and sidecar as Mandate injects them, or breaks what Mandate holds agent pods to: {why} (is the mutating webhook configured?)"
+                ),
+            ),
+        },
         Operation::Update if ephemeral_added(req.old_object.as_ref(), pod) => deny(req, EPHEMERAL_REFUSED),
         Operation::Update => {
             // The injected containers must survive any update unchanged.

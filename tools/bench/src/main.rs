@@ -264,6 +264,7 @@ fn handler(policy: &PathBuf, log: &PathBuf, seconds: u64) -> Result<()> {
         agent: mandate_sidecar::input::Agent::default(),
         limits: mandate_sidecar::input::Limits::default(),
         svid: None,
+        resolver: Arc::default(),
     };
     let req = check_request();
     let allow = authz.decide(&req).1.allow;

@@ -19,6 +19,8 @@ pub struct InjectConfig {
     pub envoy_command: String,
     /// Path of mandate-sidecar in its image.
     pub sidecar_command: String,
+    /// Path of mandate-egress-init in the sidecar's image (transparent egress).
+    pub egress_init_command: String,
     /// Envoy's egress (forward proxy) listener, on loopback.
     pub proxy_port: u16,
     /// Envoy's readiness listener, on the pod IP (for kubelet's probes).
@@ -69,8 +71,25 @@ pub struct InjectConfig {
     pub operator_spiffe_id: Option<String>,
     pub envoy_resources: ResourceRequirements,
     pub sidecar_resources: ResourceRequirements,
-    /// UID the injected containers run as.
+    /// The proxy's UID: Envoy and mandate-sidecar run as it, it is the only
+    /// UID the egress rules exempt, and no agent container may run as it.
+    /// Used by nothing else (not 65532, distroless' "nonroot", which agent
+    /// images default to).
     pub run_as_user: i64,
+    /// Transparent egress: an init container installs nftables rules in the
+    /// pod's network namespace that send every TCP connection of every other
+    /// UID to Envoy's transparent listener, DNS to the sidecar's resolver,
+    /// and drop all other traffic. Needs NET_ADMIN for that one container
+    /// (Pod Security `privileged` on the namespace).
+    pub transparent_egress: bool,
+    /// Envoy's transparent listener (127.0.0.1 and ::1), the target of the
+    /// redirect.
+    pub transparent_port: u16,
+    /// The sidecar's DNS resolver (127.0.0.1 and ::1, UDP and TCP), the target
+    /// of port 53's redirect.
+    pub dns_port: u16,
+    /// The cluster's DNS domain: names under it are always resolved.
+    pub cluster_domain: String,
 }
 
 fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
@@ -92,6 +111,7 @@ impl Default for InjectConfig {
             image_pull_policy: "IfNotPresent".into(),
             envoy_command: "/usr/local/bin/envoy".into(),
             sidecar_command: "/usr/local/bin/mandate-sidecar".into(),
+            egress_init_command: "/usr/local/bin/mandate-egress-init".into(),
             proxy_port: 15001,
             envoy_health_port: 15021,
             sidecar_admin_port: 15020,
@@ -112,7 +132,11 @@ impl Default for InjectConfig {
             operator_spiffe_id: None,
             envoy_resources: resources("50m", "64Mi", "256Mi"),
             sidecar_resources: resources("20m", "32Mi", "128Mi"),
-            run_as_user: 65532,
+            run_as_user: 15999,
+            transparent_egress: true,
+            transparent_port: 15002,
+            dns_port: 15053,
+            cluster_domain: "cluster.local".into(),
         }
     }
 }

@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mandate_api::env::{BuiltinIdentity, EnvValue, PodField, SidecarEnv, SidecarIdentity, SpireIdentity};
 use mandate_api::names::{
-    AUTHZ_SOCKET, BUNDLE_VOLUME, ENVOY_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
-    SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
+    AUTHZ_SOCKET, BUNDLE_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME,
+    SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
 };
 use mandate_identity::workload::IdentitySource;
 
@@ -61,6 +61,12 @@ pub fn sidecar_env(cfg: &InjectConfig, agent: &AgentRef) -> SidecarEnv {
         agent_identity: agent.identity.clone(),
         identity,
         agent_spiffe_id: agent.spiffe_id.clone(),
+        // Transparent egress sends the agent's DNS (port 53) to the
+        // sidecar's resolver, on both loopbacks.
+        dns_listen: cfg
+            .transparent_egress
+            .then(|| format!("127.0.0.1:{port},[::1]:{port}", port = cfg.dns_port)),
+        dns_cluster_domain: cfg.transparent_egress.then(|| cfg.cluster_domain.clone()),
     }
 }
 
@@ -224,6 +230,47 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
         });
     }
     (envoy, sidecar)
+}
+
+/// The init container that installs the pod's egress rules (transparent
+/// egress): first of all, as root with NET_ADMIN alone (nftables needs it;
+/// Kubernetes gives a non-root container no capabilities), from the
+/// sidecar's image. `None` when transparent egress is off.
+pub fn egress_init(cfg: &InjectConfig) -> Option<Container> {
+    if !cfg.transparent_egress {
+        return None;
+    }
+    Some(Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(cfg.sidecar_image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        command: Some(vec![cfg.egress_init_command.clone()]),
+        args: Some(vec![
+            format!("--proxy-uid={}", cfg.run_as_user),
+            format!("--proxy-port={}", cfg.proxy_port),
+            format!("--transparent-port={}", cfg.transparent_port),
+            format!("--dns-port={}", cfg.dns_port),
+        ]),
+        resources: Some(cfg.sidecar_resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(false),
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    })
 }
 
 pub(super) fn volumes(cfg: &InjectConfig) -> Vec<Volume> {
@@ -420,13 +467,41 @@ mod tests {
         );
         let spec = out.spec.as_ref().unwrap();
         let init = spec.init_containers.as_ref().unwrap();
-        assert_eq!(init.len(), 2);
+        assert_eq!(init.len(), 3);
+        // The egress rules first: a one-shot init container, root with NET_ADMIN alone.
+        assert_eq!(init[0].name, INIT_CONTAINER);
+        assert_eq!(init[0].restart_policy, None);
+        let sc = init[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_user, Some(0));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let init = &init[1..];
         assert!(
             init.iter()
                 .all(|c| c.restart_policy.as_deref() == Some("Always") && c.startup_probe.is_some())
         );
         assert_eq!(spec.containers.len(), 2);
         assert!(init.iter().all(|c| c.lifecycle.is_none()));
+    }
+
+    #[test]
+    fn transparent_egress_gives_the_sidecar_a_dns_resolver_on_both_loopbacks() {
+        let cfg = InjectConfig {
+            transparent_egress: true,
+            dns_port: 15053,
+            cluster_domain: "corp.internal".into(),
+            ..InjectConfig::default()
+        };
+        let env = sidecar_env(&cfg, &agent());
+        assert_eq!(env.dns_listen.as_deref(), Some("127.0.0.1:15053,[::1]:15053"));
+        assert_eq!(env.dns_cluster_domain.as_deref(), Some("corp.internal"));
+        let off = InjectConfig {
+            transparent_egress: false,
+            ..cfg
+        };
+        let env = sidecar_env(&off, &agent());
+        assert_eq!((env.dns_listen, env.dns_cluster_domain), (None, None));
     }
 
     #[test]

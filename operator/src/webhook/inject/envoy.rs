@@ -1,7 +1,7 @@
 //! Envoy's bootstrap: the egress proxy whose every request the sidecar decides.
 
-use mandate_api::names::{AUTHZ_SOCKET, ENVOY_ADMIN_SOCKET};
-use serde_json::json;
+use mandate_api::names::{AUTHZ_SOCKET, EGRESS_PATH_METADATA, ENVOY_ADMIN_SOCKET};
+use serde_json::{Value, json};
 
 use super::InjectConfig;
 
@@ -80,84 +80,173 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
         }
         c
     };
-    let egress_hcm = json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "egress",
-        // The agent is an external client: Envoy drops its
-        // x-envoy-* headers (no retry policy replaying one
-        // allowed request, no timeouts of its choosing) and
-        // writes the forwarding headers itself.
-        "use_remote_address": true,
-        // No client is internal (an empty list means
-        // Envoy's default: loopback and RFC 1918 are).
-        "internal_address_config": {"cidr_ranges": [
-            {"address_prefix": "255.255.255.255", "prefix_len": 32}]},
-        "early_header_mutation_extensions": [{
-            "name": "envoy.http.early_header_mutation.header_mutation",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                "mutations": AGENT_HEADERS_DROPPED.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
-            },
-        }],
-        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        // Policy sees the path the upstream acts on:
-        // `/v1/../admin` is `/admin`, `//admin` is `/admin`,
-        // and an escaped slash (`%2F`, `%5C`) is refused (400).
-        "normalize_path": true,
-        "merge_slashes": true,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "route_config": {
-            "name": "egress",
-            "virtual_hosts": [{
-                "name": "egress",
-                "domains": ["*"],
-                "routes": [
-                    {"match": {"connect_matcher": {}},
-                     "route": {"cluster": "egress_tunnel",
-                               "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
-                     // A tunnel's stream never ends: decide on
-                     // host and port without waiting for a body.
-                     "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
-                         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                         "check_settings": {"disable_request_body_buffering": true}}}},
-                    {"match": {"prefix": "/", "headers": [
-                        {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
-                     "route": {"cluster": "egress_tls", "timeout": "60s"}},
-                    {"match": {"prefix": "/"},
-                     "route": {"cluster": "egress_plain", "timeout": "60s"}},
-                ],
-            }],
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_authz",
+    let authz_grpc = |path: Option<&str>| {
+        let mut g = json!({
+            "envoy_grpc": {"cluster_name": "mandate_authz"},
+            "timeout": format!("{}s", cfg.authz_timeout_ms as f64 / 1000.0),
+        });
+        // The egress path, in the call's own metadata: Envoy sets it, the
+        // agent cannot.
+        if let (Some(p), Some(m)) = (path, g.as_object_mut()) {
+            m.insert(
+                "initial_metadata".into(),
+                json!([{"key": EGRESS_PATH_METADATA, "value": p}]),
+            );
+        }
+        g
+    };
+    let hcm = |stat: &str, path: Option<&str>| {
+        json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat,
+            // The agent is an external client: Envoy drops its
+            // x-envoy-* headers (no retry policy replaying one
+            // allowed request, no timeouts of its choosing) and
+            // writes the forwarding headers itself.
+            "use_remote_address": true,
+            // No client is internal (an empty list means
+            // Envoy's default: loopback and RFC 1918 are).
+            "internal_address_config": {"cidr_ranges": [
+                {"address_prefix": "255.255.255.255", "prefix_len": 32}]},
+            "early_header_mutation_extensions": [{
+                "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "failure_mode_allow": false,
-                    "clear_route_cache": true,
-                    "status_on_error": {"code": 403},
-                    "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": "mandate_authz"},
-                        "timeout": format!("{}s", cfg.authz_timeout_ms as f64 / 1000.0),
+                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": AGENT_HEADERS_DROPPED.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+                },
+            }],
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            // Policy sees the path the upstream acts on:
+            // `/v1/../admin` is `/admin`, `//admin` is `/admin`,
+            // and an escaped slash (`%2F`, `%5C`) is refused (400).
+            "normalize_path": true,
+            "merge_slashes": true,
+            "path_with_escaped_slashes_action": "REJECT_REQUEST",
+            "route_config": {
+                "name": "egress",
+                "virtual_hosts": [{
+                    "name": "egress",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"connect_matcher": {}},
+                         "route": {"cluster": "egress_tunnel",
+                                   "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+                         // A tunnel's stream never ends: decide on
+                         // host and port without waiting for a body.
+                         "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+                             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                             "check_settings": {"disable_request_body_buffering": true}}}},
+                        {"match": {"prefix": "/", "headers": [
+                            {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
+                         "route": {"cluster": "egress_tls", "timeout": "60s"}},
+                        {"match": {"prefix": "/"},
+                         "route": {"cluster": "egress_plain", "timeout": "60s"}},
+                    ],
+                }],
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.ext_authz",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                        "transport_api_version": "V3",
+                        "failure_mode_allow": false,
+                        "clear_route_cache": true,
+                        "status_on_error": {"code": 403},
+                        "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
+                        "grpc_service": authz_grpc(path),
                     },
                 },
-            },
-            {
-                "name": "envoy.filters.http.dynamic_forward_proxy",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-                    "dns_cache_config": dfp_cache,
+                {
+                    "name": "envoy.filters.http.dynamic_forward_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                        "dns_cache_config": dfp_cache,
+                    },
                 },
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                },
+            ],
+        })
+    };
+    let network_authz = |stat: &str, path: &str| {
+        json!({
+            "name": "envoy.filters.network.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
+                "stat_prefix": stat,
+                "transport_api_version": "V3",
+                "failure_mode_allow": false,
+                "include_tls_session": true,
+                "grpc_service": authz_grpc(Some(path)),
+            },
+        })
+    };
+    // The transparent listener's HTTP: the egress HCM, decided with the
+    // original destination (path `http`).
+    let transparent_hcm = hcm("transparent_http", Some("http"));
+    let transparent = json!({
+        // Where the pod's egress rules send every TCP connection of the
+        // agent. original_dst recovers where it was going; the inspectors
+        // tell TLS and HTTP from the rest.
+        "name": "transparent",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.transparent_port}},
+        "additional_addresses": [{"address": {"socket_address": {"address": "::1", "port_value": cfg.transparent_port}}}],
+        "listener_filters": [
+            {"name": "envoy.filters.listener.original_dst",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}},
+            {"name": "envoy.filters.listener.tls_inspector",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}},
+            {"name": "envoy.filters.listener.http_inspector",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}},
+        ],
+        // A protocol whose server speaks first sends nothing to inspect:
+        // after this, it goes on as raw TCP.
+        "listener_filters_timeout": "2s",
+        "continue_on_listener_filters_timeout": true,
+        "filter_chains": [
+            {
+                // TLS to 443: decided on the SNI; Envoy connects to the
+                // SNI's addresses, not the agent's choice.
+                "name": "tls_sni",
+                "filter_chain_match": {"transport_protocol": "tls", "destination_port": 443},
+                "filters": [
+                    network_authz("transparent_sni", "sni"),
+                    {"name": "envoy.filters.network.sni_dynamic_forward_proxy",
+                     "typed_config": {
+                         "@type": "type.googleapis.com/envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
+                         "port_value": 443,
+                         "dns_cache_config": dfp_cache}},
+                    {"name": "envoy.filters.network.tcp_proxy",
+                     "typed_config": {
+                         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                         "stat_prefix": "transparent_sni",
+                         "cluster": "egress_sni"}},
+                ],
             },
             {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                "name": "http",
+                "filter_chain_match": {"application_protocols": ["http/1.0", "http/1.1", "h2c"]},
+                "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": transparent_hcm}],
             },
         ],
+        // Anything else (TLS to other ports included): decided on the
+        // original ip:port, and connected there.
+        "default_filter_chain": {
+            "name": "raw",
+            "filters": [
+                network_authz("transparent_raw", "raw"),
+                {"name": "envoy.filters.network.tcp_proxy",
+                 "typed_config": {
+                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                     "stat_prefix": "transparent_raw",
+                     "cluster": "original_dst"}},
+            ],
+        },
     });
-    let bootstrap = json!({
+    let mut bootstrap = json!({
         // Admin on a unix socket only Envoy's user may open, never on a
         // port: loopback is the agent's too.
         "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
@@ -168,7 +257,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.proxy_port}},
                     "filter_chains": [{"filters": [{
                         "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": egress_hcm,
+                        "typed_config": hcm("egress", None),
                     }]}],
                 },
                 {
@@ -222,6 +311,26 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
             ],
         },
     });
+    if cfg.transparent_egress {
+        if let Some(l) = bootstrap
+            .pointer_mut("/static_resources/listeners")
+            .and_then(Value::as_array_mut)
+        {
+            l.push(transparent);
+        }
+        if let Some(c) = bootstrap
+            .pointer_mut("/static_resources/clusters")
+            .and_then(Value::as_array_mut)
+        {
+            c.push(dfp_cluster("egress_sni", false));
+            c.push(json!({
+                "name": "original_dst",
+                "type": "ORIGINAL_DST",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "connect_timeout": "5s",
+            }));
+        }
+    }
     bootstrap.to_string()
 }
 
@@ -255,7 +364,38 @@ mod tests {
         let cfg = InjectConfig::default();
         assert_eq!(
             ports,
-            [&Value::from(cfg.proxy_port), &Value::from(cfg.envoy_health_port)]
+            [
+                &Value::from(cfg.proxy_port),
+                &Value::from(cfg.envoy_health_port),
+                &Value::from(cfg.transparent_port)
+            ]
         );
+        // The transparent listener: loopback (both families), the original
+        // destination recovered, every chain decided by the sidecar, each
+        // naming its path in metadata the agent cannot set.
+        let t = &b["static_resources"]["listeners"][2];
+        assert_eq!(t["address"]["socket_address"]["address"], "127.0.0.1");
+        assert_eq!(
+            t["additional_addresses"][0]["address"]["socket_address"]["address"],
+            "::1"
+        );
+        assert_eq!(t["listener_filters"][0]["name"], "envoy.filters.listener.original_dst");
+        let meta = |v: &Value| v["typed_config"]["grpc_service"]["initial_metadata"][0]["value"].clone();
+        assert_eq!(meta(&t["filter_chains"][0]["filters"][0]), "sni");
+        assert_eq!(meta(&t["default_filter_chain"]["filters"][0]), "raw");
+        assert_eq!(
+            meta(&t["filter_chains"][1]["filters"][0]["typed_config"]["http_filters"][0]),
+            "http"
+        );
+        for chain in [&t["filter_chains"][0], &t["default_filter_chain"]] {
+            assert_eq!(chain["filters"][0]["typed_config"]["failure_mode_allow"], false);
+        }
+        // Without transparent egress there is no such listener.
+        let off = InjectConfig {
+            transparent_egress: false,
+            ..InjectConfig::default()
+        };
+        let b: Value = serde_json::from_str(&envoy_bootstrap(&off)).unwrap();
+        assert_eq!(b["static_resources"]["listeners"].as_array().unwrap().len(), 2);
     }
 }

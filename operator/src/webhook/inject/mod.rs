@@ -7,6 +7,9 @@
 //! - `containers`: the two containers (the sidecar's environment is a
 //!   [`mandate_api::env::SidecarEnv`]) and their volumes;
 //! - `envoy`: Envoy's bootstrap;
+//! - `posture`: what Pod Security baseline would refuse in the agent's own
+//!   containers, refused by Mandate itself (the namespace allows `privileged`
+//!   for the egress rules' init container);
 //! - `verify`: whether a pod holds exactly what is injected (re-invocation, the guard);
 //! - `patch`: the JSON patch that injects a pod.
 
@@ -14,12 +17,14 @@ mod config;
 mod containers;
 mod envoy;
 mod patch;
+mod posture;
 mod verify;
 
 pub use config::{AgentRef, InjectConfig};
 pub use containers::{containers, sidecar_env};
 pub use envoy::{envoy_bootstrap, envoy_bootstrap_at};
 pub use patch::{InjectError, Injection, inject};
+pub use posture::{MANDATE_CONTAINERS, posture_breach};
 pub use verify::{digest, injected_as_expected, injection_difference, isolation_breach};
 
 /// Pods and helpers the tests of every part share.
@@ -29,8 +34,9 @@ mod testing {
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::{Value, json};
 
-    /// An agent pod (two containers, one setting NO_PROXY), with `extra`'s
-    /// top-level fields replacing its own.
+    /// An agent pod (two containers, one setting NO_PROXY; UID 1000 in the
+    /// pod's securityContext), with `extra`'s top-level fields replacing its
+    /// own (a `spec` without a securityContext still gets UID 1000).
     pub(super) fn pod(extra: Value) -> Pod {
         let mut p = json!({
             "metadata": {"name": "a", "namespace": "ns", "labels": {"agent": "x"}},
@@ -41,6 +47,10 @@ mod testing {
             for (k, v) in e {
                 p.insert(k, v);
             }
+        }
+        if let Some(spec) = p.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.entry("securityContext")
+                .or_insert_with(|| json!({"runAsUser": 1000, "runAsNonRoot": true}));
         }
         serde_json::from_value(p).unwrap()
     }

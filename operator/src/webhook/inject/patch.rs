@@ -10,7 +10,8 @@ use mandate_api::names::{
 };
 use serde_json::Value;
 
-use super::containers::{containers, volumes};
+use super::containers::{containers, egress_init, volumes};
+use super::posture::{posture_breach, posture_patch};
 use super::verify::{digest, has_our_containers, injection_difference, isolation_breach, reserved_volume};
 use super::{AgentRef, InjectConfig};
 
@@ -40,6 +41,11 @@ pub enum InjectError {
     ReservedVolume(String),
     #[error("{0}")]
     Isolation(String),
+    /// What Pod Security baseline would refuse (hostPID, privileged, added
+    /// capabilities, no runAsUser, the proxy's UID...): which container,
+    /// which field, what to change.
+    #[error("{0}")]
+    Posture(String),
     #[error(
         "the pod names its own policy ConfigMap ({POLICY_CONFIGMAP_ANNOTATION}: {0}); the admin chooses which policies bind an agent (the operator's inject config), never the pod; remove the annotation"
     )]
@@ -101,7 +107,10 @@ pub fn inject(
     if let Some(v) = reserved_volume(pod) {
         return Err(InjectError::ReservedVolume(v));
     }
-    if let Some(why) = isolation_breach(pod) {
+    if let Some(why) = posture_breach(pod, cfg.run_as_user) {
+        return Err(InjectError::Posture(why));
+    }
+    if let Some(why) = isolation_breach(pod, cfg) {
         return Err(InjectError::Isolation(why));
     }
     if let Some(chosen) = pod
@@ -114,9 +123,10 @@ pub fn inject(
     }
 
     let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
+    let init = egress_init(cfg);
     let vols = volumes(cfg);
     let to_value = |v: &dyn erased::Ser| v.value().map_err(|e| InjectError::Patch(e.to_string()));
-    let mut patch = Vec::new();
+    let mut patch = posture_patch(pod); // allowPrivilegeEscalation: false, at the pod's own indices
     let mut warnings = Vec::new();
 
     // 1. Proxy variables on the agent's containers (indices before ours are
@@ -185,6 +195,15 @@ pub fn inject(
         patch.push(add(ptr(&["spec", list, "0"]), to_value(&envoy)?));
         patch.push(add(ptr(&["spec", list, "1"]), to_value(&sidecar)?));
     }
+    // The egress rules' init container goes before everything, so nothing
+    // of the agent ever runs unmediated (its own init containers included).
+    if let Some(init) = &init {
+        if spec.init_containers.is_none() && !native_sidecars {
+            patch.push(add(ptr(&["spec", "initContainers"]), to_value(&vec![init])?));
+        } else {
+            patch.push(add(ptr(&["spec", "initContainers", "0"]), to_value(init)?));
+        }
+    }
 
     // 3. Volumes.
     if spec.volumes.is_none() {
@@ -197,7 +216,10 @@ pub fn inject(
 
     // 4. The marker, the identity, and any warning, as annotations.
     let mut notes = BTreeMap::new();
-    notes.insert(INJECTED_ANNOTATION.to_string(), digest(&envoy, &sidecar, &vols));
+    notes.insert(
+        INJECTED_ANNOTATION.to_string(),
+        digest(init.as_ref(), &envoy, &sidecar, &vols),
+    );
     if let Some(id) = &agent.identity {
         notes.insert(IDENTITY_ANNOTATION.to_string(), id.clone());
     }
@@ -231,7 +253,7 @@ mod tests {
     use super::super::injected_as_expected;
     use super::super::testing::{agent, apply, pod};
     use super::*;
-    use mandate_api::names::{ENVOY_CONTAINER, RUN_VOLUME, SIDECAR_CONTAINER};
+    use mandate_api::names::{ENVOY_CONTAINER, INIT_CONTAINER, RUN_VOLUME, SIDECAR_CONTAINER};
     use serde_json::json;
 
     #[test]
@@ -297,13 +319,16 @@ mod tests {
         let out = apply(&p, &inj);
         let init = out.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
         let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, [ENVOY_CONTAINER, SIDECAR_CONTAINER, "fetch", "own-proxy"]);
-        assert_eq!(env_of(&init[2], "HTTP_PROXY"), Some(proxy.clone()));
-        assert_eq!(env_of(&init[2], "https_proxy"), Some(proxy.clone()));
-        assert_eq!(env_of(&init[2], "NO_PROXY").as_deref(), Some("localhost,127.0.0.1,::1"));
+        assert_eq!(
+            names,
+            [INIT_CONTAINER, ENVOY_CONTAINER, SIDECAR_CONTAINER, "fetch", "own-proxy"]
+        );
+        assert_eq!(env_of(&init[3], "HTTP_PROXY"), Some(proxy.clone()));
+        assert_eq!(env_of(&init[3], "https_proxy"), Some(proxy.clone()));
+        assert_eq!(env_of(&init[3], "NO_PROXY").as_deref(), Some("localhost,127.0.0.1,::1"));
         // A value the init container set itself is kept, and warned about.
         assert_eq!(
-            env_of(&init[3], "HTTPS_PROXY").as_deref(),
+            env_of(&init[4], "HTTPS_PROXY").as_deref(),
             Some("http://elsewhere:3128")
         );
         assert!(
@@ -312,7 +337,7 @@ mod tests {
                 .any(|w| w.contains("own-proxy") && w.contains("HTTPS_PROXY"))
         );
         // Ours get no proxy variables.
-        assert!(init[..2].iter().all(|c| env_of(c, "HTTP_PROXY").is_none()));
+        assert!(init[..3].iter().all(|c| env_of(c, "HTTP_PROXY").is_none()));
         // Before 1.29 the agent's init containers run before any proxy exists:
         // pointing them at it would only break them.
         let out = apply(&p, &inject(&p, &cfg, &agent(), false).unwrap().unwrap());

@@ -3,12 +3,13 @@
 
 use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
 use mandate_api::names::{
-    BUNDLE_VOLUME, ENVOY_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER, SPIFFE_VOLUME,
-    TOKEN_VOLUME,
+    BUNDLE_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
+    SPIFFE_VOLUME, TOKEN_VOLUME,
 };
 use serde_json::json;
 
-use super::containers::{containers, volumes};
+use super::containers::{containers, egress_init, volumes};
+use super::posture::posture_breach;
 use super::{AgentRef, InjectConfig};
 
 /// Whether `pod` already holds Mandate's containers (by name).
@@ -18,15 +19,19 @@ pub(super) fn has_our_containers(pod: &Pod) -> Vec<String> {
         .iter()
         .chain(spec.init_containers.iter().flatten())
         .map(|c| c.name.clone())
-        .filter(|n| n == ENVOY_CONTAINER || n == SIDECAR_CONTAINER)
+        .filter(|n| n == ENVOY_CONTAINER || n == SIDECAR_CONTAINER || n == INIT_CONTAINER)
         .collect()
 }
 
 /// A digest of what is injected for this pod, so a re-invocation (or an
 /// already injected pod) is recognised and a forged one is not.
-pub fn digest(envoy: &Container, sidecar: &Container, volumes: &[Volume]) -> String {
+pub fn digest(init: Option<&Container>, envoy: &Container, sidecar: &Container, volumes: &[Volume]) -> String {
     use sha2::Digest as _;
-    let canonical = json!([envoy, sidecar, volumes]).to_string();
+    let canonical = match init {
+        Some(init) => json!([init, envoy, sidecar, volumes]),
+        None => json!([envoy, sidecar, volumes]),
+    }
+    .to_string();
     let hash = sha2::Sha256::digest(canonical.as_bytes());
     hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
@@ -62,9 +67,12 @@ pub fn reserved_mount(pod: &Pod) -> Option<(String, String)> {
 /// Why the agent's containers would not be isolated from Mandate's, if
 /// they would not: one mounts Mandate's volumes; the pod shares one process
 /// namespace (through `/proc/<pid>/root` the agent reaches the sidecar's
-/// socket and token without a mount); or the pod projects its own
-/// ServiceAccount token for the audience the SVID signer accepts.
-pub fn isolation_breach(pod: &Pod) -> Option<String> {
+/// socket and token without a mount); the pod projects its own
+/// ServiceAccount token for the audience the SVID signer accepts; or the pod
+/// or one of its containers breaks the posture Mandate holds agents to
+/// ([`posture_breach`]: host namespaces, hostPath, privileged, added
+/// capabilities, the proxy's UID...).
+pub fn isolation_breach(pod: &Pod, cfg: &InjectConfig) -> Option<String> {
     if let Some((container, volume)) = reserved_mount(pod) {
         return Some(format!(
             "container {container} mounts {volume}, a volume only Mandate's containers may mount (it holds the authz socket, the sidecar's token or its trust material); remove the mount"
@@ -84,13 +92,14 @@ pub fn isolation_breach(pod: &Pod) -> Option<String> {
                     .is_some_and(|t| t.audience.as_deref() == Some(crate::spiffe::signer::TOKEN_AUDIENCE))
             })
     });
-    own_token.map(|v| {
-        format!(
+    if let Some(v) = own_token {
+        return Some(format!(
             "volume {} projects a ServiceAccount token for audience {}, which only Mandate's sidecar may hold (it would get an SVID for a key the agent holds); remove it",
             v.name,
             crate::spiffe::signer::TOKEN_AUDIENCE
-        )
-    })
+        ));
+    }
+    posture_breach(pod, cfg.run_as_user)
 }
 
 pub(super) fn reserved_volume(pod: &Pod) -> Option<String> {
@@ -115,7 +124,7 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
     let Some(spec) = &pod.spec else {
         return Some("the pod has no spec".into());
     };
-    if let Some(why) = isolation_breach(pod) {
+    if let Some(why) = isolation_breach(pod, cfg) {
         return Some(why);
     }
     let (envoy, sidecar) = containers(pod, cfg, agent, native_sidecars);
@@ -130,7 +139,8 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
         .annotations
         .as_ref()
         .and_then(|a| a.get(INJECTED_ANNOTATION));
-    let want = digest(&envoy, &sidecar, &volumes(cfg));
+    let init = egress_init(cfg);
+    let want = digest(init.as_ref(), &envoy, &sidecar, &volumes(cfg));
     if marker != Some(&want) {
         return Some(format!(
             "its {INJECTED_ANNOTATION} is {marker:?}, not {want} (injected by another version or configuration of Mandate?)"
@@ -144,15 +154,26 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
     } else {
         (spec.containers.as_slice(), "containers")
     };
-    let head: Vec<&str> = list.iter().take(2).map(|c| c.name.as_str()).collect();
-    if head != [ENVOY_CONTAINER, SIDECAR_CONTAINER] {
-        return Some(format!(
-            "{ENVOY_CONTAINER} and {SIDECAR_CONTAINER} must be the first two of {list_name}, but they start with {head:?} (if another admission webhook put its containers first, Mandate refuses the pod: anything before its proxy runs unmediated)"
-        ));
+    if init.is_some() {
+        let first = spec.init_containers.iter().flatten().next().map(|c| c.name.as_str());
+        if first != Some(INIT_CONTAINER) {
+            return Some(format!(
+                "{INIT_CONTAINER} must be the first init container, but the first is {first:?} (anything before it runs without the egress rules)"
+            ));
+        }
+        // With native sidecars the egress rules' init container leads the same
+        // list; on the older path it leads initContainers.
+        let skip = usize::from(init.is_some() && native_sidecars);
+        let head: Vec<&str> = list.iter().skip(skip).take(2).map(|c| c.name.as_str()).collect();
+        if head != [ENVOY_CONTAINER, SIDECAR_CONTAINER] {
+            return Some(format!(
+                "{ENVOY_CONTAINER} and {SIDECAR_CONTAINER} must be the first two of {list_name}, but they start with {head:?} (if another admission webhook put its containers first, Mandate refuses the pod: anything before its proxy runs unmediated)"
+            ));
+        }
     }
     // The apiserver defaults fields we leave unset (terminationMessagePath,
     // probe thresholds...), so compare what we set, field by field.
-    for ours in [&envoy, &sidecar] {
+    for ours in init.iter().chain([&envoy, &sidecar]) {
         let Some(t) = find(&ours.name) else {
             return Some(format!("container {} is missing", ours.name));
         };
@@ -208,13 +229,13 @@ mod tests {
             // it would run before the proxy (native) or before the hold.
             let mut forged = serde_json::to_value(&injected).unwrap();
             let list = if native { "initContainers" } else { "containers" };
-            forged["spec"][list]
-                .as_array_mut()
-                .unwrap()
-                .insert(0, json!({"name": "early", "image": "evil:1"}));
+            forged["spec"][list].as_array_mut().unwrap().insert(
+                0,
+                json!({"name": "early", "image": "evil:1", "securityContext": {"allowPrivilegeEscalation": false}}),
+            );
             let forged: Pod = serde_json::from_value(forged).unwrap();
             let why = injection_difference(&forged, &cfg, &agent(), native).expect("refused");
-            assert!(why.contains("must be the first two") && why.contains("early"), "{why}");
+            assert!(why.contains("must be the first") && why.contains("early"), "{why}");
             assert!(matches!(
                 inject(&forged, &cfg, &agent(), native),
                 Err(InjectError::Forged(_))
