@@ -51,7 +51,7 @@ lint() {
 phase "lint (fmt, clippy, shellcheck, crate boundaries, chart)" lint
 # The cluster tests are ignored without this feature (plain `cargo test`
 # passes anywhere); the build and the test run use the same features.
-CLUSTER_TESTS=(--features "mandate-operator/cluster-tests mandate-e2e/cluster-tests")
+CLUSTER_TESTS=(--features "mandate-operator/cluster-tests mandate-e2e/cluster-tests mandate-sidecar/root-tests")
 phase "rust build" cargo build --workspace --all-targets --locked "${CLUSTER_TESTS[@]}"
 phase "demo (make demo, output checked)" e2e/demo_check.sh
 phase "cluster lifecycle and faults" e2e/cluster_lifecycle.sh

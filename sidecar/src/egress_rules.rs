@@ -8,6 +8,9 @@
 //!   `HTTP_PROXY`, a raw socket, an init container);
 //! - DNS (UDP and TCP 53) goes to the sidecar's resolver;
 //! - everything else leaving the pod is refused (UDP, ICMP, other protocols);
+//! - IPv6 neighbour discovery (which the kernel sends itself, without it no
+//!   IPv6 peer is reachable) passes, only as link-local packets (hop limit
+//!   255), never routed beyond the node;
 //! - on loopback, Mandate's ports are refused except the explicit proxy, so
 //!   the agent cannot reach Envoy's or the sidecar's other listeners (its own
 //!   loopback services keep working).
@@ -105,6 +108,7 @@ table inet {TABLE} {{
     meta skuid {uid} accept
     ct state invalid drop
     ct state established,related accept
+    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} ip6 hoplimit 255 accept
     ct status dnat ip daddr 127.0.0.1 tcp dport {tproxy} accept
     ct status dnat ip6 daddr ::1 tcp dport {tproxy} accept
     ct status dnat ip daddr 127.0.0.1 meta l4proto {{ 6, 17 }} th dport {dns} accept

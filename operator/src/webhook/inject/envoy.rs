@@ -186,6 +186,41 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
     };
     // The transparent listener's HTTP: the egress HCM, decided with the
     // original destination (path `http`).
+    // A network ext_authz decides on the connection's first bytes, after
+    // the filters behind it saw the connection: the TCP proxy connects only
+    // once bytes pass the decision (never to a destination still undecided),
+    // and so a protocol whose server speaks first gets nothing.
+    let tcp_proxy = |stat: &str, cluster: &str| {
+        json!({"name": "envoy.filters.network.tcp_proxy",
+               "typed_config": {
+                   "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                   "stat_prefix": stat,
+                   "cluster": cluster,
+                   "upstream_connect_mode": "ON_DOWNSTREAM_DATA",
+                   "max_early_data_bytes": 65536}})
+    };
+    // Allowed TLS reaches this internal listener, which resolves the SNI
+    // (never before the decision: a name is itself data) and connects.
+    let sni_passthrough = json!({
+        "name": "sni_passthrough",
+        "internal_listener": {},
+        "listener_filters": [
+            {"name": "envoy.filters.listener.tls_inspector",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}},
+        ],
+        "filter_chains": [{"filters": [
+            {"name": "envoy.filters.network.sni_dynamic_forward_proxy",
+             "typed_config": {
+                 "@type": "type.googleapis.com/envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
+                 "port_value": 443,
+                 "dns_cache_config": dfp_cache}},
+            {"name": "envoy.filters.network.tcp_proxy",
+             "typed_config": {
+                 "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                 "stat_prefix": "sni_passthrough",
+                 "cluster": "egress_sni"}},
+        ]}],
+    });
     let transparent_hcm = hcm("transparent_http", Some("http"));
     let transparent = json!({
         // Where the pod's egress rules send every TCP connection of the
@@ -214,16 +249,9 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                 "filter_chain_match": {"transport_protocol": "tls", "destination_port": 443},
                 "filters": [
                     network_authz("transparent_sni", "sni"),
-                    {"name": "envoy.filters.network.sni_dynamic_forward_proxy",
-                     "typed_config": {
-                         "@type": "type.googleapis.com/envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
-                         "port_value": 443,
-                         "dns_cache_config": dfp_cache}},
-                    {"name": "envoy.filters.network.tcp_proxy",
-                     "typed_config": {
-                         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                         "stat_prefix": "transparent_sni",
-                         "cluster": "egress_sni"}},
+                    // Only once the sidecar allowed the SNI: to the
+                    // internal listener that resolves and connects.
+                    tcp_proxy("transparent_sni", "sni_internal"),
                 ],
             },
             {
@@ -238,11 +266,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
             "name": "raw",
             "filters": [
                 network_authz("transparent_raw", "raw"),
-                {"name": "envoy.filters.network.tcp_proxy",
-                 "typed_config": {
-                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                     "stat_prefix": "transparent_raw",
-                     "cluster": "original_dst"}},
+                tcp_proxy("transparent_raw", "original_dst"),
             ],
         },
     });
@@ -317,12 +341,34 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
             .and_then(Value::as_array_mut)
         {
             l.push(transparent);
+            l.push(sni_passthrough);
+        }
+        if let Some(b) = bootstrap.as_object_mut() {
+            b.insert(
+                "bootstrap_extensions".into(),
+                json!([{"name": "envoy.bootstrap.internal_listener",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}]),
+            );
         }
         if let Some(c) = bootstrap
             .pointer_mut("/static_resources/clusters")
             .and_then(Value::as_array_mut)
         {
             c.push(dfp_cluster("egress_sni", false));
+            c.push(json!({
+                "name": "sni_internal",
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "sni_internal", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "sni_passthrough"}}}}]}]},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.internal_upstream",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+                        "transport_socket": {"name": "envoy.transport_sockets.raw_buffer",
+                                             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}},
+                    },
+                },
+            }));
             c.push(json!({
                 "name": "original_dst",
                 "type": "ORIGINAL_DST",
