@@ -29,6 +29,9 @@ APT_PACKAGES=(
   # the sidecar's DNS resolver tests (sidecar/tests/dns.rs): a real upstream
   # DNS server with a query log, and a real client
   dnsmasq-base bind9-dnsutils
+  # transparent egress: nft (mandate-egress-init runs it; packed into the
+  # sidecar image with its libraries), openssl for the red-team TLS upstream
+  nftables openssl
   # misc used by the scripts
   curl ca-certificates jq
 )

@@ -405,6 +405,7 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|l| l.get("internal_listener").is_none())
             .map(|l| &l["address"]["socket_address"]["port_value"])
             .collect();
         let cfg = InjectConfig::default();
