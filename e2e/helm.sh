@@ -260,7 +260,7 @@ K apply -n "$AGENTS" -f - <<<"$AGENT_POD" >/dev/null || fail "creating the agent
 until_ok "the agent pod to be ready" 180 pod_ready "$AGENTS" agent
 agent="$(K get pod -n "$AGENTS" agent -o json)"
 names="$(jq -c '[.spec.initContainers[]?.name, .spec.containers[].name]' <<<"$agent")"
-[ "$names" = '["mandate-envoy","mandate-sidecar","agent"]' ] || fail "the agent pod's containers are $names"
+[ "$names" = '["mandate-egress-init","mandate-envoy","mandate-sidecar","agent"]' ] || fail "the agent pod's containers are $names (the egress rules' init container first)"
 # On this cluster (>= 1.29) the chart's default (nativeSidecars: auto) injects
 # native sidecars: restartable init containers.
 restartable="$(jq -c '[.spec.initContainers[]? | select(.restartPolicy == "Always") | .name]' <<<"$agent")"
