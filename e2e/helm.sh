@@ -297,16 +297,18 @@ SPIFFE_ID="$(K get agentidentity -n "$AGENTS" researcher -o jsonpath='{.status.s
 [ -n "$SPIFFE_ID" ] || fail "AgentIdentity researcher has no status.spiffeId"
 pass "the agent holds an X.509-SVID for $SPIFFE_ID"
 
-# Envoy's admin is a unix socket the agent cannot mount: nothing answers on
-# the loopback port it used to have (/quitquitquit, /config_dump), while
-# Envoy's readiness listener does (the control: the agent reaches loopback
-# when it bypasses its proxy).
+# Envoy's admin is a unix socket the agent cannot mount, and the egress
+# rules refuse the agent every Mandate port on loopback (Envoy's readiness
+# listener too), while its own loopback service answers (the control: the
+# agent reaches loopback when it bypasses its proxy).
 agent_get() { curl -sf --max-time 15 "http://${AGENT_IP}:8080/do?method=GET&direct=1&url=http://127.0.0.1:$1"; }
-r="$(agent_get 15021/healthz/ready)" && [ "$(jq -r .status <<<"$r")" = 200 ] ||
-  fail "the agent cannot reach Envoy's readiness listener on loopback: $r"
-r="$(agent_get 15000/ready)" || fail "the agent's request to 127.0.0.1:15000 failed: $r"
-[ "$(jq -r '.status // empty' <<<"$r")" = "" ] && [ -n "$(jq -r '.error // empty' <<<"$r")" ] ||
-  fail "the agent reached a port where Envoy's admin used to listen: $r"
+r="$(agent_get 8080/own)" && [ -n "$(jq -r '.status // empty' <<<"$r")" ] ||
+  fail "the agent cannot reach its own loopback service: $r"
+for port in 15000 15021; do
+  r="$(agent_get "$port/ready")" || fail "the agent's request to 127.0.0.1:$port failed: $r"
+  [ "$(jq -r '.status // empty' <<<"$r")" = "" ] && [ -n "$(jq -r '.error // empty' <<<"$r")" ] ||
+    fail "the agent reached Mandate's loopback port $port: $r"
+done
 pass "the agent cannot reach Envoy's admin (a unix socket in Mandate's volume, no loopback port)"
 
 # do METHOD PATH: the agent makes a request to the upstream through its
