@@ -344,6 +344,8 @@ pub async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>,
     let service = mandate_proto::identity::v1::identity_server::IdentityServer::new(IdentityService {
         client: client.clone(),
         ca: ca.clone(),
+        operator_namespace: ns.clone(),
+        inject: Arc::new(inject_config(args)?),
     });
     let app = tonic::service::Routes::new(service).into_axum_router();
     let addr = id.identity_addr;

@@ -22,7 +22,7 @@ use mandate_testsupport::{
 use serde_json::json;
 
 mod support;
-use support::{Operator, Sidecar, operator_command};
+use support::{Operator, Shape, Sidecar, agent_pod, operator_command, set_enforced};
 
 const TD: &str = "example.org";
 
@@ -92,6 +92,7 @@ async fn sidecars_receive_their_agents_policies_and_keep_them_through_operator_l
 async fn run(op: &TestNamespace, agents: &TestNamespace, ports: &Ports, log: &Path, operator: Operator) -> Result<()> {
     let mut operator = Some(operator);
     agents.create_service_account("agent-sa").await?;
+    set_enforced(agents.cluster(), agents.name(), true).await?;
     for id in ["alpha", "beta"] {
         agents
             .apply(&agent_identity(id).match_label("agent", id).manifest())
@@ -133,12 +134,14 @@ async fn run(op: &TestNamespace, agents: &TestNamespace, ports: &Ports, log: &Pa
         ("alpha-3", "alpha", "beta-0"),
     ] {
         let pod = agents
-            .create::<Pod>(&serde_json::from_value(json!({
-                "metadata": {"name": pod_name, "labels": {"agent": agent},
-                             "annotations": {"mandate.dev/injected": "test"}},
-                "spec": {"serviceAccountName": "agent-sa",
-                         "containers": [{"name": "c", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"]}]},
-            }))?)
+            .create::<Pod>(&serde_json::from_value(agent_pod(
+                pod_name,
+                "agent-sa",
+                json!({"agent": agent}),
+                "mandate.local/busybox:1",
+                None,
+                Shape::Injected,
+            ))?)
             .await?;
         let token = agents.pod_token("agent-sa", &pod, "mandate", 600).await?;
         std::fs::write(dir.join(format!("{pod_name}.token")), token)?;

@@ -20,6 +20,9 @@ use mandate_testsupport::{
 };
 use serde_json::json;
 
+mod support;
+use support::{Shape, agent_pod, set_enforced};
+
 const TD: &str = "example.org";
 const SIDECARS: usize = 50;
 const CHANGES: usize = 20;
@@ -91,6 +94,7 @@ async fn distribution_benchmark() -> Result<()> {
         .await
         .context("operator not ready")?;
     ns.create_service_account("agent-sa").await?;
+    set_enforced(&cluster, ns.name(), true).await?;
     ns.create::<AgentIdentity>(&agent_identity("agent").match_label("agent", "bench").parse()?)
         .await?;
     let policies = ns.api::<AgentPolicy>();
@@ -122,12 +126,14 @@ async fn distribution_benchmark() -> Result<()> {
     for i in 0..SIDECARS {
         // Pods bound to no real node: they exist (tokens bind to them) but never run.
         let pod = ns
-            .create::<Pod>(&serde_json::from_value(json!({
-                "metadata": {"name": format!("agent-{i}"), "labels": {"agent": "bench"},
-                             "annotations": {"mandate.dev/injected": "bench"}},
-                "spec": {"serviceAccountName": "agent-sa", "nodeName": "no-such-node",
-                         "containers": [{"name": "c", "image": "none:1"}]},
-            }))?)
+            .create::<Pod>(&serde_json::from_value(agent_pod(
+                &format!("agent-{i}"),
+                "agent-sa",
+                json!({"agent": "bench"}),
+                "none:1",
+                Some("no-such-node"),
+                Shape::Injected,
+            ))?)
             .await?;
         let token = ns.pod_token("agent-sa", &pod, "mandate", 3600).await?;
         let tok = dir.join(format!("{i}.token"));

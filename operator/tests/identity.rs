@@ -30,7 +30,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
 mod support;
-use support::operator_command;
+use support::{Shape, agent_pod, operator_command, set_enforced};
 
 const TD: &str = "example.org";
 
@@ -122,11 +122,12 @@ fn csr(sans: &[&str], ca: bool) -> Vec<u8> {
 }
 
 async fn pod(ns: &TestNamespace, name: &str, sa: &str, labels: serde_json::Value) -> Result<Pod> {
-    ns.create::<Pod>(&serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"serviceAccountName": sa, "containers": [{"name": "c", "image": "mandate.local/busybox:1", "command": ["sleep", "3600"]}]},
-    }))?)
-    .await
+    shaped_pod(ns, name, sa, labels, Shape::Injected).await
+}
+
+async fn shaped_pod(ns: &TestNamespace, name: &str, sa: &str, labels: serde_json::Value, shape: Shape) -> Result<Pod> {
+    let manifest = agent_pod(name, sa, labels, "mandate.local/busybox:1", None, shape);
+    ns.create::<Pod>(&serde_json::from_value(manifest)?).await
 }
 
 async fn token(ns: &TestNamespace, sa: &str, pod: &Pod, audience: &str) -> Result<String> {
@@ -155,6 +156,7 @@ async fn sidecars_get_their_agents_svid_and_nothing_else_is_signed() -> Result<(
 }
 
 async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, operator: &Operator) -> Result<()> {
+    set_enforced(cluster, agents.name(), true).await?;
     for sa in ["agent-sa", "other-sa"] {
         agents.create_service_account(sa).await?;
     }
@@ -212,6 +214,32 @@ async fn run(cluster: &Cluster, op: &TestNamespace, agents: &TestNamespace, oper
             }
         }
     };
+    // Only injected pods, holding the sidecar's token where only the
+    // sidecar reads it, in enforced namespaces: a token bound to any other
+    // pod of the agent's is refused whatever it is for.
+    for (name, shape, needle) in [
+        ("plain", Shape::Plain, "not injected"),
+        ("own-token", Shape::OwnToken, "projects a ServiceAccount token"),
+        ("mounts-token", Shape::MountsToken, "mounts mandate-token"),
+    ] {
+        let p = shaped_pod(agents, name, "agent-sa", json!({"agent": "researcher"}), shape).await?;
+        refused(
+            name,
+            token(agents, "agent-sa", &p, "mandate").await?,
+            csr(&[], false),
+            needle,
+        )
+        .await?;
+    }
+    set_enforced(cluster, agents.name(), false).await?;
+    refused(
+        "a namespace Mandate does not enforce",
+        good.clone(),
+        csr(&[], false),
+        "is not labelled mandate.dev/enforce=true",
+    )
+    .await?;
+    set_enforced(cluster, agents.name(), true).await?;
     refused(
         "a pod no identity selects",
         token(agents, "other-sa", &stranger, "mandate").await?,

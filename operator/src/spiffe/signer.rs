@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
+use mandate_api::names::ENFORCE_LABEL;
 use mandate_proto::identity::v1::identity_server::Identity;
 use mandate_proto::identity::v1::{GetTrustBundleRequest, SignSvidRequest, SignSvidResponse, TrustBundle};
 use tonic::{Request, Response, Status};
@@ -27,6 +28,11 @@ pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(600);
 pub struct IdentityService {
     pub client: Client,
     pub ca: Arc<arc_swap::ArcSwap<Ca>>,
+    /// The operator's namespace: no pod there is an agent.
+    pub operator_namespace: String,
+    /// What the injector holds agent pods to (the proxy's UID, for the
+    /// isolation checks).
+    pub inject: Arc<crate::webhook::inject::InjectConfig>,
 }
 
 impl std::fmt::Debug for IdentityService {
@@ -125,7 +131,28 @@ impl IdentityService {
             )));
         }
 
-        // 3. The agent: exactly one AgentIdentity selects the pod.
+        // 3. An injected pod in a namespace Mandate enforces, holding the
+        //    sidecar's token where only the sidecar can read it: an agent
+        //    that projects its own token for this audience (or a pod nobody
+        //    guards) gets nothing.
+        if ns == "kube-system" || ns == self.operator_namespace {
+            return Err(Refusal::Pod(format!("pods in {ns} are never agents")));
+        }
+        let namespace = Api::<Namespace>::all(self.client.clone())
+            .get_opt(ns)
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("reading namespace {ns}: {e}")))?;
+        let enforced = namespace
+            .as_ref()
+            .is_some_and(|n| n.labels().get(ENFORCE_LABEL).map(String::as_str) == Some("true"));
+        if !enforced {
+            return Err(Refusal::Pod(format!(
+                "namespace {ns} is not labelled {ENFORCE_LABEL}=true: Mandate signs only for agents it enforces"
+            )));
+        }
+        crate::webhook::inject::svid_eligible(&pod, &self.inject).map_err(Refusal::Pod)?;
+
+        // 4. The agent: exactly one AgentIdentity selects the pod.
         let identities = Api::<AgentIdentity>::namespaced(self.client.clone(), ns)
             .list(&ListParams::default())
             .await
@@ -180,7 +207,7 @@ impl IdentityService {
             None => DEFAULT_SVID_TTL,
         };
 
-        // 4. The certificate: built here, carrying exactly that SPIFFE ID.
+        // 5. The certificate: built here, carrying exactly that SPIFFE ID.
         let (leaf, not_after) = ca
             .sign_svid(&req.csr, &spiffe_id, ttl)
             .map_err(|e| Refusal::Csr(e.to_string()))?;

@@ -19,6 +19,67 @@ use mandate_e2e::{Cluster, TestNamespace, http_get, secs};
 use mandate_testsupport::{Process, eventually, free_port, http_ok, try_eventually};
 use serde_json::{Value, json};
 
+/// How a test pod that stands for an agent departs from an injected one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Mandate's marker, and the sidecar's token in `mandate-token`, which
+    /// only `mandate-sidecar` mounts: what the signer asks of a pod (tests
+    /// without webhooks write what the injector would).
+    Injected,
+    /// No marker: never injected.
+    Plain,
+    /// Injected, but the agent projects its own token for the signer's audience.
+    OwnToken,
+    /// Injected, but the agent mounts the sidecar's token volume.
+    MountsToken,
+}
+
+/// A pod manifest of `shape`: an agent container `c` and a `mandate-sidecar`
+/// (both running `image`, sleeping), run as `sa`, with `labels`; `node`
+/// pins it to a node (a missing one keeps it from ever running).
+pub fn agent_pod(name: &str, sa: &str, labels: Value, image: &str, node: Option<&str>, shape: Shape) -> Value {
+    let token = |volume: &str| json!({"name": volume, "projected": {"sources": [{"serviceAccountToken": {"audience": "mandate", "expirationSeconds": 3600, "path": "token"}}]}});
+    let sleeper = |name: &str, uid: i64| {
+        json!({"name": name, "image": image, "command": ["sleep", "3600"],
+        "securityContext": {"runAsUser": uid, "allowPrivilegeEscalation": false}})
+    };
+    let mut agent = sleeper("c", 1000);
+    let mut sidecar = sleeper(mandate_api::names::SIDECAR_CONTAINER, 15999);
+    sidecar["volumeMounts"] = json!([{"name": "mandate-token", "mountPath": "/var/run/secrets/mandate"}]);
+    let mut volumes = vec![token("mandate-token")];
+    match shape {
+        Shape::Injected | Shape::Plain => {}
+        Shape::OwnToken => {
+            volumes.push(token("mine"));
+            agent["volumeMounts"] = json!([{"name": "mine", "mountPath": "/t"}]);
+        }
+        Shape::MountsToken => agent["volumeMounts"] = json!([{"name": "mandate-token", "mountPath": "/t"}]),
+    }
+    let annotations = if shape == Shape::Plain {
+        json!({})
+    } else {
+        json!({ mandate_api::names::INJECTED_ANNOTATION: "by-the-test" })
+    };
+    let mut spec = json!({"serviceAccountName": sa, "containers": [sidecar, agent], "volumes": volumes});
+    if let Some(node) = node {
+        spec["nodeName"] = json!(node);
+    }
+    json!({"metadata": {"name": name, "labels": labels, "annotations": annotations}, "spec": spec})
+}
+
+/// Label `ns` `mandate.dev/enforce=true`, or take the label off.
+pub async fn set_enforced(cluster: &Cluster, ns: &str, on: bool) -> Result<()> {
+    let value = if on { json!("true") } else { Value::Null };
+    Api::<Namespace>::all(cluster.client())
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"mandate.dev/enforce": value}}})),
+        )
+        .await?;
+    Ok(())
+}
+
 /// A `mandate-operator` command for `cluster` with its admin endpoint on
 /// 127.0.0.1:`admin`; the test adds the rest of its arguments.
 pub fn operator_command(cluster: &Cluster, admin: u16) -> tokio::process::Command {

@@ -2,6 +2,7 @@
 //! and already injected pods, and the admission guard.
 
 use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
+use kube::ResourceExt;
 use mandate_api::names::{
     BUNDLE_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
     SPIFFE_VOLUME, TOKEN_VOLUME,
@@ -102,6 +103,47 @@ pub fn isolation_breach(pod: &Pod, cfg: &InjectConfig) -> Option<String> {
     posture_breach(pod, cfg.run_as_user)
 }
 
+/// Whether `pod` may be given an SVID, by what the signer can check without
+/// the injection config of the operator that injected it (that changes on an
+/// upgrade; its pods keep renewing): it carries Mandate's marker; its agent
+/// is isolated from Mandate's containers ([`isolation_breach`]); and its
+/// only token for the signer's audience is the one projected into
+/// `mandate-token`, which only `mandate-sidecar` mounts. So the token the
+/// signer is shown is the sidecar's. (That the pod was injected at all, not
+/// forged, the guard checked when it was created in an enforced namespace;
+/// the signer checks the namespace is enforced.)
+pub fn svid_eligible(pod: &Pod, cfg: &InjectConfig) -> Result<(), String> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    if !pod.annotations().contains_key(INJECTED_ANNOTATION) {
+        return Err(format!(
+            "pod {name} was not injected by Mandate (no {INJECTED_ANNOTATION}): only an injected sidecar gets an SVID"
+        ));
+    }
+    if let Some(why) = isolation_breach(pod, cfg) {
+        return Err(format!("pod {name}: {why}"));
+    }
+    let spec = pod.spec.as_ref().ok_or_else(|| format!("pod {name} has no spec"))?;
+    let projects_ours = spec.volumes.iter().flatten().any(|v| {
+        v.name == TOKEN_VOLUME
+            && v.projected.iter().flat_map(|p| p.sources.iter().flatten()).any(|s| {
+                s.service_account_token
+                    .as_ref()
+                    .is_some_and(|t| t.audience.as_deref() == Some(crate::spiffe::signer::TOKEN_AUDIENCE))
+            })
+    });
+    let sidecar_mounts = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == SIDECAR_CONTAINER && c.volume_mounts.iter().flatten().any(|m| m.name == TOKEN_VOLUME));
+    if !projects_ours || !sidecar_mounts {
+        return Err(format!(
+            "pod {name} has no {TOKEN_VOLUME} volume projecting the sidecar's token into {SIDECAR_CONTAINER}"
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn reserved_volume(pod: &Pod) -> Option<String> {
     pod.spec
         .as_ref()?
@@ -145,6 +187,13 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
         return Some(format!(
             "its {INJECTED_ANNOTATION} is {marker:?}, not {want} (injected by another version or configuration of Mandate?)"
         ));
+    }
+    // Mandate's volumes, exactly as injected: the marker is a digest anyone
+    // can copy from an injected pod, so a forged pod could carry it with
+    // `mandate-policy` pointing at its own ConfigMap, or `mandate-run` on
+    // a hostPath.
+    if let Some(why) = volume_difference(spec.volumes.as_deref().unwrap_or_default(), &volumes(cfg)) {
+        return Some(why);
     }
     // Ours come first in their list: an init container placed before them
     // would run before the proxy exists (native sidecars), and a container
@@ -200,6 +249,43 @@ pub fn injection_difference(pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, nat
     None
 }
 
+/// How the pod's volumes of Mandate's names differ from `ours`, if they do:
+/// each of ours present and equal (up to the modes the apiserver defaults),
+/// and no other volume by a reserved name.
+fn volume_difference(theirs: &[Volume], ours: &[Volume]) -> Option<String> {
+    const DEFAULT_MODE: i32 = 0o644;
+    let defaulted = |v: &Volume| {
+        let mut v = v.clone();
+        if let Some(c) = v.config_map.as_mut()
+            && c.default_mode == Some(DEFAULT_MODE)
+        {
+            c.default_mode = None;
+        }
+        if let Some(p) = v.projected.as_mut()
+            && p.default_mode == Some(DEFAULT_MODE)
+        {
+            p.default_mode = None;
+        }
+        v
+    };
+    for want in ours {
+        match theirs.iter().find(|v| v.name == want.name) {
+            None => return Some(format!("volume {} is missing", want.name)),
+            Some(have) if defaulted(have) != *want => {
+                return Some(format!(
+                    "volume {} is not the one Mandate injects (its source differs)",
+                    want.name
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    theirs
+        .iter()
+        .find(|v| RESERVED_VOLUMES.contains(&v.name.as_str()) && !ours.iter().any(|o| o.name == v.name))
+        .map(|v| format!("volume {} uses a name reserved for Mandate's volumes", v.name))
+}
+
 /// Our mounts, plus at most what the apiserver adds itself (the
 /// ServiceAccount admission plugin mounts the token into every container,
 /// including ours, when it re-runs after the webhook).
@@ -240,6 +326,55 @@ mod tests {
                 inject(&forged, &cfg, &agent(), native),
                 Err(InjectError::Forged(_))
             ));
+        }
+    }
+
+    #[test]
+    fn a_forged_pod_with_the_marker_but_other_volumes_is_refused() {
+        let cfg = InjectConfig {
+            svid_server: Some("https://mandate-operator.mandate-system.svc:8443".into()),
+            ..InjectConfig::default()
+        };
+        let p = pod(json!({"spec": {"containers": [{"name": "a"}]}}));
+        let injected = apply(&p, &inject(&p, &cfg, &agent(), true).unwrap().unwrap());
+        assert!(injection_difference(&injected, &cfg, &agent(), true).is_none());
+        // The apiserver's defaulting of volume modes is not a difference.
+        let mut defaulted = serde_json::to_value(&injected).unwrap();
+        for v in defaulted["spec"]["volumes"].as_array_mut().unwrap() {
+            for kind in ["configMap", "projected"] {
+                if v.get(kind).is_some() {
+                    v[kind]["defaultMode"] = json!(420);
+                }
+            }
+        }
+        let defaulted: Pod = serde_json::from_value(defaulted).unwrap();
+        assert_eq!(injection_difference(&defaulted, &cfg, &agent(), true), None);
+        // Same marker, same containers, but the policy volume is the
+        // attacker's ConfigMap, the socket's directory a hostPath, the
+        // token for another audience, or a volume gone or added.
+        let forgeries: [(&str, &dyn Fn(&mut serde_json::Value)); 5] = [
+            (POLICY_VOLUME, &|v| v["configMap"]["name"] = json!("allow-all")),
+            (RUN_VOLUME, &|v| {
+                v.as_object_mut().unwrap().remove("emptyDir");
+                v["hostPath"] = json!({"path": "/tmp/x"});
+            }),
+            (TOKEN_VOLUME, &|v| {
+                v["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"] = json!(86400)
+            }),
+            (BUNDLE_VOLUME, &|v| v["name"] = json!("renamed")),
+            (SPIFFE_VOLUME, &|_| {}),
+        ];
+        for (volume, forge) in forgeries {
+            let mut forged = serde_json::to_value(&injected).unwrap();
+            let vols = forged["spec"]["volumes"].as_array_mut().unwrap();
+            if volume == SPIFFE_VOLUME {
+                vols.push(json!({"name": SPIFFE_VOLUME, "emptyDir": {}}));
+            } else {
+                forge(vols.iter_mut().find(|v| v["name"] == volume).unwrap());
+            }
+            let forged: Pod = serde_json::from_value(forged).unwrap();
+            let why = injection_difference(&forged, &cfg, &agent(), true).expect("refused");
+            assert!(why.contains("volume "), "{volume}: {why}");
         }
     }
 
