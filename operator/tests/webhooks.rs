@@ -932,3 +932,82 @@ async fn hostile_agent_pods_are_refused_with_the_reason_and_ordinary_ones_cannot
     op.delete().await?;
     agents.delete().await
 }
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
+async fn relabelling_an_injected_pod_cannot_change_its_identity_or_shed_a_policy() -> Result<()> {
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-labels").await?;
+    let hooks = Webhooks::start(&cluster, &op, &agents).await?;
+    identity(&agents, "researcher", json!({"matchLabels": {"agent": "researcher"}})).await?;
+    identity(&agents, "writer", json!({"matchLabels": {"agent": "writer"}})).await?;
+    // A policy bound by label, as an admin writes a guardrail for a tier.
+    agents
+        .apply(
+            &agent_policy("gold-guardrail")
+                .module("p.rego", GOOD)
+                .set("agentSelector", json!({"matchLabels": {"tier": "gold"}}))
+                .manifest(),
+        )
+        .await?;
+    let labels = json!({"agent": "researcher", "tier": "gold", "team": "a"});
+    create_agent_pod(&agents, &pod("relabelled", labels, json!({})), true).await?;
+    let api = agents.api::<Pod>();
+    let relabel = |labels: Value| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "relabelled",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": labels}})),
+            )
+            .await
+        }
+    };
+    // A label nothing binds by: allowed.
+    relabel(json!({"team": "b"}))
+        .await
+        .with_context(|| format!("an unrelated label change was refused\n{}", hooks.logs()))?;
+    // The hostile changes: shed the guardrail, or become another agent.
+    for (what, labels, needles) in [
+        (
+            "drop the tier label",
+            json!({"tier": null}),
+            &["gold-guardrail (would stop binding it)", "re-create the pod"][..],
+        ),
+        (
+            "become the writer",
+            json!({"agent": "writer"}),
+            &["AgentIdentity writer instead of AgentIdentity researcher"][..],
+        ),
+        (
+            "leave every identity",
+            json!({"agent": null}),
+            &["no identity (not an agent)"][..],
+        ),
+    ] {
+        match relabel(labels).await {
+            Ok(_) => bail!("{what}: the label change was admitted\n{}", hooks.logs()),
+            Err(kube::Error::Api(s)) => {
+                for needle in needles {
+                    ensure!(s.message.contains(needle), "{what}: {}", s.message);
+                }
+            }
+            Err(e) => bail!("{what}: {e}"),
+        }
+    }
+    let now = api.get("relabelled").await?;
+    let l = now.labels();
+    ensure!(
+        l.get("tier").map(String::as_str) == Some("gold") && l.get("agent").map(String::as_str) == Some("researcher"),
+        "{l:?}"
+    );
+    drop(hooks);
+    op.delete().await?;
+    agents.delete().await
+}

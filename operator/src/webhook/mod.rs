@@ -545,6 +545,12 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
         if let Some(why) = inject::isolation_breach(pod, &state.inject) {
             return deny(req, why);
         }
+        if old.labels() != pod.labels() {
+            let ns = req.namespace.clone().or_else(|| pod.namespace()).unwrap_or_default();
+            if let Some(why) = rebinding(state, &ns, old, pod).await {
+                return deny(req, why);
+            }
+        }
     }
     let agent = match pod_scope(state, req, pod).await {
         PodScope::NotOurs => return AdmissionResponse::from(req),
@@ -596,6 +602,72 @@ async fn validate_pod(state: &WebhookState, req: &AdmissionRequest<Pod>) -> Admi
         }
         _ => AdmissionResponse::from(req),
     }
+}
+
+/// Why relabelling an injected pod from `old` to `new` is refused, if it
+/// is: it would change the AgentIdentity that selects it, or an AgentPolicy
+/// bound by `agentSelector` would bind it or stop binding it. Whoever may
+/// patch pod labels could otherwise shed a policy from a running agent (its
+/// sidecar's set follows its labels). The binding is fixed when the pod is
+/// created; to change it, re-create the pod. A read that fails is a refusal.
+async fn rebinding(state: &WebhookState, ns: &str, old: &Pod, new: &Pod) -> Option<String> {
+    let identity = |p: &Pod| {
+        let p = p.clone();
+        async move { state.agent_of_live(&p, ns).await.map(|a| a.map(|a| a.identity)) }
+    };
+    let (before, after) = match (identity(old).await, identity(new).await) {
+        (Ok(b), Ok(a)) => (b, a),
+        (Err(e), _) | (_, Err(e)) => return Some(e),
+    };
+    let name = |i: &Option<Option<String>>| match i {
+        None => "no identity (not an agent)".to_string(),
+        Some(None) => "the opt-in label, with no identity".to_string(),
+        Some(Some(n)) => format!("AgentIdentity {n}"),
+    };
+    if before != after {
+        return Some(format!(
+            "this label change would make the agent pod's identity {} instead of {}; an injected pod's binding is fixed when it is created: re-create the pod with the new labels",
+            name(&after),
+            name(&before)
+        ));
+    }
+    let identity = before.flatten();
+    let api = Api::<Lenient<AgentPolicy>>::namespaced(state.client.clone(), ns);
+    let policies = match tokio::time::timeout(LIVE_READ_TIMEOUT, api.list(&Default::default())).await {
+        Ok(Ok(list)) => list.items,
+        Ok(Err(e)) => {
+            return Some(format!(
+                "Mandate's operator could not list AgentPolicies in {ns} ({e}) to check this label change; retry shortly"
+            ));
+        }
+        Err(_) => {
+            return Some(format!(
+                "Mandate's operator could not list AgentPolicies in {ns} in time to check this label change; retry shortly"
+            ));
+        }
+    };
+    let mut changed: Vec<String> = policies
+        .iter()
+        .filter_map(|p| {
+            let spec = &p.parsed.as_ref().ok()?.spec;
+            let binds = |pod: &Pod| mandate_core::binding::policy_binds(spec, identity.as_deref(), pod.labels());
+            let (was, is) = (binds(old), binds(new));
+            (was != is).then(|| {
+                format!(
+                    "{} ({})",
+                    p.name_any(),
+                    if is { "would bind it" } else { "would stop binding it" }
+                )
+            })
+        })
+        .collect();
+    changed.sort();
+    (!changed.is_empty()).then(|| {
+        format!(
+            "this label change would change the AgentPolicies bound to the agent pod: {}; an injected pod's binding is fixed when it is created: re-create the pod with the new labels",
+            changed.join(", ")
+        )
+    })
 }
 
 const EPHEMERAL_REFUSED: &str = "ephemeral containers (kubectl debug) are refused on agent pods in a namespace Mandate enforces: they would share the agent's network with no proxy and no decision; debug a copy of the pod outside the namespace instead";
