@@ -20,6 +20,9 @@ pub const GROUP: &str = "mandate.dev";
 /// The one version served so far.
 pub const VERSION: &str = "v1alpha1";
 /// The Rego rule a policy is evaluated at unless it names another.
+/// Why an AgentIdentity whose selector selects by absence is refused (the
+/// CRD's own rule, the admission webhook and the controller say the same).
+pub const SELECTS_BY_ABSENCE: &str = "spec.selector selects pods by what they lack (it is empty, or has only NotIn and DoesNotExist): it would make every other pod in the namespace this agent; select the agent's pods by a label they carry (matchLabels, In or Exists)";
 pub const DEFAULT_ENTRYPOINT: &str = "data.mandate.authz.decision";
 
 // ---------------------------------------------------------------- AgentPolicy
@@ -220,13 +223,14 @@ pub struct AgentPolicyStatus {
         status = "AgentIdentityStatus",
         printcolumn = r#"{"name":"SPIFFE ID","type":"string","jsonPath":".status.spiffeId"}"#,
         printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.boundPods"}"#,
+        printcolumn = r#"{"name":"Unmediated","type":"integer","jsonPath":".status.unmediatedPods"}"#,
         printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "(has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && size(self.selector.matchExpressions) > 0)", "message": "spec.selector is empty: it would make every pod in the namespace this agent; select the agent's pods by label"},
+    {"rule": "(has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && self.selector.matchExpressions.exists(e, e.operator == 'In' || e.operator == 'Exists'))", "message": "spec.selector selects pods by what they lack (it is empty, or has only NotIn and DoesNotExist): it would make every other pod in the namespace this agent; select the agent's pods by a label they carry (matchLabels, In or Exists)"},
     {"rule": "!has(self.spiffeIdTemplate) || self.spiffeIdTemplate.startsWith('spiffe://')", "message": "spec.spiffeIdTemplate must be a spiffe:// URI, e.g. spiffe://{trustDomain}/ns/{namespace}/agent/{name}"},
     {"rule": "!has(self.svidTtl) || self.svidTtl.matches('^[0-9]+[smh]$')", "message": "spec.svidTtl is a duration like 10m, 1h or 90s"},
 ]))]
@@ -290,9 +294,19 @@ pub struct AgentIdentityStatus {
     /// The agent's SPIFFE ID, resolved from the template and the trust domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<String>,
-    /// How many pods the selector matches now.
+    /// How many pods the selector matches now that Mandate mediates
+    /// (injected, in an enforced namespace).
     #[serde(default)]
     pub bound_pods: i32,
+    /// How many pods the selector matches that Mandate does not mediate:
+    /// never injected (created before the namespace was enforced, or while
+    /// the webhooks were away), or in a namespace that is not enforced.
+    /// They run with no proxy and no decision, and are not counted as bound.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unmediated_pods: i32,
+    /// The names of the first unmediated pods (at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmediated: Vec<String>,
     /// `Ready` (the SPIFFE ID resolved and the selector is valid).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -300,6 +314,10 @@ pub struct AgentIdentityStatus {
     /// latest issue per pod, written by the operator's CA.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub svids: Vec<SvidIssue>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// One pod's latest X.509-SVID.

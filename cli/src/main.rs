@@ -267,12 +267,18 @@ async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
         }
         for pod in mine {
             let pod_name = pod.name_any();
-            let expires = status
-                .svids
-                .iter()
-                .find(|s| s.pod == pod_name)
-                .map(|s| s.expires_at.0.to_string())
-                .unwrap_or_else(|| "no SVID".into());
+            let injected = pod.annotations().contains_key(mandate_api::names::INJECTED_ANNOTATION);
+            let expires = if injected {
+                status
+                    .svids
+                    .iter()
+                    .find(|s| s.pod == pod_name)
+                    .map(|s| s.expires_at.0.to_string())
+                    .unwrap_or_else(|| "no SVID".into())
+            } else {
+                // Selected, but never injected: no proxy, no decision.
+                "UNMEDIATED".into()
+            };
             println!("{id_ns:<20} {name:<20} {spiffe:<56} {pod_name:<28} {expires:<22} {policies}");
         }
     }

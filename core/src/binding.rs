@@ -3,9 +3,12 @@
 //! signer, the policy distributor, the controllers, the CLI) calls these.
 //!
 //! The rules:
-//! - a selector binds a pod when it is well formed, is not empty, and
-//!   matches the pod's labels (an empty selector would make every pod in
-//!   the namespace the agent, so it binds none);
+//! - an identity's selector selects a pod when it is well formed, selects
+//!   by a label the pod carries (not only by labels it lacks: an empty or
+//!   NotIn/DoesNotExist-only selector would make nearly every pod in the
+//!   namespace the agent, so it selects none), and matches the pod's labels;
+//! - a policy's `agentSelector` binds a pod when it is well formed, is not
+//!   empty, and matches (a guardrail for "every agent but these" is fine);
 //! - a pod is an agent when exactly one AgentIdentity in its namespace
 //!   selects it; two is an error, never a choice;
 //! - a policy binds an agent when it names the agent's identity, or when
@@ -18,8 +21,13 @@ use mandate_api::meta::LabelSelector;
 
 use crate::selector::Selector;
 
-/// Whether `selector` binds a pod with `labels`.
+/// Whether the identity `selector` selects a pod with `labels`.
 pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    Selector::try_from(selector).is_ok_and(|s| !s.selects_by_absence() && s.matches(labels))
+}
+
+/// Whether a policy's `agentSelector` binds a pod with `labels`.
+fn agent_selector_binds(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     Selector::try_from(selector).is_ok_and(|s| !s.selects_all() && s.matches(labels))
 }
 
@@ -57,7 +65,10 @@ where
 /// (when it has one) and whose pod has `labels`.
 pub fn policy_binds(spec: &AgentPolicySpec, identity: Option<&str>, labels: &BTreeMap<String, String>) -> bool {
     identity.is_some_and(|id| spec.identities.iter().any(|i| i == id))
-        || spec.agent_selector.as_ref().is_some_and(|s| selects(s, labels))
+        || spec
+            .agent_selector
+            .as_ref()
+            .is_some_and(|s| agent_selector_binds(s, labels))
 }
 
 /// What a selector demands of one label key.

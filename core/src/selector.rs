@@ -76,6 +76,14 @@ impl Selector {
         self.0.is_empty()
     }
 
+    /// Whether the selector matches a pod with no labels at all: it is empty,
+    /// or has only NotIn and DoesNotExist requirements, so it selects every
+    /// pod that lacks a few labels (nearly every pod) rather than pods by a
+    /// label they carry.
+    pub fn selects_by_absence(&self) -> bool {
+        self.matches(&BTreeMap::new())
+    }
+
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|r| match r {
@@ -170,6 +178,15 @@ mod tests {
     fn empty_and_malformed_selectors() {
         assert!(Selector::try_from(&LabelSelector::default()).unwrap().selects_all());
         assert!(!Selector::try_from(&sel(&[("a", "b")], &[])).unwrap().selects_all());
+        // Requirements of absence only select nearly every pod.
+        for (op, values) in [("NotIn", Some(&["x"][..])), ("DoesNotExist", None)] {
+            let s = Selector::try_from(&sel(&[], &[("k", op, values)])).unwrap();
+            assert!(!s.selects_all() && s.selects_by_absence(), "{op}");
+        }
+        for (op, values) in [("In", Some(&["x"][..])), ("Exists", None)] {
+            let s = Selector::try_from(&sel(&[], &[("j", "NotIn", Some(&["y"])), ("k", op, values)])).unwrap();
+            assert!(!s.selects_by_absence(), "{op}");
+        }
         assert_eq!(
             Selector::try_from(&sel(&[], &[("k", "Matches", Some(&["v"]))])),
             Err(SelectorError::UnknownOperator {

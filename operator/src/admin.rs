@@ -48,6 +48,7 @@ pub struct Metrics {
     pub admissions: Family<AdmissionLabels, Counter>,
     pub admission_seconds: Family<WebhookLabels, Histogram>,
     pub stale_sidecars: Gauge,
+    pub unmediated_pods: Gauge,
     pub policy_streams: Gauge,
 }
 
@@ -94,6 +95,12 @@ impl Default for Metrics {
             "Bound sidecars not reporting the policy version in force, summed over policies (leader only)",
             stale_sidecars.clone(),
         );
+        let unmediated_pods = Gauge::default();
+        registry.register(
+            "unmediated_pods",
+            "Pods an AgentIdentity selects that Mandate does not mediate (never injected, or in a namespace not enforced), summed over identities (leader only)",
+            unmediated_pods.clone(),
+        );
         let policy_streams = Gauge::default();
         registry.register(
             "policy_streams",
@@ -108,6 +115,7 @@ impl Default for Metrics {
             admissions,
             admission_seconds,
             stale_sidecars,
+            unmediated_pods,
             policy_streams,
         }
     }

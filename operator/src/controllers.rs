@@ -1,13 +1,13 @@
 //! The reconcilers: AgentPolicy (compile, version, conditions, events) and
 //! AgentIdentity (SPIFFE ID, bound pods, conditions).
 
-use mandate_api::names::IN_FORCE_ANNOTATION;
+use mandate_api::names::{ENFORCE_LABEL, IN_FORCE_ANNOTATION, INJECTED_ANNOTATION};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -45,6 +45,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Sidecars not (yet) running the version in force, per policy.
     stale: Mutex<HashMap<String, i32>>,
+    /// Selected pods Mandate does not mediate, per identity.
+    unmediated: Mutex<HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -64,6 +66,16 @@ impl Context {
         }
     }
 
+    pub fn unmediated(&self, identity: &str, pods: usize) {
+        if let Ok(mut m) = self.unmediated.lock() {
+            m.insert(identity.to_string(), pods);
+            let total = m.values().sum::<usize>();
+            self.metrics
+                .unmediated_pods
+                .set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+    }
+
     pub fn new(client: Client, metrics: Arc<Metrics>, trust_domain: String, instance: String) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -72,6 +84,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             stale: Mutex::default(),
+            unmediated: Mutex::default(),
             client,
             metrics,
             trust_domain,
@@ -378,22 +391,74 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
 
     let spiffe = identity::spiffe_id(obj.spec.spiffe_id_template.as_deref(), &ctx.trust_domain, &ns, &name);
     let selector = Selector::try_from(&obj.spec.selector);
+    // An ID two identities resolve to belongs to neither: the signer and the
+    // policy stream refuse it, so the status says so too.
+    let clash = match &spiffe {
+        Ok(id) => {
+            let others = Api::<Lenient<AgentIdentity>>::namespaced(ctx.client.clone(), &ns)
+                .list(&ListParams::default())
+                .await?;
+            let mut sharing: Vec<String> = others
+                .items
+                .iter()
+                .filter(|o| o.name_any() != name)
+                .filter_map(|o| {
+                    let spec = &o.parsed.as_ref().ok()?.spec;
+                    let theirs = identity::spiffe_id(
+                        spec.spiffe_id_template.as_deref(),
+                        &ctx.trust_domain,
+                        &ns,
+                        &o.name_any(),
+                    )
+                    .ok()?;
+                    (theirs == *id).then(|| o.name_any())
+                })
+                .collect();
+            sharing.sort();
+            (!sharing.is_empty()).then(|| {
+                format!(
+                    "AgentIdentity {} in {ns} resolves to {id} too: a SPIFFE ID names one agent, so neither gets SVIDs or policies; give each its own spec.spiffeIdTemplate (with {{name}})",
+                    sharing.join(", ")
+                )
+            })
+        }
+        Err(_) => None,
+    };
+    let mut unmediated: Vec<(String, &'static str)> = Vec::new();
     let (bound_pods, problem) = match (&spiffe, &selector) {
         (Err(e), _) => (previous.bound_pods, Some(("InvalidSpiffeId", e.to_string()))),
         (_, Err(e)) => (0, Some(("InvalidSelector", format!("spec.selector: {e}")))),
-        (Ok(_), Ok(sel)) if sel.selects_all() => (
+        _ if clash.is_some() => (0, clash.map(|c| ("DuplicateSpiffeId", c))),
+        (Ok(_), Ok(sel)) if sel.selects_by_absence() => (
             0,
-            Some((
-                "InvalidSelector",
-                "spec.selector is empty and would make every pod in the namespace this agent".into(),
-            )),
+            Some(("InvalidSelector", mandate_api::crd::SELECTS_BY_ABSENCE.into())),
         ),
         (Ok(_), Ok(sel)) => {
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let list = pods
-                .list_metadata(&ListParams::default().labels(&sel.to_string()))
-                .await?;
-            (i32::try_from(list.items.len()).unwrap_or(i32::MAX), None)
+            let list = pods.list(&ListParams::default().labels(&sel.to_string())).await?;
+            let enforced = Api::<Namespace>::all(ctx.client.clone())
+                .get_opt(&ns)
+                .await?
+                .is_some_and(|n| n.labels().get(ENFORCE_LABEL).map(String::as_str) == Some("true"));
+            let mut bound = 0i32;
+            for p in &list.items {
+                let finished = p.metadata.deletion_timestamp.is_some()
+                    || p.status
+                        .as_ref()
+                        .and_then(|s| s.phase.as_deref())
+                        .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
+                if finished {
+                    continue;
+                }
+                let injected = p.annotations().contains_key(INJECTED_ANNOTATION);
+                match (enforced, injected) {
+                    (true, true) => bound = bound.saturating_add(1),
+                    (false, _) => unmediated.push((p.name_any(), "its namespace is not enforced")),
+                    (true, false) => unmediated.push((p.name_any(), "never injected")),
+                }
+            }
+            unmediated.sort();
+            (bound, None)
         }
     };
     let ready = condition(
@@ -429,11 +494,31 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
             tracing::warn!(identity = %format!("{ns}/{name}"), %err, "could not publish event");
         }
     }
+    let mediated = mediated_condition(&previous.conditions, &unmediated, generation);
+    if !unmediated.is_empty() {
+        let was = previous.conditions.iter().find(|c| c.type_ == "Mediated");
+        if was.is_none_or(|c| c.status != mediated.status || c.message != mediated.message) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: mediated.reason.clone(),
+                note: Some(mandate_core::conditions::truncate(mediated.message.clone(), 1000)),
+                action: "Mediate".into(),
+                secondary: None,
+            };
+            if let Err(err) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+                tracing::warn!(identity = %format!("{ns}/{name}"), %err, "could not publish event");
+            }
+        }
+        tracing::warn!(identity = %format!("{ns}/{name}"), pods = unmediated.len(), "{}", mediated.message);
+    }
+    ctx.unmediated(&format!("{ns}/{name}"), unmediated.len());
     let status = AgentIdentityStatus {
         observed_generation: generation,
         spiffe_id: spiffe.ok(),
         bound_pods,
-        conditions: vec![ready],
+        unmediated_pods: i32::try_from(unmediated.len()).unwrap_or(i32::MAX),
+        unmediated: unmediated.iter().take(20).map(|(p, _)| p.clone()).collect(),
+        conditions: vec![ready, mediated],
         // Written by the CA (its own field manager); left alone here.
         svids: Vec::new(),
     };
@@ -442,6 +527,43 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
     // Pod events map a pod to the identities its *current* labels match; a
     // pod relabelled away, or deleted during a watch gap, is caught here.
     Ok(Action::requeue(RECOUNT_EVERY))
+}
+
+/// `Mediated`: whether every pod the identity selects is mediated, and if
+/// not, which are not and why.
+fn mediated_condition(
+    previous: &[mandate_api::meta::Condition],
+    unmediated: &[(String, &'static str)],
+    generation: Option<i64>,
+) -> mandate_api::meta::Condition {
+    let (reason, message) = match unmediated {
+        [] => (
+            "AllInjected",
+            "every selected pod runs Mandate's proxy and sidecar".to_string(),
+        ),
+        [(_, why), ..] => {
+            let shown: Vec<String> = unmediated.iter().take(5).map(|(p, w)| format!("{p} ({w})")).collect();
+            let more = unmediated.len().saturating_sub(shown.len());
+            (
+                if *why == "never injected" {
+                    "PodsNotInjected"
+                } else {
+                    "NamespaceNotEnforced"
+                },
+                format!(
+                    "{} selected pod(s) run with no proxy and no decision: {}{}; they are not counted as bound. Label the namespace {ENFORCE_LABEL}=true and re-create them so that they are injected",
+                    unmediated.len(),
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+        }
+    };
+    condition(previous, "Mediated", unmediated.is_empty(), reason, message, generation)
 }
 
 /// `(bound, in force)`: injected pods this policy binds (through the

@@ -130,8 +130,17 @@ async fn policies(ns: &TestNamespace) -> Result<()> {
 }
 
 async fn identities(ns: &TestNamespace) -> Result<()> {
-    let empty = "spec.selector is empty: it would make every pod in the namespace this agent";
+    let empty = "spec.selector selects pods by what they lack";
     refused(ns, "an empty selector", &identity(json!({"selector": {}})), empty).await?;
+    refused(
+        ns,
+        "a selector of absences only",
+        &identity(json!({"selector": {"matchExpressions": [
+            {"key": "app", "operator": "NotIn", "values": ["web"]},
+            {"key": "debug", "operator": "DoesNotExist"}]}})),
+        empty,
+    )
+    .await?;
     refused(
         ns,
         "a selector of empty lists",

@@ -44,11 +44,8 @@ pub fn identity(
         }
     }
     let selector = Selector::try_from(&spec.selector).map_err(|e| format!("spec.selector: {e}"))?;
-    if selector.selects_all() {
-        return Err(
-            "spec.selector is empty: it would make every pod in the namespace this agent; select the agent's pods by label"
-                .into(),
-        );
+    if selector.selects_by_absence() {
+        return Err(mandate_api::crd::SELECTS_BY_ABSENCE.into());
     }
     if let Some(ttl) = &spec.svid_ttl {
         parse_duration(ttl).map_err(|e| format!("spec.svidTtl: {e}"))?;
