@@ -734,7 +734,6 @@ spec:
     ] {
         expect(&["tcp", &target], &["refused"], 10).await?;
     }
-    drop(expect);
     failures.extend(answers);
     eprintln!("probes:\n  {}", seen.join("\n  "));
 

@@ -520,9 +520,11 @@ async fn run_probe(probe: Probe, timeout: Duration) -> (serde_json::Value, Outco
         } => probe_dns(&name, &server, &qtype, tcp, timeout).await,
         Probe::Http { url, host, method } => probe_http(&url, host.as_deref(), &method, timeout).await,
     };
-    extra["probe"] = kind.into();
-    extra["target"] = target.into();
-    extra["outcome"] = outcome.name().into();
+    if let Some(fields) = extra.as_object_mut() {
+        fields.insert("probe".into(), kind.into());
+        fields.insert("target".into(), target.into());
+        fields.insert("outcome".into(), outcome.name().into());
+    }
     (extra, outcome)
 }
 
@@ -719,7 +721,7 @@ async fn probe_http(url: &str, host: Option<&str>, method: &str, timeout: Durati
     let decision_id = headers.get("x-mandate-decision-id").cloned().or_else(|| {
         serde_json::from_str::<serde_json::Value>(body)
             .ok()
-            .and_then(|b| b["decision_id"].as_str().map(str::to_string))
+            .and_then(|b| b.get("decision_id")?.as_str().map(str::to_string))
     });
     let outcome = if status == 403 && decision_id.is_some() {
         Outcome::Denied
