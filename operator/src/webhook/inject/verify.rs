@@ -352,7 +352,8 @@ mod tests {
         // Same marker, same containers, but the policy volume is the
         // attacker's ConfigMap, the socket's directory a hostPath, the
         // token for another audience, or a volume gone or added.
-        let forgeries: [(&str, &dyn Fn(&mut serde_json::Value)); 5] = [
+        type Forge<'a> = &'a dyn Fn(&mut serde_json::Value);
+        let forgeries: [(&str, Forge); 5] = [
             (POLICY_VOLUME, &|v| v["configMap"]["name"] = json!("allow-all")),
             (RUN_VOLUME, &|v| {
                 v.as_object_mut().unwrap().remove("emptyDir");
