@@ -2,6 +2,8 @@
 //!
 //! - `/mutate/pods`: inject Envoy + mandate-sidecar into agent pods;
 //! - `/validate/pods`: refuse an agent pod without (or with altered) injection;
+//! - `/validate/namespaces`: refuse removing (or changing) `mandate.dev/enforce`
+//!   from a namespace while injected agent pods still run in it;
 //! - `/validate/agentpolicies`: refuse a policy that does not compile or whose tests fail;
 //! - `/validate/agentidentities`: refuse a malformed or overlapping identity;
 //! - `/mutate/agentapprovals`, `/validate/agentapprovals`: only the decision
@@ -135,6 +137,7 @@ pub fn router(state: WebhookState) -> Router {
     Router::new()
         .route("/mutate/pods", post(admit::<Mutating, Pod>))
         .route("/validate/pods", post(admit::<Validating, Pod>))
+        .route("/validate/namespaces", post(admit::<Validating, Namespace>))
         .route("/validate/agentpolicies", post(admit::<Validating, AgentPolicy>))
         .route("/validate/agentidentities", post(admit::<Validating, AgentIdentity>))
         .route("/mutate/agentapprovals", post(admit::<Mutating, AgentApproval>))
@@ -684,6 +687,69 @@ fn ephemeral_added(old: Option<&Pod>, new: &Pod) -> bool {
     count(new) > old.map_or(0, count)
 }
 
+// ------------------------------------------------------------------ namespaces
+
+/// The opt-in is protected: an update that takes `mandate.dev/enforce=true`
+/// off a namespace (removes the label or changes its value) is refused while
+/// pods Mandate injected are not terminated there, since they would keep
+/// running with nothing guarding them. There is no override: whoever may edit
+/// the namespace could set it too. Read live, so a read error is a refusal.
+impl Validate<Namespace> for WebhookState {
+    type Review = Namespace;
+    const WEBHOOK: &'static str = "validate-namespaces";
+    async fn validate(&self, req: &AdmissionRequest<Namespace>) -> AdmissionResponse {
+        let (Operation::Update, Some(old), Some(new)) = (&req.operation, &req.old_object, &req.object) else {
+            return AdmissionResponse::from(req);
+        };
+        let enforced = |n: &Namespace| n.labels().get(ENFORCE_LABEL).map(String::as_str) == Some("true");
+        if !enforced(old) || enforced(new) {
+            return AdmissionResponse::from(req);
+        }
+        let ns = old.name_any();
+        match injected_running(&self.client, &ns).await {
+            Ok(pods) if pods.is_empty() => AdmissionResponse::from(req),
+            Ok(pods) => deny(req, opt_out_refused(&ns, &pods)),
+            Err(why) => deny(req, why),
+        }
+    }
+}
+
+/// The pods in `ns` carrying Mandate's injected marker that have not
+/// terminated (phase neither Succeeded nor Failed), asked of the apiserver.
+async fn injected_running(client: &Client, ns: &str) -> Result<Vec<String>, String> {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let list = tokio::time::timeout(LIVE_READ_TIMEOUT, api.list(&Default::default()))
+        .await
+        .map_err(|_| format!("Mandate's operator could not list the pods of namespace {ns} in time; retry shortly"))?
+        .map_err(|e| format!("Mandate's operator could not list the pods of namespace {ns} ({e}); retry shortly"))?;
+    let mut names: Vec<String> = list
+        .items
+        .iter()
+        .filter(|p| p.annotations().contains_key(mandate_api::names::INJECTED_ANNOTATION))
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .map(ResourceExt::name_any)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn opt_out_refused(ns: &str, pods: &[String]) -> String {
+    let shown: Vec<&str> = pods.iter().take(5).map(String::as_str).collect();
+    let more = if pods.len() > shown.len() {
+        format!(" and {} more", pods.len() - shown.len())
+    } else {
+        String::new()
+    };
+    format!(
+        "namespace {ns} has {} running agent pod(s) Mandate injected ({}{more}); removing or changing {ENFORCE_LABEL}=true would leave them running unguarded. Delete the agent pods (scale their workloads to zero) or move them out of the namespace first, then change the label",
+        pods.len(),
+        shown.join(", ")
+    )
+}
+
 // ------------------------------------------------------------------ policies and identities
 
 impl Validate<AgentPolicy> for WebhookState {
@@ -868,6 +934,7 @@ mod tests {
         for path in [
             "/mutate/pods",
             "/validate/pods",
+            "/validate/namespaces",
             "/validate/agentpolicies",
             "/validate/agentidentities",
             "/mutate/agentapprovals",
