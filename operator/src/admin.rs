@@ -38,6 +38,12 @@ pub struct WebhookLabels {
     pub webhook: &'static str,
 }
 
+/// Labels of the ack counter: recorded | refused | failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AckLabels {
+    pub result: &'static str,
+}
+
 /// The operator's metrics. Labels never carry object names (unbounded series).
 #[derive(Debug)]
 pub struct Metrics {
@@ -49,6 +55,7 @@ pub struct Metrics {
     pub admission_seconds: Family<WebhookLabels, Histogram>,
     pub stale_sidecars: Gauge,
     pub policy_streams: Gauge,
+    pub acks: Family<AckLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -100,6 +107,12 @@ impl Default for Metrics {
             "Sidecars subscribed to this replica's policy stream",
             policy_streams.clone(),
         );
+        let acks = Family::<AckLabels, Counter>::default();
+        registry.register(
+            "acks",
+            "Sidecars' acks of a policy set, by result: recorded, refused (not a set this replica sent that pod on that connection), failed (could not be written)",
+            acks.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -109,6 +122,7 @@ impl Default for Metrics {
             admission_seconds,
             stale_sidecars,
             policy_streams,
+            acks,
         }
     }
 }
