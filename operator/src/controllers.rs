@@ -511,7 +511,7 @@ async fn sidecars_in_force(
             .iter()
             .filter(|i| binding::selects(&i.spec.selector, &labels))
             .flat_map(|i| i.status.iter().flat_map(|s| s.sidecars.iter()))
-            .any(|e| e.pod == pod_name && e.pod_uid == uid && e.in_force.iter().any(|p| *p == want));
+            .any(|e| e.pod == pod_name && e.pod_uid == uid && e.in_force.contains(&want));
         if runs {
             in_force += 1;
         }
