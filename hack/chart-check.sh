@@ -140,6 +140,20 @@ for values in "$CHART"/ci/*-values.yaml; do
   fi
 done
 
+# The RBAC check must be able to fail: the default rendering with patch on
+# pods added is refused (the operator never writes pods).
+if [ -f "$tmp/default.yaml" ]; then
+  sed 's/verbs: \["get", "list", "watch"\]$/verbs: ["get", "list", "watch", "patch"]/' "$tmp/default.yaml" >"$tmp/pod-patch.yaml"
+  if out="$("$PY" hack/chart_check.py rendered --crds "$CRDS" --operator-reference docs/reference/mandate-operator.md \
+    --router operator/src/webhook/mod.rs --namespace "$NS" --pdb policy/v1 "$tmp/pod-patch.yaml" 2>&1)"; then
+    fail "chart_check.py accepted an operator ClusterRole that patches pods"
+  elif grep -q "writes pods" <<<"$out"; then
+    pass "an operator role that patches pods is refused"
+  else
+    fail "chart_check.py refused the pod-patching role, but not for writing pods: $out"
+  fi
+fi
+
 # Below the floor: the chart refuses to render (its kubeVersion is the oldest
 # Kubernetes its behaviour is tested on).
 floor="$(sed -n 's/^kubeVersion: *"\(.*\)"$/\1/p' "$CHART/Chart.yaml")"

@@ -227,6 +227,9 @@ def check_rendered(docs, crd_file, env_known, paths, ns, pdb_version):
                 where = f"{kind} {role['metadata']['name']}: rule {rule}"
                 if "*" in rule.get("verbs", []) + rule.get("resources", []) + rule.get("apiGroups", []):
                     problem(f"{where} uses a wildcard")
+                pod_writes = set(rule.get("verbs", [])) & {"create", "update", "patch", "delete", "deletecollection", "*"}
+                if any(r == "pods" or r.startswith("pods/") or r == "*" for r in rule.get("resources", [])) and pod_writes:
+                    problem(f"{where} writes pods ({sorted(pod_writes)}): the operator only reads them")
                 if "secrets" in rule.get("resources", []):
                     if kind == "ClusterRole":
                         problem(f"{where} grants secrets cluster-wide")

@@ -314,6 +314,30 @@ pub struct AgentIdentityStatus {
     /// latest issue per pod, written by the operator's CA.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub svids: Vec<SvidIssue>,
+    /// What each pod's sidecar acknowledged enforcing: the policy set the
+    /// operator sent it on its mTLS stream (the ack names only the set's
+    /// version; the policies are the operator's record of that set). Written
+    /// by the operator's policy service (its own field manager), one entry
+    /// per existing pod; AgentPolicy `status.inForce` counts from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<SidecarAck>,
+}
+
+/// A sidecar's latest acknowledged policy set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarAck {
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's UID: an entry counts only for the very pod it was written for.
+    pub pod_uid: String,
+    /// The `set_version` the operator sent and the sidecar acknowledged.
+    pub set_version: String,
+    /// `namespace/name=version` of each policy in that set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_force: Vec<String>,
+    /// When the ack was recorded.
+    pub acked_at: Time,
 }
 
 fn is_zero(n: &i32) -> bool {

@@ -17,9 +17,6 @@ pub const PROXY_WARNING_ANNOTATION: &str = "mandate.dev/proxy-env-warning";
 /// Annotation choosing the ConfigMap of policy files the sidecar reads
 /// (until the operator pushes policies).
 pub const POLICY_CONFIGMAP_ANNOTATION: &str = "mandate.dev/policy-configmap";
-/// Annotation on an agent pod: the policies its sidecar enforces, as
-/// `namespace/name=version` separated by commas (written on its Ack).
-pub const IN_FORCE_ANNOTATION: &str = "mandate.dev/policies-in-force";
 /// Annotation on the operator's certificate Secrets (the webhook's, the
 /// SPIFFE CA's): when the certificate expires.
 pub const NOT_AFTER_ANNOTATION: &str = "mandate.dev/not-after";

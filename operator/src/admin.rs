@@ -38,6 +38,12 @@ pub struct WebhookLabels {
     pub webhook: &'static str,
 }
 
+/// Labels of the ack counter: recorded | refused | failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AckLabels {
+    pub result: &'static str,
+}
+
 /// The operator's metrics. Labels never carry object names (unbounded series).
 #[derive(Debug)]
 pub struct Metrics {
@@ -50,6 +56,7 @@ pub struct Metrics {
     pub stale_sidecars: Gauge,
     pub unmediated_pods: Gauge,
     pub policy_streams: Gauge,
+    pub acks: Family<AckLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -107,6 +114,12 @@ impl Default for Metrics {
             "Sidecars subscribed to this replica's policy stream",
             policy_streams.clone(),
         );
+        let acks = Family::<AckLabels, Counter>::default();
+        registry.register(
+            "acks",
+            "Sidecars' acks of a policy set, by result: recorded, refused (not a set this replica sent that pod on that connection), failed (could not be written)",
+            acks.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -117,6 +130,7 @@ impl Default for Metrics {
             stale_sidecars,
             unmediated_pods,
             policy_streams,
+            acks,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The reconcilers: AgentPolicy (compile, version, conditions, events) and
 //! AgentIdentity (SPIFFE ID, bound pods, conditions).
 
-use mandate_api::names::{ENFORCE_LABEL, IN_FORCE_ANNOTATION, INJECTED_ANNOTATION};
+use mandate_api::names::{ENFORCE_LABEL, INJECTED_ANNOTATION};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -521,6 +521,8 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
         conditions: vec![ready, mediated],
         // Written by the CA (its own field manager); left alone here.
         svids: Vec::new(),
+        // Written by the policy service on each ack (its own field manager).
+        sidecars: Vec::new(),
     };
     let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
     apply_status(&api, &name, serde_json::to_value(&status)?).await?;
@@ -568,7 +570,11 @@ fn mediated_condition(
 
 /// `(bound, in force)`: injected pods this policy binds (through the
 /// identities it names or its agentSelector), and how many of their
-/// sidecars report `version` of it.
+/// sidecars acknowledged a set with `version` of it. Acks are read from the
+/// AgentIdentities' `status.sidecars` (written only by the operator, from
+/// the set it sent), and count only for an existing pod with the same uid
+/// that the acknowledging identity still selects; pod annotations count
+/// for nothing.
 async fn sidecars_in_force(
     ctx: &Context,
     ns: &str,
@@ -576,13 +582,20 @@ async fn sidecars_in_force(
     spec: &mandate_api::crd::AgentPolicySpec,
     version: &str,
 ) -> Result<(i32, i32)> {
-    // Only this policy's agents are read: each identity it names, and the
-    // pods of each selector (filtered by the apiserver), never the whole
-    // namespace (a reconcile per policy must not cost a list of everything).
-    let identities = Api::<AgentIdentity>::namespaced(ctx.client.clone(), ns);
+    // Only this policy's agents are read: the pods of each selector
+    // (filtered by the apiserver), never the whole namespace's pods (a
+    // reconcile per policy must not cost a list of everything). The
+    // namespace's identities are few, and hold the acks.
+    let identities: Vec<AgentIdentity> = Api::<Lenient<AgentIdentity>>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|i| i.parsed.ok())
+        .collect();
     let mut selectors: Vec<Selector> = Vec::new();
     for id in &spec.identities {
-        if let Some(i) = identities.get_opt(id).await?
+        if let Some(i) = identities.iter().find(|i| i.name_any() == *id)
             && let Ok(sel) = Selector::try_from(&i.spec.selector)
         {
             selectors.push(sel);
@@ -613,12 +626,15 @@ async fn sidecars_in_force(
             continue;
         }
         bound += 1;
-        let runs = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(IN_FORCE_ANNOTATION))
-            .is_some_and(|v| v.split(',').any(|e| e == want));
+        let (Some(pod_name), Some(uid)) = (pod.metadata.name.as_deref(), pod.metadata.uid.as_deref()) else {
+            continue;
+        };
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let runs = identities
+            .iter()
+            .filter(|i| binding::selects(&i.spec.selector, &labels))
+            .flat_map(|i| i.status.iter().flat_map(|s| s.sidecars.iter()))
+            .any(|e| e.pod == pod_name && e.pod_uid == uid && e.in_force.contains(&want));
         if runs {
             in_force += 1;
         }
@@ -706,7 +722,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
     .applied_objects();
     let policy_ctl = Controller::for_stream(policy_objects, policy_reader);
     let policy_store = policy_ctl.store();
-    // A pod's change (an Ack, a new or gone agent) recounts the policies of its namespace.
+    let policy_store_b = policy_store.clone();
+    // A pod's change (a new or gone agent) and an identity's (an ack in its
+    // status) recount the policies of its namespace.
     let policy_ctl = policy_ctl
         .watches(pods.clone(), watcher::Config::default(), move |pod: Pod| {
             policy_store
@@ -716,6 +734,18 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .watches(
+            identities.clone(),
+            watcher::Config::default(),
+            move |identity: Lenient<AgentIdentity>| {
+                policy_store_b
+                    .state()
+                    .iter()
+                    .filter(|p| p.namespace() == identity.namespace())
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(async move {
             let _ = stop_a.recv().await;
         })

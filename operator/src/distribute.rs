@@ -6,13 +6,23 @@
 //! spec does not, its last good spec (kept in its status) is sent instead,
 //! and a policy that never had a good version is named as withheld, which
 //! sidecars enforce as deny-all.
+//!
+//! Acks: a sidecar's Ack names the `set_version` it now enforces. It is
+//! accepted only on the TLS connection whose Subscribe stream sent that set
+//! to that pod (a SPIFFE ID names an identity, shared by all its pods; the
+//! connection is what tells one pod's sidecar from another's), and what is
+//! recorded is the operator's own copy of that set, in the AgentIdentity's
+//! `status.sidecars` (a status subresource only the operator may write), not
+//! what the sidecar claims. Anything else is refused with the reason, and
+//! counted in `mandate_operator_acks_total{result}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -24,12 +34,44 @@ use tonic::{Request, Response, Status};
 
 use crate::admin::Metrics;
 use crate::lenient::Lenient;
-use mandate_api::crd::{AgentIdentity, AgentPolicy, AgentPolicySpec};
-use mandate_api::names::IN_FORCE_ANNOTATION;
+use mandate_api::crd::{AgentIdentity, AgentPolicy, AgentPolicySpec, SidecarAck};
 
 /// The peer's SPIFFE ID, put into each request by the TLS server.
 #[derive(Debug, Clone)]
 pub struct PeerSpiffeId(pub String);
+
+/// The TLS connection a request arrived on: a number per accepted
+/// connection, put into each request by the TLS server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerConnection(pub u64);
+
+/// Field manager of the acks in AgentIdentity `status.sidecars`.
+pub const ACK_MANAGER: &str = "mandate-operator-acks";
+
+/// Sets remembered per stream (an ack may trail the next set by a little).
+const SETS_REMEMBERED: usize = 4;
+
+/// Attempts to write an ack when other writers keep changing the identity.
+const ACK_ATTEMPTS: usize = 5;
+
+/// What one Subscribe stream sent: to whom, on which connection, and the
+/// latest sets (their version and `namespace/name=version` of each policy).
+#[derive(Debug)]
+struct Sent {
+    connection: u64,
+    spiffe_id: String,
+    pod_uid: String,
+    sets: VecDeque<(String, Vec<String>)>,
+}
+
+/// `namespace/name=version` of each policy in `set` (withheld ones enforce
+/// deny-all and run no version of their policy).
+fn policies_in(set: &PolicySet) -> Vec<String> {
+    set.policies
+        .iter()
+        .map(|p| format!("{}/{}={}", p.namespace, p.name, p.version))
+        .collect()
+}
 
 /// The distribution service: stores of policies and identities, and a
 /// counter bumped on every change of either.
@@ -42,6 +84,9 @@ pub struct Distributor {
     changed: watch::Receiver<u64>,
     /// version → whether that spec compiles and passes its tests.
     checked: Arc<Mutex<HashMap<String, bool>>>,
+    /// stream number → what it sent (until it ends).
+    sent: Arc<Mutex<HashMap<u64, Sent>>>,
+    streams: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
@@ -104,6 +149,8 @@ impl Distributor {
             identities,
             changed: rx,
             checked: Arc::default(),
+            sent: Arc::default(),
+            streams: Arc::default(),
             metrics,
         }
     }
@@ -256,6 +303,23 @@ impl Policies for Distributor {
         let (ns, identity, pod) = self.caller(request.extensions(), &request.get_ref().pod).await?;
         let labels = pod.labels().clone();
         let pod_name = pod.name_any();
+        // What this stream sends is remembered for the acks on its connection.
+        let stream = self.streams.fetch_add(1, Ordering::Relaxed);
+        let connection = request.extensions().get::<PeerConnection>().map(|c| c.0);
+        let spiffe_id = request.extensions().get::<PeerSpiffeId>().map(|p| p.0.clone());
+        if let (Some(connection), Some(spiffe_id), Some(pod_uid)) = (connection, spiffe_id, pod.metadata.uid.clone())
+            && let Ok(mut sent) = self.sent.lock()
+        {
+            sent.insert(
+                stream,
+                Sent {
+                    connection,
+                    spiffe_id,
+                    pod_uid,
+                    sets: VecDeque::new(),
+                },
+            );
+        }
         tracing::info!(pod = %format!("{ns}/{pod_name}"), %identity, "sidecar subscribed");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let me = self.clone();
@@ -267,6 +331,8 @@ impl Policies for Distributor {
                 let set = me.set_for(&ns, &identity, &labels);
                 if set.set_version != last {
                     last = set.set_version.clone();
+                    // Remembered before it is sent: its ack may come at once.
+                    me.remember(stream, &set);
                     if tx.send(Ok(set)).await.is_err() {
                         break;
                     }
@@ -276,6 +342,9 @@ impl Policies for Distributor {
                     () = tx.closed() => break,
                 }
             }
+            if let Ok(mut sent) = me.sent.lock() {
+                sent.remove(&stream);
+            }
             me.metrics.policy_streams.dec();
             tracing::info!(pod = %format!("{ns}/{pod_name}"), "sidecar unsubscribed");
         });
@@ -284,13 +353,156 @@ impl Policies for Distributor {
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         self.loaded().await?;
-        let (ns, _, pod) = self.caller(request.extensions(), &request.get_ref().pod).await?;
-        let in_force = request.get_ref().in_force.join(",");
-        let patch = serde_json::json!({"metadata": {"annotations": {IN_FORCE_ANNOTATION: in_force}}});
-        Api::<Pod>::namespaced(self.client.clone(), &ns)
-            .patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| Status::unavailable(format!("recording the ack: {e}")))?;
-        Ok(Response::new(AckResponse {}))
+        let result = self.take_ack(&request).await;
+        let outcome = match &result {
+            Ok(()) => "recorded",
+            Err(s) if s.code() == tonic::Code::Unavailable => "failed",
+            Err(_) => "refused",
+        };
+        self.metrics
+            .acks
+            .get_or_create(&crate::admin::AckLabels { result: outcome })
+            .inc();
+        if let Err(s) = &result {
+            tracing::warn!(pod = %request.get_ref().pod, set = %request.get_ref().set_version, reason = %s.message(), "ack {outcome}");
+        }
+        result.map(|()| Response::new(AckResponse {}))
+    }
+}
+
+impl Distributor {
+    /// Note that `stream` sent `set` (the latest few are kept).
+    fn remember(&self, stream: u64, set: &PolicySet) {
+        if let Ok(mut sent) = self.sent.lock()
+            && let Some(s) = sent.get_mut(&stream)
+        {
+            s.sets.retain(|(v, _)| *v != set.set_version);
+            s.sets.push_back((set.set_version.clone(), policies_in(set)));
+            while s.sets.len() > SETS_REMEMBERED {
+                s.sets.pop_front();
+            }
+        }
+    }
+
+    /// The policies of `set_version` if a stream on `connection` sent that
+    /// set to the pod `pod_uid` as `spiffe_id`; else why not.
+    fn sent_to(
+        &self,
+        connection: u64,
+        spiffe_id: &str,
+        pod_uid: &str,
+        set_version: &str,
+    ) -> Result<Vec<String>, String> {
+        let sent = self
+            .sent
+            .lock()
+            .map_err(|_| "the operator's record of sent sets is unusable".to_string())?;
+        let mut streams = sent
+            .values()
+            .filter(|s| s.connection == connection && s.spiffe_id == spiffe_id && s.pod_uid == pod_uid)
+            .peekable();
+        if streams.peek().is_none() {
+            return Err("no policy stream for this pod is open on this connection: \
+                 a sidecar acks on the connection it subscribed on, for its own pod"
+                .into());
+        }
+        streams
+            .find_map(|s| s.sets.iter().find(|(v, _)| v == set_version).map(|(_, p)| p.clone()))
+            .ok_or_else(|| format!("set {set_version} was never sent to this pod on this connection"))
+    }
+
+    /// Check an ack and record it in the AgentIdentity's `status.sidecars`.
+    async fn take_ack(&self, request: &Request<AckRequest>) -> Result<(), Status> {
+        let ack = request.get_ref();
+        let (ns, identity, pod) = self.caller(request.extensions(), &ack.pod).await?;
+        let pod_name = pod.name_any();
+        let pod_uid = pod
+            .metadata
+            .uid
+            .clone()
+            .ok_or_else(|| Status::unavailable(format!("pod {ns}/{pod_name} has no uid")))?;
+        let connection = request
+            .extensions()
+            .get::<PeerConnection>()
+            .ok_or_else(|| Status::failed_precondition("this request came on no policy stream's connection"))?;
+        let spiffe_id = request
+            .extensions()
+            .get::<PeerSpiffeId>()
+            .ok_or_else(|| Status::unauthenticated("no client SVID"))?;
+        let in_force = self
+            .sent_to(connection.0, &spiffe_id.0, &pod_uid, &ack.set_version)
+            .map_err(|why| Status::failed_precondition(format!("ack for pod {ns}/{pod_name} refused: {why}")))?;
+        let entry = SidecarAck {
+            pod: pod_name,
+            pod_uid,
+            set_version: ack.set_version.clone(),
+            in_force,
+            acked_at: mandate_api::meta::Time(jiff::Timestamp::now()),
+        };
+        self.record(&ns, &identity, entry).await
+    }
+
+    /// Write `entry` into `status.sidecars` of the identity `name` (with its
+    /// resourceVersion: several replicas write; a conflict is retried), and
+    /// drop the entries of pods that no longer exist.
+    async fn record(&self, ns: &str, name: &str, entry: SidecarAck) -> Result<(), Status> {
+        let api = Api::<AgentIdentity>::namespaced(self.client.clone(), ns);
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
+        let unavailable = |what: &str, e: kube::Error| Status::unavailable(format!("{what}: {e}"));
+        for _ in 0..ACK_ATTEMPTS {
+            let current = api
+                .get_status(name)
+                .await
+                .map_err(|e| unavailable("reading the AgentIdentity to record the ack", e))?;
+            let before = current.status.clone().map(|s| s.sidecars).unwrap_or_default();
+            // The pods that exist now (by uid): only their entries are kept.
+            let live: Option<HashMap<String, String>> =
+                match mandate_core::selector::Selector::try_from(&current.spec.selector) {
+                    Ok(sel) if !sel.selects_all() => Some(
+                        pods.list_metadata(&ListParams::default().labels(&sel.to_string()))
+                            .await
+                            .map_err(|e| unavailable("listing the identity's pods to record the ack", e))?
+                            .items
+                            .into_iter()
+                            .filter_map(|p| Some((p.metadata.name?, p.metadata.uid?)))
+                            .collect(),
+                    ),
+                    _ => None,
+                };
+            let mut after: Vec<SidecarAck> = before
+                .iter()
+                .filter(|e| e.pod != entry.pod)
+                .filter(|e| live.as_ref().is_none_or(|l| l.get(&e.pod) == Some(&e.pod_uid)))
+                .cloned()
+                .collect();
+            let unchanged = before.len() == after.len() + 1
+                && before.iter().any(|e| {
+                    e.pod == entry.pod
+                        && e.pod_uid == entry.pod_uid
+                        && e.set_version == entry.set_version
+                        && e.in_force == entry.in_force
+                });
+            if unchanged {
+                return Ok(());
+            }
+            after.push(entry.clone());
+            after.sort_by(|a, b| a.pod.cmp(&b.pod));
+            let patch = serde_json::json!({
+                "apiVersion": "mandate.dev/v1alpha1", "kind": "AgentIdentity",
+                "metadata": {"name": name, "resourceVersion": current.metadata.resource_version},
+                "status": {"sidecars": after},
+            });
+            match api
+                .patch_status(name, &PatchParams::apply(ACK_MANAGER).force(), &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(unavailable("recording the ack", e)),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "recording the ack: AgentIdentity {ns}/{name} kept changing ({ACK_ATTEMPTS} attempts)"
+        )))
     }
 }

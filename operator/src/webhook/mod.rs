@@ -157,7 +157,8 @@ pub async fn serve(
 
 /// Serve `app` with this TLS configuration. When the client presented a
 /// certificate, its SPIFFE ID goes into every request's extensions as
-/// [`crate::distribute::PeerSpiffeId`].
+/// [`crate::distribute::PeerSpiffeId`], and every request gets its
+/// connection's number as [`crate::distribute::PeerConnection`].
 pub async fn serve_tls(
     addr: SocketAddr,
     config: rustls::ServerConfig,
@@ -171,6 +172,8 @@ pub async fn serve_tls(
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "listening (TLS)");
     tokio::pin!(shutdown);
+    // One count for the process: numbers are never reused, whatever server restarts.
+    static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -184,6 +187,8 @@ pub async fn serve_tls(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let connection =
+            crate::distribute::PeerConnection(CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -207,6 +212,7 @@ pub async fn serve_tls(
                     if let Some(id) = &spiffe {
                         req.extensions_mut().insert(crate::distribute::PeerSpiffeId(id.clone()));
                     }
+                    req.extensions_mut().insert(connection);
                     req
                 });
             let service = hyper_util::service::TowerToHyperService::new(app);
