@@ -288,6 +288,17 @@ has "would make the agent pod's identity no identity" <<<"$out" ||
 [ "$(K get pod -n "$AGENTS" agent -o jsonpath='{.metadata.labels.agent}')" = "researcher" ] ||
   fail "the agent pod's labels changed despite the refusal"
 pass "relabelling an injected pod away from its identity is refused by the pod guard, with the reason"
+# Taking the namespace's opt-in back while the agent runs (so that the next
+# pod starts unguarded) is refused by the namespace guard.
+if out="$(K label ns "$AGENTS" mandate.dev/enforce- 2>&1)"; then
+  K label ns "$AGENTS" mandate.dev/enforce=true --overwrite >/dev/null 2>&1 || true
+  fail "removing the namespace's opt-in with an agent running was admitted: $out"
+fi
+has "running agent pod.s. Mandate injected .agent." <<<"$out" ||
+  fail "removing the opt-in was refused, but not by Mandate: $out"
+[ "$(K get ns "$AGENTS" -o jsonpath='{.metadata.labels.mandate\.dev/enforce}')" = "true" ] ||
+  fail "the namespace's opt-in is gone despite the refusal"
+pass "removing the namespace's opt-in while an injected agent runs is refused by the namespace guard, with the reason"
 
 svid_issued() {
   K get agentidentity -n "$AGENTS" researcher -o json | jq -e '.status.svids[]? | select(.pod == "agent")' >/dev/null

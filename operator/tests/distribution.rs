@@ -214,6 +214,9 @@ async fn run(op: &TestNamespace, agents: &TestNamespace, ports: &Ports, log: &Pa
     })
     .await?;
 
+    // Acks are the operator's record, not the sidecar's word.
+    forged_acks(agents, &dir, ports, &v1).await?;
+
     // A change reaches every sidecar.
     let started = tokio::time::Instant::now();
     apply(policy(
@@ -347,5 +350,156 @@ async fn run(op: &TestNamespace, agents: &TestNamespace, ports: &Ports, log: &Pa
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A hostile agent that holds its pod's token (so an SVID of its identity)
+/// tries to make status count a sidecar that runs nothing, or another pod's
+/// sidecar as in force: by the annotation acks used to be, by acking on a
+/// connection that never subscribed, for another pod, for a set never sent,
+/// and with a lie about what is in force. Only the last kind of ack lands,
+/// and what is recorded is what the operator sent, not the claim.
+async fn forged_acks(agents: &TestNamespace, dir: &Path, ports: &Ports, v1: &str) -> Result<()> {
+    use mandate_api::crd::AgentIdentity;
+    use mandate_proto::policy::v1::policies_client::PoliciesClient;
+    use mandate_proto::policy::v1::{AckRequest, SubscribeRequest};
+    use mandate_sidecar::svid;
+
+    let ns = agents.name();
+    let alpha_v1 = vec![format!("{ns}/alpha-policy={v1}")];
+    let pods = agents.api::<Pod>();
+    let uid = async |name: &str| -> Result<String> { pods.get(name).await?.metadata.uid.context("no uid") };
+    let acks = async || -> Result<Vec<mandate_api::crd::SidecarAck>> {
+        let id = agents.api::<AgentIdentity>().get_status("alpha").await?;
+        Ok(id.status.map(|s| s.sidecars).unwrap_or_default())
+    };
+    let in_force = async || -> Result<Option<String>> {
+        let p = agents.api::<AgentPolicy>().get_status("alpha-policy").await?;
+        Ok(p.status.and_then(|s| s.in_force))
+    };
+
+    // The real sidecars' acks: one entry per pod, from what was sent.
+    let recorded = acks().await?;
+    let names: Vec<&str> = recorded.iter().map(|a| a.pod.as_str()).collect();
+    ensure!(
+        names == ["alpha-0", "alpha-1", "alpha-2"],
+        "status.sidecars: {recorded:?}"
+    );
+    for a in &recorded {
+        ensure!(
+            a.in_force == alpha_v1 && a.pod_uid == uid(&a.pod).await?,
+            "ack entry {a:?}"
+        );
+    }
+    let alpha0_set = recorded[0].set_version.clone();
+
+    // The annotation acks used to be: it counts for nothing now.
+    let annotate = json!({"metadata": {"annotations": {"mandate.dev/policies-in-force": alpha_v1[0]}}});
+    pods.patch(
+        "alpha-3",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&annotate),
+    )
+    .await?;
+
+    // An SVID of alpha, from alpha-3's token, on a connection of its own.
+    let operator_id = format!("spiffe://{TD}/mandate/operator");
+    let cfg = svid::SvidConfig {
+        server: format!("https://127.0.0.1:{}", ports.identity),
+        token_file: dir.join("alpha-3.token"),
+        bundle_file: dir.join("bundle.pem"),
+        trust_domain: TD.into(),
+        server_id: operator_id.clone(),
+    };
+    let svid = svid::fetch(&cfg).await?;
+    let roots = svid::Bundle::File(dir.join("bundle.pem")).load()?;
+    let channel = svid::channel(
+        &format!("https://127.0.0.1:{}", ports.policy),
+        roots,
+        TD,
+        &operator_id,
+        Some(&svid),
+    )
+    .await?;
+    let mut client = PoliciesClient::new(channel);
+    let ack = |pod: &str, set: &str| AckRequest {
+        pod: pod.into(),
+        set_version: set.into(),
+        in_force: alpha_v1.clone(),
+    };
+    let refused = async |client: &mut PoliciesClient<_>, req: AckRequest, needle: &str| -> Result<()> {
+        let what = format!("an ack for {} of set {}", req.pod, req.set_version);
+        match client.ack(req).await {
+            Ok(_) => anyhow::bail!("{what} was accepted"),
+            Err(s) => ensure!(
+                s.message().contains(needle),
+                "{what}: refused for {s:?}, not for {needle:?}"
+            ),
+        }
+        Ok(())
+    };
+    // No stream on this connection: refused, even for a set alpha-0 runs.
+    refused(
+        &mut client,
+        ack("alpha-0", &alpha0_set),
+        "no policy stream for this pod",
+    )
+    .await?;
+    refused(
+        &mut client,
+        ack("alpha-3", &alpha0_set),
+        "no policy stream for this pod",
+    )
+    .await?;
+    // Another identity's pod: refused before anything else.
+    refused(&mut client, ack("beta-0", &alpha0_set), "is not an agent of").await?;
+
+    // Subscribed as alpha-3, on this connection: it is sent alpha's set.
+    let mut stream = client
+        .subscribe(SubscribeRequest { pod: "alpha-3".into() })
+        .await?
+        .into_inner();
+    let set = tokio::time::timeout(secs(30), stream.message())
+        .await
+        .context("no set within 30s")??
+        .context("the stream ended")?;
+    // A set never sent, and a pod this stream is not for: refused.
+    refused(&mut client, ack("alpha-3", "0000"), "was never sent").await?;
+    refused(
+        &mut client,
+        ack("alpha-0", &set.set_version),
+        "no policy stream for this pod",
+    )
+    .await?;
+    // Every refusal (and the annotation) left the count where it was.
+    ensure!(
+        in_force().await?.as_deref() == Some("3/4"),
+        "in force after forged acks"
+    );
+    ensure!(
+        acks().await?.len() == 3,
+        "an entry from a refused ack: {:?}",
+        acks().await?
+    );
+
+    // The set it was sent, acked with a lie about what is in force: the
+    // record is the operator's copy of the set.
+    let mut lie = ack("alpha-3", &set.set_version);
+    lie.in_force = vec![format!("{ns}/beta-policy=whatever")];
+    client.ack(lie).await?;
+    let entry = acks()
+        .await?
+        .into_iter()
+        .find(|a| a.pod == "alpha-3")
+        .context("no entry for alpha-3")?;
+    ensure!(
+        entry.in_force == alpha_v1 && entry.set_version == set.set_version && entry.pod_uid == uid("alpha-3").await?,
+        "alpha-3's entry: {entry:?}"
+    );
+    try_eventually("alpha-policy 4/4 in force", secs(30), async || {
+        Ok(in_force().await?.as_deref() == Some("4/4"))
+    })
+    .await?;
+    drop(stream);
     Ok(())
 }

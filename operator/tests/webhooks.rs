@@ -24,13 +24,13 @@ use std::time::Duration;
 mod support;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use mandate_api::crd::AgentApproval;
 use mandate_e2e::{Cluster, TestNamespace, secs};
 use mandate_testsupport::manifests::ALLOW_GET as GOOD;
-use mandate_testsupport::{agent_identity, agent_policy, wait_for};
+use mandate_testsupport::{agent_identity, agent_policy, try_eventually, wait_for};
 use serde_json::{Value, json};
 use support::Webhooks;
 
@@ -938,7 +938,8 @@ async fn hostile_agent_pods_are_refused_with_the_reason_and_ordinary_ones_cannot
     not(feature = "cluster-tests"),
     ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
 )]
-async fn relabelling_an_injected_pod_cannot_change_its_identity_or_shed_a_policy() -> Result<()> {
+async fn relabelling_an_injected_pod_or_its_namespace_cannot_change_its_identity_shed_a_policy_or_opt_out() -> Result<()>
+{
     let cluster = Cluster::connect().await?;
     cluster.install_crds().await?;
     let op = cluster.namespace("wh-op").await?;
@@ -1007,6 +1008,58 @@ async fn relabelling_an_injected_pod_cannot_change_its_identity_or_shed_a_policy
         l.get("tier").map(String::as_str) == Some("gold") && l.get("agent").map(String::as_str) == Some("researcher"),
         "{l:?}"
     );
+
+    // The namespace's opt-in cannot be taken back while the pod runs: not
+    // removed, not changed; another label of the namespace can change.
+    let namespaces = Api::<Namespace>::all(cluster.client());
+    let label_ns = |value: Value| {
+        let namespaces = namespaces.clone();
+        let name = agents.name().to_string();
+        async move {
+            namespaces
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": value}})),
+                )
+                .await
+        }
+    };
+    for (what, labels) in [
+        ("remove the opt-in", json!({"mandate.dev/enforce": null})),
+        ("turn it to false", json!({"mandate.dev/enforce": "false"})),
+    ] {
+        match label_ns(labels).await {
+            Ok(_) => bail!("{what}: the namespace update was admitted\n{}", hooks.logs()),
+            Err(kube::Error::Api(s)) => ensure!(
+                s.message
+                    .contains("1 running agent pod(s) Mandate injected (relabelled)")
+                    && s.message.contains("Delete the agent pods"),
+                "{what}: {}",
+                s.message
+            ),
+            Err(e) => bail!("{what}: {e}"),
+        }
+    }
+    label_ns(json!({"team": "a"}))
+        .await
+        .with_context(|| format!("an unrelated namespace label was refused\n{}", hooks.logs()))?;
+    let enforced = async || -> Result<bool> {
+        let n = namespaces.get(agents.name()).await?;
+        Ok(n.labels().get("mandate.dev/enforce").map(String::as_str) == Some("true"))
+    };
+    ensure!(enforced().await?, "the opt-in is gone");
+    // With the pod gone, the opt-out is the admin's to make.
+    api.delete("relabelled", &DeleteParams::default().grace_period(0))
+        .await?;
+    try_eventually("the pod to be gone", secs(30), async || {
+        Ok(api.get_opt("relabelled").await?.is_none())
+    })
+    .await?;
+    label_ns(json!({"mandate.dev/enforce": null}))
+        .await
+        .with_context(|| format!("the opt-out with no agent pod left was refused\n{}", hooks.logs()))?;
+    ensure!(!enforced().await?, "the opt-out did not take");
     drop(hooks);
     op.delete().await?;
     agents.delete().await

@@ -243,11 +243,27 @@ fn configurations(name: &str, port: u16, test: &str) -> (Value, Value) {
                  json!(["agentapprovals", "agentapprovals/status"]), false),
         ],
     });
+    // As in the chart: the namespace itself is matched by its labels (old and new).
+    let mut namespaces = hook(
+        "namespaces.mandate.dev",
+        "/validate/namespaces",
+        json!(["UPDATE"]),
+        "",
+        "v1",
+        json!(["namespaces"]),
+        true,
+    );
+    namespaces["objectSelector"] = namespaces["namespaceSelector"].take();
+    namespaces["rules"][0]["scope"] = json!("Cluster");
+    if let Some(hook) = namespaces.as_object_mut() {
+        hook.remove("namespaceSelector");
+    }
     let validating = json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": name},
         "webhooks": [
             hook("pods.mandate.dev", "/validate/pods", json!(["CREATE", "UPDATE"]), "", "v1", json!(["pods", "pods/ephemeralcontainers"]), true),
+            namespaces,
             hook("agentpolicies.mandate.dev", "/validate/agentpolicies", json!(["CREATE", "UPDATE"]), "mandate.dev",
                  "v1alpha1", json!(["agentpolicies"]), false),
             hook("agentidentities.mandate.dev", "/validate/agentidentities", json!(["CREATE", "UPDATE"]), "mandate.dev",
