@@ -488,6 +488,12 @@ if K get configmap -n kube-system mandate-trust-bundle >/dev/null 2>&1; then
 fi
 pass "kube-system is never affected, even labelled for enforcement"
 
+# The chart's own webhook configurations, checked for drift all along (a
+# webhook deleted, set to Ignore, narrowed), were never reported.
+drift="$(K get events -A --field-selector reason=WebhookDrift -o name 2>&1)" || fail "listing events: $drift"
+[ -z "$drift" ] || fail "the chart's webhook configurations were reported as drifted: $(K get events -A --field-selector reason=WebhookDrift -o jsonpath='{.items[*].note}')"
+pass "the chart's webhook configurations pass the operator's drift check"
+
 log "what kubectl shows:"
 K get agentpolicies,agentidentities -n "$AGENTS" >&2
 log "e2e: all checks passed in ${SECONDS}s"

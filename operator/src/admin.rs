@@ -44,6 +44,16 @@ pub struct AckLabels {
     pub result: &'static str,
 }
 
+/// Labels of the webhook drift gauge: a configuration Mandate serves and one
+/// of its webhooks (`-`: the configuration itself). Bounded: a handful.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    /// `mutating` or `validating`.
+    pub kind: &'static str,
+    pub configuration: String,
+    pub webhook: String,
+}
+
 /// The operator's metrics. Labels never carry object names (unbounded series).
 #[derive(Debug)]
 pub struct Metrics {
@@ -57,6 +67,7 @@ pub struct Metrics {
     pub unmediated_pods: Gauge,
     pub policy_streams: Gauge,
     pub acks: Family<AckLabels, Counter>,
+    pub webhook_drift: Family<DriftLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -120,6 +131,12 @@ impl Default for Metrics {
             "Sidecars' acks of a policy set, by result: recorded, refused (not a set this replica sent that pod on that connection), failed (could not be written)",
             acks.clone(),
         );
+        let webhook_drift = Family::<DriftLabels, Gauge>::default();
+        registry.register(
+            "webhook_drift",
+            "1 while a webhook mediation relies on is missing or weakened in its configuration (deleted, set to Ignore, rules narrowed, an objectSelector, enforced namespaces not selected); see the WebhookDrift events",
+            webhook_drift.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -131,6 +148,7 @@ impl Default for Metrics {
             unmediated_pods,
             policy_streams,
             acks,
+            webhook_drift,
         }
     }
 }

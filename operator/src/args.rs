@@ -122,6 +122,11 @@ pub struct Args {
     #[arg(long, env = "MANDATE_WEBHOOK_CERT_RELOAD_SECONDS", default_value_t = 10)]
     pub webhook_cert_reload_seconds: u64,
 
+    /// How often to check Mandate's webhook configurations for drift (a
+    /// webhook deleted, set to Ignore, narrowed...), in seconds.
+    #[arg(long, env = "MANDATE_WEBHOOK_DRIFT_CHECK_SECONDS", default_value_t = 30)]
+    pub webhook_drift_check_seconds: u64,
+
     /// YAML file of injection settings (images, ports, resources...); see
     /// InjectConfig. Flags below override it.
     #[arg(long, env = "MANDATE_INJECT_CONFIG")]

@@ -285,6 +285,27 @@ pub async fn start_webhooks(
     );
 
     let (identities, namespaces, synced) = webhook::stores(client);
+    tasks.spawn_background(
+        "webhook drift watch",
+        webhook::drift::DriftWatch {
+            client: client.clone(),
+            mutating: args.mutating_configurations.clone(),
+            validating: args.validating_configurations.clone(),
+            namespaces: namespaces.clone(),
+            watch_namespace: args.watch_namespace.clone(),
+            operator_namespace: args.operator_namespace.clone(),
+            metrics: metrics.clone(),
+            recorder: kube::runtime::events::Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: crate::controllers::MANAGER.into(),
+                    instance: Some(args.replica_identity()),
+                },
+            ),
+            every: Duration::from_secs(args.webhook_drift_check_seconds.max(1)),
+        }
+        .run(),
+    );
     let state = WebhookState {
         client: client.clone(),
         inject: Arc::new(inject),

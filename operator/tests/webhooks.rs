@@ -1064,3 +1064,125 @@ async fn relabelling_an_injected_pod_or_its_namespace_cannot_change_its_identity
     op.delete().await?;
     agents.delete().await
 }
+
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "cluster-tests"),
+    ignore = "needs the test cluster: hack/cluster.sh up --node, or make test"
+)]
+async fn switching_a_webhook_off_in_its_configuration_is_reported() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+    use k8s_openapi::api::events::v1::Event;
+
+    let cluster = Cluster::connect().await?;
+    cluster.install_crds().await?;
+    let op = cluster.namespace("wh-op").await?;
+    let agents = cluster.namespace("wh-drift").await?;
+    let hooks = Webhooks::start_with(
+        &cluster,
+        &op,
+        &agents,
+        vec!["--webhook-drift-check-seconds".into(), "1".into()],
+    )
+    .await?;
+    let name = hooks.name.clone();
+    let drift = async |kind: &str, webhook: &str| -> Result<Option<f64>> {
+        let (_, body) = mandate_e2e::http_get(&format!("http://127.0.0.1:{}/metrics", hooks.admin)).await?;
+        let series = format!(
+            "mandate_operator_webhook_drift{{kind=\"{kind}\",configuration=\"{name}\",webhook=\"{webhook}\"}} "
+        );
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok()))
+    };
+    let events = async |needle: &str| -> Result<bool> {
+        let list = Api::<Event>::all(cluster.client()).list(&Default::default()).await?;
+        Ok(list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("WebhookDrift")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                && e.note.as_deref().is_some_and(|n| n.contains(needle))
+        }))
+    };
+    // As configured: checked, and nothing found.
+    for (kind, webhook) in [
+        ("mutating", "pods.mandate.dev"),
+        ("validating", "pods.mandate.dev"),
+        ("validating", "namespaces.mandate.dev"),
+    ] {
+        try_eventually("a clean check", secs(30), async || {
+            Ok(drift(kind, webhook).await? == Some(0.0))
+        })
+        .await
+        .with_context(|| hooks.logs())?;
+    }
+    let validating = Api::<ValidatingWebhookConfiguration>::all(cluster.client());
+    let mutating = Api::<MutatingWebhookConfiguration>::all(cluster.client());
+    let json_patch = |ops: Value| -> Result<Patch<Value>> { Ok(Patch::Json(serde_json::from_value(ops)?)) };
+    // Whoever may edit the configurations turns the guard off, lets pods
+    // opt out by label, and drops the namespace guard.
+    validating
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &json_patch(json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Ignore"}]))?,
+        )
+        .await?;
+    mutating
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &json_patch(json!([{"op": "add", "path": "/webhooks/0/objectSelector",
+                "value": {"matchExpressions": [{"key": "skip-mandate", "operator": "DoesNotExist"}]}}]))?,
+        )
+        .await?;
+    let before = validating.get(&name).await?;
+    let position = before
+        .webhooks
+        .iter()
+        .flatten()
+        .position(|w| w.name == "namespaces.mandate.dev")
+        .context("no namespace guard in the test configuration")?;
+    validating
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &json_patch(json!([{"op": "remove", "path": format!("/webhooks/{position}")}]))?,
+        )
+        .await?;
+    for (kind, webhook, needle) in [
+        ("validating", "pods.mandate.dev", "failurePolicy is Ignore"),
+        ("mutating", "pods.mandate.dev", "it has an objectSelector"),
+        (
+            "validating",
+            "namespaces.mandate.dev",
+            "the validating webhook namespaces.mandate.dev is gone",
+        ),
+    ] {
+        try_eventually("the drift to be reported", secs(30), async || {
+            Ok(drift(kind, webhook).await? == Some(1.0) && events(needle).await?)
+        })
+        .await
+        .with_context(|| format!("{kind} {webhook}: {needle}\n{}", hooks.logs()))?;
+    }
+    // Put back: the series return to 0.
+    validating
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &json_patch(json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Fail"}]))?,
+        )
+        .await?;
+    try_eventually("the repaired guard to be clean", secs(30), async || {
+        Ok(drift("validating", "pods.mandate.dev").await? == Some(0.0))
+    })
+    .await
+    .with_context(|| hooks.logs())?;
+    ensure!(
+        drift("mutating", "pods.mandate.dev").await? == Some(1.0),
+        "the objectSelector is still there"
+    );
+    drop(hooks);
+    op.delete().await?;
+    agents.delete().await
+}

@@ -16,6 +16,7 @@
 //! One generic handler (`admit`) does that for every route, and counts the
 //! answer; what each kind decides is its [`Validate`] or [`Mutate`] impl.
 
+pub mod drift;
 pub mod inject;
 pub mod tls;
 pub mod validate;
