@@ -64,9 +64,11 @@ def table(path, baseline, args):
               f" {med(which, 'max_us'):8.0f} {errors:7d}  {ratio(which, 'p50_us'):6.2f} {ratio(which, 'p99_us'):6.2f}")
     for spec in shares:
         pair, label = spec.split("=", 1)
-        # names hold one dash each (m-proxy): split A-B at the middle dash
+        # names may hold dashes (m-proxy): split A-B where both sides are names
+        known = {a.split("=", 1)[0] for a in names}
         parts = pair.split("-")
-        a, b = "-".join(parts[: len(parts) // 2]), "-".join(parts[len(parts) // 2:])
+        splits = [("-".join(parts[:i]), "-".join(parts[i:])) for i in range(1, len(parts))]
+        a, b = next((x, y) for x, y in splits if x in known and y in known)
         d50 = statistics.median(by[(n, a)]["p50_us"] - by[(n, b)]["p50_us"] for n in numbers)
         d99 = statistics.median(by[(n, a)]["p99_us"] - by[(n, b)]["p99_us"] for n in numbers)
         r50 = statistics.median(by[(n, a)]["p50_us"] / by[(n, b)]["p50_us"] for n in numbers)
