@@ -8,6 +8,7 @@
 #   MANDATE_BENCH_SIDECAR=target/x86_64-unknown-linux-musl/release/mandate-sidecar hack/bench.sh
 #                            measures another sidecar binary (e.g. the images' musl build)
 #   MANDATE_BENCH_ROUNDS=N, MANDATE_BENCH_ROUND_SECONDS=S   (default 5 rounds of 4 s)
+#   MANDATE_BENCH_ONLY=transparent   only section 4 (transparent egress vs HTTP_PROXY; root)
 #
 # Everything listens on 127.0.0.1. The sidecar runs on one core (taskset -c 0,
 # one tokio worker); clients, Envoy and the upstream run on the other core.
@@ -32,6 +33,10 @@ SIDECAR="${MANDATE_BENCH_SIDECAR:-$B/mandate-sidecar}"
 [ -x "$SIDECAR" ] || die "no sidecar binary at $SIDECAR"
 ROUNDS="${MANDATE_BENCH_ROUNDS:-5}"
 ROUND_SECONDS="${MANDATE_BENCH_ROUND_SECONDS:-4}"
+
+if [ "${MANDATE_BENCH_ONLY:-}" = transparent ]; then
+  exec hack/bench-transparent.sh "$B" "$SIDECAR"
+fi
 
 tmp="$(mktemp -d)"
 pids=()
@@ -177,5 +182,15 @@ for pass in "${passes[@]}"; do
     "sidecar-noop=the sidecar's share (over the no-op ext_authz)"
 done
 
-echo "== 4. Sidecar footprint: size, and memory with 100 policies loaded"
+echo
+echo "== 4. Transparent egress vs HTTP_PROXY, at 1000 requests/s through Envoy, the same policy and upstream"
+echo "   (agent UID 1000 in a pod's network namespace with the real egress rules; Envoy alone on both paths"
+echo "   isolates the redirect; direct, without Envoy, is the floor; hack/bench-transparent.sh)"
+if [ "$(id -u)" -eq 0 ]; then
+  hack/bench-transparent.sh "$B" "$SIDECAR"
+else
+  echo "   skipped: needs root (network namespaces, nftables)"
+fi
+
+echo "== 5. Sidecar footprint: size, and memory with 100 policies loaded"
 hack/footprint.sh "$SIDECAR"

@@ -4,6 +4,9 @@ sidecar's share over its peers measured in the same round.
 
   bench_report.py rounds FILE.jsonl NAME=LABEL... [--share A-B=LABEL...]
       FILE.jsonl: one {"round": n, "which": NAME, "r": {"p50_us": .., "p99_us": ..}} per line
+  bench_report.py table FILE.jsonl BASELINE NAME=LABEL... [--share A-B=LABEL...]
+      the same rounds, as a table: p50, p99, p99.9, max (medians across rounds),
+      errors (summed), and p50/p99 as ratios to BASELINE's in the same round
   bench_report.py h2load SIDECAR.tsv NOOP.tsv
       h2load --log-file output: start, status, duration (us) per request
   bench_report.py handler DECISIONS.log
@@ -43,6 +46,35 @@ def rounds(path, args):
         print(f"  {label}: p50 {d50:+.1f} us, p99 {d99:+.1f} us")
 
 
+def table(path, baseline, args):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    by = {(r["round"], r["which"]): r["r"] for r in rows}
+    numbers = sorted({r["round"] for r in rows})
+    shares = args[args.index("--share") + 1:] if "--share" in args else []
+    names = [a for a in args if "=" in a and a not in shares]
+    width = max(len(a.split("=", 1)[1]) for a in names)
+    med = lambda which, k: statistics.median(by[(n, which)][k] for n in numbers)
+    ratio = lambda which, k: statistics.median(by[(n, which)][k] / by[(n, baseline)][k] for n in numbers)
+    print(f"  {'':{width}}  {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'max us':>8} {'errors':>7}"
+          f"  {'p50 x':>6} {'p99 x':>6}  (x: over {dict(a.split('=', 1) for a in names)[baseline]})")
+    for spec in names:
+        which, label = spec.split("=", 1)
+        errors = sum(by[(n, which)].get("errors", 0) for n in numbers)
+        print(f"  {label:{width}}  {med(which, 'p50_us'):8.0f} {med(which, 'p99_us'):8.0f} {med(which, 'p999_us'):9.0f}"
+              f" {med(which, 'max_us'):8.0f} {errors:7d}  {ratio(which, 'p50_us'):6.2f} {ratio(which, 'p99_us'):6.2f}")
+    for spec in shares:
+        pair, label = spec.split("=", 1)
+        # names may hold dashes (m-proxy): split A-B where both sides are names
+        known = {a.split("=", 1)[0] for a in names}
+        parts = pair.split("-")
+        splits = [("-".join(parts[:i]), "-".join(parts[i:])) for i in range(1, len(parts))]
+        a, b = next((x, y) for x, y in splits if x in known and y in known)
+        d50 = statistics.median(by[(n, a)]["p50_us"] - by[(n, b)]["p50_us"] for n in numbers)
+        d99 = statistics.median(by[(n, a)]["p99_us"] - by[(n, b)]["p99_us"] for n in numbers)
+        r50 = statistics.median(by[(n, a)]["p50_us"] / by[(n, b)]["p50_us"] for n in numbers)
+        print(f"  {label}: p50 {d50:+.0f} us ({r50:.2f}x), p99 {d99:+.0f} us")
+
+
 def h2load(sidecar, noop):
     def stats(path):
         rows = [line.split("\t") for line in open(path) if line.strip()]
@@ -71,6 +103,8 @@ def main():
     cmd, rest = sys.argv[1], sys.argv[2:]
     if cmd == "rounds":
         rounds(rest[0], rest[1:])
+    elif cmd == "table":
+        table(rest[0], rest[1], rest[2:])
     elif cmd == "h2load":
         h2load(rest[0], rest[1])
     elif cmd == "handler":

@@ -6,6 +6,8 @@
 //!   mandate-bench grpc 127.0.0.1:9191 --rate 1000        Check latency at a fixed rate
 //!   mandate-bench grpc 127.0.0.1:9191 --max              Check throughput, closed loop
 //!   mandate-bench http http://127.0.0.1:15001/ --rate 1000   HTTP latency at a fixed rate
+//!   mandate-bench http http://198.51.100.2:8080/ --proxy 127.0.0.1:15001   the same through an HTTP proxy
+//!   mandate-bench bootstrap --authz-socket S --admin-socket A [--no-authz]   the injected Envoy bootstrap
 //!   mandate-bench export POLICY.yaml DIR                 the policy as files for `opa bench`
 //!   mandate-bench grpc-body FILE                         the Check request, gRPC-framed, for h2load
 
@@ -87,6 +89,27 @@ enum Command {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Send every request to this HTTP proxy (ip:port), in absolute form,
+        /// as a client honouring `HTTP_PROXY` does.
+        #[arg(long)]
+        proxy: Option<std::net::SocketAddr>,
+        /// A new TCP connection for every request (no keep-alive pool).
+        #[arg(long)]
+        new_connection: bool,
+    },
+    /// Print the Envoy bootstrap the injector writes (transparent egress on),
+    /// with the ext_authz socket, admin socket and readiness address given.
+    Bootstrap {
+        #[arg(long)]
+        authz_socket: String,
+        #[arg(long)]
+        admin_socket: String,
+        #[arg(long, default_value = "127.0.0.1")]
+        health_address: String,
+        /// Remove every ext_authz filter (HTTP and network): Envoy alone,
+        /// with the same listeners, routes and clusters.
+        #[arg(long)]
+        no_authz: bool,
     },
 }
 
@@ -153,9 +176,32 @@ fn main() -> Result<()> {
             host,
             rate,
             seconds,
+            proxy,
+            new_connection,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(http(url, host, rate, seconds))
+            rt.block_on(http(url, host, rate, seconds, proxy, new_connection))
+        }
+        Command::Bootstrap {
+            authz_socket,
+            admin_socket,
+            health_address,
+            no_authz,
+        } => {
+            use mandate_operator::webhook::inject::{InjectConfig, envoy_bootstrap_at};
+            let cfg = InjectConfig::default();
+            let text = envoy_bootstrap_at(&cfg, &authz_socket, &admin_socket, &health_address);
+            if !no_authz {
+                println!("{text}");
+                return Ok(());
+            }
+            let mut b: serde_json::Value = serde_json::from_str(&text).context("the bootstrap is not JSON")?;
+            let removed = strip_ext_authz(&mut b);
+            if removed == 0 {
+                bail!("the injected bootstrap has no ext_authz filter to remove: has its layout changed?");
+            }
+            println!("{b}");
+            Ok(())
         }
     }
 }
@@ -330,8 +376,9 @@ fn percentiles(mut lat: Vec<u64>) -> String {
     )
 }
 
-/// Open loop: send at `rate` per second, each request in its own task.
-async fn open_loop<F, Fut>(rate: u64, seconds: u64, send: F) -> Result<Vec<u64>>
+/// Open loop: send at `rate` per second, each request in its own task; the
+/// latencies (failures included) and how many failed.
+async fn open_loop<F, Fut>(rate: u64, seconds: u64, send: F) -> Result<(Vec<u64>, u64)>
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
@@ -363,11 +410,7 @@ where
     for h in handles {
         lat.push(h.await?);
     }
-    let failed = failures.load(Ordering::Relaxed);
-    if failed > 0 {
-        bail!("{failed} of {total} requests failed");
-    }
-    Ok(lat)
+    Ok((lat, failures.load(Ordering::Relaxed)))
 }
 
 async fn grpc(target: String, rate: u64, seconds: u64, max: bool, concurrency: usize) -> Result<()> {
@@ -404,22 +447,55 @@ async fn grpc(target: String, rate: u64, seconds: u64, max: bool, concurrency: u
         );
         return Ok(());
     }
-    let lat = open_loop(rate, seconds, move || {
+    let (lat, failed) = open_loop(rate, seconds, move || {
         let mut c = client.clone();
         let req = req.clone();
         async move { c.check(req).await.is_ok() }
     })
     .await?;
+    if failed > 0 {
+        bail!("{failed} of {} requests failed", lat.len());
+    }
     println!("{{\"mode\":\"rate\",\"rate\":{rate},{}}}", percentiles(lat));
     Ok(())
 }
 
-async fn http(url: String, host: Option<String>, rate: u64, seconds: u64) -> Result<()> {
+async fn http(
+    url: String,
+    host: Option<String>,
+    rate: u64,
+    seconds: u64,
+    proxy: Option<std::net::SocketAddr>,
+    new_connection: bool,
+) -> Result<()> {
     use http_body_util::{BodyExt, Empty};
+    let mut builder = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    if new_connection {
+        builder.pool_max_idle_per_host(0);
+    }
     let client: hyper_util::client::legacy::Client<_, Empty<hyper::body::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        builder.build(tower::service_fn(move |uri: hyper::Uri| Box::pin(dial(uri, proxy))));
     let uri: hyper::Uri = url.parse()?;
-    let lat = open_loop(rate, seconds, move || {
+    // One request first: a target that does not answer 2xx is a setup
+    // error, said as such, not a run of failures.
+    {
+        let mut req = hyper::Request::get(uri.clone());
+        if let Some(h) = &host {
+            req = req.header("host", h.as_str());
+        }
+        let resp = client.request(req.body(Empty::new())?).await.with_context(|| {
+            format!(
+                "GET {url}{}",
+                proxy.map(|p| format!(" through {p}")).unwrap_or_default()
+            )
+        })?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("GET {url}: HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
+        }
+    }
+    let (lat, failed) = open_loop(rate, seconds, move || {
         let client = client.clone();
         let mut req = hyper::Request::get(uri.clone());
         if let Some(h) = &host {
@@ -438,6 +514,97 @@ async fn http(url: String, host: Option<String>, rate: u64, seconds: u64) -> Res
         }
     })
     .await?;
-    println!("{{\"mode\":\"http\",\"rate\":{rate},{}}}", percentiles(lat));
+    if failed == lat.len() as u64 {
+        bail!("all {failed} requests failed");
+    }
+    println!(
+        "{{\"mode\":\"http\",\"rate\":{rate},\"errors\":{failed},{}}}",
+        percentiles(lat)
+    );
     Ok(())
+}
+
+/// A TCP connection (no Nagle) to the request's host, or to `proxy` when
+/// given, which hyper is then told is a proxy (it sends absolute-form URIs).
+async fn dial(uri: hyper::Uri, proxy: Option<std::net::SocketAddr>) -> Result<Dialed, std::io::Error> {
+    let stream = match proxy {
+        Some(p) => tokio::net::TcpStream::connect(p).await?,
+        None => {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(80);
+            tokio::net::TcpStream::connect((host, port)).await?
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(Dialed {
+        io: hyper_util::rt::TokioIo::new(stream),
+        proxy: proxy.is_some(),
+    })
+}
+
+/// A connection from [`dial`]: hyper's I/O, and whether it goes to a proxy.
+struct Dialed {
+    io: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    proxy: bool,
+}
+
+impl hyper_util::client::legacy::connect::Connection for Dialed {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new().proxy(self.proxy)
+    }
+}
+
+impl hyper::rt::Read for Dialed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Dialed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Remove every ext_authz filter (HTTP or network) anywhere in `v`; how many.
+fn strip_ext_authz(v: &mut serde_json::Value) -> usize {
+    const NAMES: [&str; 2] = ["envoy.filters.http.ext_authz", "envoy.filters.network.ext_authz"];
+    match v {
+        serde_json::Value::Array(items) => {
+            let before = items.len();
+            items.retain(|i| {
+                !NAMES
+                    .iter()
+                    .any(|n| i.get("name").and_then(serde_json::Value::as_str) == Some(*n))
+            });
+            let removed = before - items.len();
+            removed + items.iter_mut().map(strip_ext_authz).sum::<usize>()
+        }
+        serde_json::Value::Object(m) => m.values_mut().map(strip_ext_authz).sum(),
+        _ => 0,
+    }
 }
