@@ -228,27 +228,8 @@ async fn run(cluster: &Cluster, agents: &TestNamespace, native: bool) -> Result<
         }]);
     }
     let agent_pod: Pod = serde_json::from_value(agent_pod)?;
+    let running = create_injected(agents, &agent_pod).await?;
     let api = agents.api::<Pod>();
-    // The webhook sees a just-created identity within a moment; until then
-    // the pod is not (yet) an agent and would go in uninjected.
-    wait_for("the agent pod to be created injected", secs(20))
-        .every(EVERY)
-        .until_some(async || {
-            let created = api.create(&Default::default(), &agent_pod).await?;
-            let spec = created.spec.as_ref().unwrap();
-            if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
-                return Ok(Some(()));
-            }
-            api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
-                .await?;
-            wait_for("the uninjected pod to go", secs(30))
-                .every(EVERY)
-                .until_some(async || Ok(api.get_opt("agent").await?.is_none().then_some(())))
-                .await?;
-            Ok(None)
-        })
-        .await?;
-    let running = agents.wait_pod_ready("agent", secs(120)).await?;
     let spec = running.spec.as_ref().unwrap();
     let names = |cs: &[k8s_openapi::api::core::v1::Container]| cs.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
     let (containers, init) = (
@@ -636,25 +617,7 @@ spec:
             }],
         },
     }))?;
-    let api = agents.api::<Pod>();
-    wait_for("the agent pod to be created injected", secs(20))
-        .every(EVERY)
-        .until_some(async || {
-            let created = api.create(&Default::default(), &agent_pod).await?;
-            let spec = created.spec.as_ref().unwrap();
-            if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
-                return Ok(Some(()));
-            }
-            api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
-                .await?;
-            wait_for("the uninjected pod to go", secs(30))
-                .every(EVERY)
-                .until_some(async || Ok(api.get_opt("agent").await?.is_none().then_some(())))
-                .await?;
-            Ok(None)
-        })
-        .await?;
-    let running = agents.wait_pod_ready("agent", secs(120)).await?;
+    let running = create_injected(agents, &agent_pod).await?;
     let pod_ip = ip_of(running)?;
     // The policy is in force before anything is tried.
     let policies = agents.api::<mandate_api::crd::AgentPolicy>();
@@ -781,4 +744,29 @@ spec:
         failures.join("\n")
     );
     Ok(())
+}
+
+/// Create the pod `agent` and wait until it runs injected. The webhook sees
+/// a just-created identity within a moment; until then the pod is not (yet)
+/// an agent and goes in uninjected: it is then deleted and created again.
+async fn create_injected(agents: &TestNamespace, agent_pod: &Pod) -> Result<Pod> {
+    let api = agents.api::<Pod>();
+    wait_for("the agent pod to be created injected", secs(20))
+        .every(EVERY)
+        .until_some(async || {
+            let created = api.create(&Default::default(), agent_pod).await?;
+            let spec = created.spec.as_ref().unwrap();
+            if spec.containers.len() + spec.init_containers.as_ref().map_or(0, Vec::len) >= 3 {
+                return Ok(Some(()));
+            }
+            api.delete("agent", &kube::api::DeleteParams::default().grace_period(0))
+                .await?;
+            wait_for("the uninjected pod to go", secs(30))
+                .every(EVERY)
+                .until_some(async || Ok(api.get_opt("agent").await?.is_none().then_some(())))
+                .await?;
+            Ok(None)
+        })
+        .await?;
+    agents.wait_pod_ready("agent", secs(120)).await
 }

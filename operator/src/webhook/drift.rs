@@ -177,43 +177,30 @@ pub fn check(
         webhook: "-".into(),
         problem: "the webhook configuration is gone: nothing is injected or guarded".into(),
     };
-    let mut hooks: Vec<(&'static str, &str, Hook<'_>)> = Vec::new();
-    for (name, cfg) in mutating {
-        match cfg {
-            None => findings.push(missing("mutating", name)),
-            Some(c) => hooks.extend(c.webhooks.iter().flatten().map(|w| {
-                (
-                    "mutating",
-                    name.as_str(),
-                    Hook {
-                        name: &w.name,
-                        rules: w.rules.as_deref().unwrap_or_default(),
-                        failure_policy: w.failure_policy.as_deref(),
-                        namespace_selector: w.namespace_selector.as_ref(),
-                        object_selector: w.object_selector.as_ref(),
-                    },
-                )
-            })),
-        }
+    // The two kinds' webhooks have the same fields, in different types.
+    macro_rules! hooks_of {
+        ($kind:literal, $configs:expr) => {
+            $configs.iter().flat_map(|(name, cfg)| {
+                if cfg.is_none() {
+                    findings.push(missing($kind, name));
+                }
+                cfg.iter()
+                    .flat_map(|c| c.webhooks.iter().flatten())
+                    .map(move |w| {
+                        let hook = Hook {
+                            name: &w.name,
+                            rules: w.rules.as_deref().unwrap_or_default(),
+                            failure_policy: w.failure_policy.as_deref(),
+                            namespace_selector: w.namespace_selector.as_ref(),
+                            object_selector: w.object_selector.as_ref(),
+                        };
+                        ($kind, name.as_str(), hook)
+                    })
+            })
+        };
     }
-    for (name, cfg) in validating {
-        match cfg {
-            None => findings.push(missing("validating", name)),
-            Some(c) => hooks.extend(c.webhooks.iter().flatten().map(|w| {
-                (
-                    "validating",
-                    name.as_str(),
-                    Hook {
-                        name: &w.name,
-                        rules: w.rules.as_deref().unwrap_or_default(),
-                        failure_policy: w.failure_policy.as_deref(),
-                        namespace_selector: w.namespace_selector.as_ref(),
-                        object_selector: w.object_selector.as_ref(),
-                    },
-                )
-            })),
-        }
-    }
+    let mut hooks: Vec<(&'static str, &str, Hook<'_>)> = hooks_of!("mutating", mutating).collect();
+    hooks.extend(hooks_of!("validating", validating));
     for need in NEEDS {
         let of_kind: Vec<&(&str, &str, Hook<'_>)> = hooks
             .iter()
