@@ -112,3 +112,13 @@ if ! "$CHARTCHECK_VENV/bin/kubernetes-validate" --version >/dev/null 2>&1 \
     "kubernetes-validate==${KVALIDATE_VERSION}" "jsonschema==${JSONSCHEMA_VERSION}" "PyYAML==${PYYAML_VERSION}"
 fi
 log "kubernetes-validate: $("$CHARTCHECK_VENV/bin/kubernetes-validate" --version 2>&1 | tail -n1)"
+
+# Python requests and httpx, for the egress tests' agent clients.
+if ! PYTHONPATH="$PYCLIENTS_DIR" python3 -c 'import requests, httpx' >/dev/null 2>&1; then
+  log "installing ${PYCLIENTS_PINS} from PyPI into ${PYCLIENTS_DIR}"
+  rm -rf "$PYCLIENTS_DIR"
+  # shellcheck disable=SC2086 # the pins are words
+  "$CHARTCHECK_VENV/bin/pip" install -q --disable-pip-version-check --no-deps --target "$PYCLIENTS_DIR" $PYCLIENTS_PINS
+  PYTHONPATH="$PYCLIENTS_DIR" python3 -c 'import requests, httpx' || die "requests/httpx in ${PYCLIENTS_DIR} do not import"
+fi
+log "python clients: $(PYTHONPATH="$PYCLIENTS_DIR" python3 -c 'import requests, httpx; print("requests", requests.__version__, "httpx", httpx.__version__)')"

@@ -60,6 +60,12 @@ JSONSCHEMA_VERSION="4.26.0"
 PYYAML_VERSION="6.0.3"
 CHARTCHECK_VENV="${MANDATE_CACHE}/chart-check/kv${KVALIDATE_VERSION}-js${JSONSCHEMA_VERSION}"
 
+# Python HTTP clients the egress tests drive as the agent (requests, httpx),
+# installed with pip --target (the interpreter is the system python3, which
+# the agent's UID runs; tests copy the directory where that UID can read it).
+PYCLIENTS_PINS="requests==2.32.5 httpx==0.28.1 urllib3==2.8.0 idna==3.21 certifi==2026.10.19.post1 charset_normalizer==3.5.3 h11==0.16.0 httpcore==1.0.9 anyio==4.16.0 typing_extensions==4.16.0"
+PYCLIENTS_DIR="${MANDATE_CACHE}/py-clients/requests2.32.5-httpx0.28.1"
+
 # helm_env: point Helm's cache/config/data at a directory of its own, never ~/.
 helm_env() {
   export HELM_CACHE_HOME="${MANDATE_CACHE}/helm/home/cache"

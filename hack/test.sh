@@ -71,6 +71,7 @@ on_kubernetes() {
   unset MANDATE_K8S_VERSION MANDATE_CONTAINERD_VERSION
 }
 export MANDATE_ENVOY="$ENVOY_BIN" MANDATE_OPA="$OPA_BIN" # Envoy tests, OPA cross-checks
+export MANDATE_PY_CLIENTS="$PYCLIENTS_DIR" # requests and httpx for the egress tests
 on_kubernetes "$K8S_NEWEST" "$CONTAINERD_NEWEST" "the newest that runs here"
 on_kubernetes "$K8S_FLOOR" "$CONTAINERD_FLOOR" "the chart's kubeVersion floor"
 

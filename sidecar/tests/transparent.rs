@@ -292,6 +292,15 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     let envoy_bin = copy_exe(&envoy(), &dir)?;
     let sidecar_bin = copy_exe(Path::new(env!("CARGO_BIN_EXE_mandate-sidecar")), &dir)?;
     let init_bin = Path::new(env!("CARGO_BIN_EXE_mandate-egress-init"));
+    // requests and httpx, where the agent's UID can read them.
+    let py_clients = dir.join("py-clients");
+    run(&[
+        "cp",
+        "-r",
+        &mandate_testsupport::python_clients().to_string_lossy(),
+        &py_clients.to_string_lossy(),
+    ])
+    .context("copying requests and httpx (make deps installs them)")?;
 
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     run(&[
@@ -495,6 +504,26 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         ],
     );
     ensure!(py.trim() == "200", "python: {py}");
+    let pythonpath = format!("PYTHONPATH={}", py_clients.display());
+    for (client, code) in [
+        (
+            "requests",
+            format!(
+                "import requests; print(requests.get('http://{UP_V4}:8080/allowed-requests', timeout=5).status_code)"
+            ),
+        ),
+        (
+            "httpx",
+            format!("import httpx; print(httpx.get('http://{UP_V4}:8080/allowed-httpx', timeout=5).status_code)"),
+        ),
+    ] {
+        let out = as_user(&pod, AGENT_UID, &["env", &pythonpath, "/usr/bin/python3", "-c", &code]);
+        ensure!(out.trim() == "200", "python {client}: {out}");
+        ensure!(
+            upstream_saw(&format!("GET /allowed-{client}")),
+            "{client}'s request did not arrive"
+        );
+    }
     if let Ok(node) = which("node") {
         let out = as_user(
             &pod,

@@ -31,6 +31,15 @@ pub fn opa() -> PathBuf {
     })
 }
 
+/// Python's requests and httpx, installed with `pip --target` by `make
+/// deps` (hack/lib.sh's `PYCLIENTS_DIR`): `$MANDATE_PY_CLIENTS`, else the
+/// cache. Put it on `PYTHONPATH` of the system `python3`.
+pub fn python_clients() -> PathBuf {
+    std::env::var_os("MANDATE_PY_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("py-clients/requests2.32.5-httpx0.28.1"))
+}
+
 /// A binary of this workspace (`mandate-sidecar`, `mandate`,
 /// `mandate-testbin`...), from the target directory the running test was
 /// built in (`target/<profile>/`, beside the test's `deps/`).

@@ -23,7 +23,7 @@ pub mod ports;
 pub mod process;
 pub mod wait;
 
-pub use binaries::{envoy, opa, workspace_binary};
+pub use binaries::{envoy, opa, python_clients, workspace_binary};
 pub use http::{http_get, http_ok};
 pub use manifests::{AgentIdentityBuilder, AgentPolicyBuilder, agent_identity, agent_policy};
 pub use ports::{free_port, free_port_on};
