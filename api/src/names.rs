@@ -69,3 +69,29 @@ pub const UPSTREAM_TLS_HEADER: &str = "x-mandate-upstream-tls";
 /// listener, naming the egress path (`http`, `sni`, `raw`); absent from the
 /// explicit proxy's. Set by Envoy's bootstrap, out of the agent's reach.
 pub const EGRESS_PATH_METADATA: &str = "x-mandate-egress";
+
+/// Response header the sidecar sets on an allowed CONNECT to a TLS
+/// destination it intercepts (`intercept`): Envoy then terminates the
+/// tunnel into its interception listener instead of tunnelling it. The
+/// agent's own is removed before anything decides.
+pub const TLS_MODE_HEADER: &str = "x-mandate-tls";
+
+/// Request header Envoy's transparent path adds to the CONNECT it makes of
+/// a captured TLS connection: the original destination (`ip:port`). Only
+/// that internal listener's requests carry it; the agent's own is removed.
+pub const ORIGINAL_DST_HEADER: &str = "x-mandate-original-dst";
+
+/// The sidecar's SecretDiscoveryService socket: interception leaves.
+pub const SDS_SOCKET: &str = "/var/run/mandate/sds.sock";
+
+/// Volume: the pod CA's certificate and the trust bundle (system roots plus
+/// the pod CA) the sidecar publishes at start; the agent's containers mount
+/// it read-only, nothing else may write it.
+pub const CA_VOLUME: &str = "mandate-ca";
+/// Where [`CA_VOLUME`] is mounted, in the sidecar and the agent's containers.
+pub const CA_DIR: &str = "/var/run/mandate-ca";
+/// The trust bundle in [`CA_DIR`]: the system roots and the pod CA.
+pub const CA_BUNDLE_FILE: &str = "/var/run/mandate-ca/bundle.crt";
+/// The pod CA's certificate alone in [`CA_DIR`].
+pub const POD_CA_FILE: &str = "/var/run/mandate-ca/ca.crt";
+

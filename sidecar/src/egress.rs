@@ -10,8 +10,13 @@
 //!   two must agree: the original destination must be one of the addresses
 //!   the Host resolves to, or the request is denied;
 //! - `sni`: a TLS connection to port 443 caught by the transparent listener,
-//!   decided as `CONNECT <sni>:443` (Envoy then connects to the SNI's
-//!   addresses, not the agent's IP);
+//!   which Envoy turns into `CONNECT <sni>:443` on an internal listener,
+//!   with the original destination in [`ORIGINAL_DST_HEADER`] (only that
+//!   listener's requests can carry it). Decided as that CONNECT; then either
+//!   intercepted or tunnelled to the SNI's addresses, never the agent's IP;
+//! - `intercept`: a request inside intercepted TLS (Envoy terminated it with
+//!   a leaf of the pod's CA): decided whole, with the TLS server name, which
+//!   must be the request's host;
 //! - `raw`: any other TCP connection, decided as `CONNECT <ip>:<port>` on
 //!   the original destination (Envoy connects there).
 
@@ -22,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Address, address, socket_address};
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use regorus::Value;
 
-pub use mandate_api::names::EGRESS_PATH_METADATA;
+pub use mandate_api::names::{EGRESS_PATH_METADATA, ORIGINAL_DST_HEADER};
 
 /// Where a Check came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +41,8 @@ pub enum EgressPath {
     TransparentHttp,
     /// TLS to port 443 on the transparent listener, decided on its SNI.
     Sni,
+    /// A request inside TLS Envoy intercepted.
+    Intercept,
     /// Any other TCP on the transparent listener, decided on ip:port.
     Raw,
 }
@@ -48,6 +55,7 @@ impl EgressPath {
             Some("http") => Ok(Self::TransparentHttp),
             Some("sni") => Ok(Self::Sni),
             Some("raw") => Ok(Self::Raw),
+            Some("intercept") => Ok(Self::Intercept),
             Some(other) => Err(format!("Envoy named an unknown egress path {other:?}")),
         }
     }
@@ -58,6 +66,7 @@ impl EgressPath {
             Self::TransparentHttp => "http",
             Self::Sni => "sni",
             Self::Raw => "raw",
+            Self::Intercept => "intercept",
         }
     }
 
@@ -106,24 +115,18 @@ fn sni(req: &CheckRequest) -> Option<&str> {
 /// decide it as they decide a CONNECT through the proxy: `CONNECT sni:443`
 /// on the SNI path, `CONNECT ip:port` on the raw path. Errors are denies.
 pub fn as_connect(req: &CheckRequest, path: EgressPath) -> Result<CheckRequest, String> {
+    if path == EgressPath::Sni {
+        return sni_connect(req);
+    }
     let (ip, port) = original_destination(req).ok_or("Envoy did not report the connection's original destination")?;
     let host = match path {
-        EgressPath::Sni => {
-            let name = sni(req)
-                .ok_or("a TLS connection without a server name (SNI) cannot be decided: its destination is unknown")?;
-            format!("{name}:{port}")
-        }
         EgressPath::Raw => match ip {
             IpAddr::V4(v4) => format!("{v4}:{port}"),
             IpAddr::V6(v6) => format!("[{v6}]:{port}"),
         },
         _ => return Err("not a connection's check".into()),
     };
-    if ip.is_loopback() || ip.is_unspecified() {
-        return Err(format!(
-            "the connection's original destination {ip}:{port} is this pod's loopback: it was not redirected, and Envoy would connect to itself"
-        ));
-    }
+    not_loopback(ip, port)?;
     let mut out = req.clone();
     let attrs = out.attributes.get_or_insert_with(Default::default);
     let request = attrs.request.get_or_insert_with(Request::default);
@@ -134,6 +137,79 @@ pub fn as_connect(req: &CheckRequest, path: EgressPath) -> Result<CheckRequest, 
         ..HttpRequest::default()
     });
     Ok(out)
+}
+
+fn not_loopback(ip: IpAddr, port: u16) -> Result<(), String> {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Err(format!(
+            "the connection's original destination {ip}:{port} is this pod's loopback: it was not redirected, and Envoy would connect to itself"
+        ));
+    }
+    Ok(())
+}
+
+/// The SNI path's CONNECT (made by Envoy of a captured TLS connection):
+/// checked, with its original destination moved from the header Envoy
+/// added into `attributes.destination`, where the other paths have it.
+fn sni_connect(req: &CheckRequest) -> Result<CheckRequest, String> {
+    let http = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .ok_or("the TLS path's check is not Envoy's CONNECT")?;
+    if !http.method.eq_ignore_ascii_case("CONNECT") {
+        return Err(format!("the TLS path's check is a {}, not Envoy's CONNECT", http.method));
+    }
+    let name = http.host.rsplit_once(':').map_or("", |(h, _)| h);
+    if name.is_empty() || name == "-" {
+        return Err(
+            "a TLS connection without a server name (SNI) cannot be decided: its destination is unknown".into(),
+        );
+    }
+    let dst: std::net::SocketAddr = http
+        .headers
+        .get(ORIGINAL_DST_HEADER)
+        .ok_or("Envoy did not report the connection's original destination")?
+        .parse()
+        .map_err(|e| format!("Envoy reported an unreadable original destination: {e}"))?;
+    let (ip, port) = (canonical(dst.ip()), dst.port());
+    not_loopback(ip, port)?;
+    let mut out = req.clone();
+    let attrs = out.attributes.get_or_insert_with(Default::default);
+    attrs.destination = Some(Peer {
+        address: Some(socket_address(&ip.to_string(), u32::from(port))),
+        ..Peer::default()
+    });
+    if let Some(h) = attrs.request.as_mut().and_then(|r| r.http.as_mut()) {
+        h.headers.remove(ORIGINAL_DST_HEADER);
+    }
+    Ok(out)
+}
+
+/// The server name a request inside intercepted TLS was sent under, which
+/// must be its host (port aside, any case, a trailing dot or not): else the
+/// request goes where the handshake did not say.
+pub fn intercepted_sni(req: &CheckRequest) -> Result<String, String> {
+    let name = sni(req).ok_or("Envoy reported no TLS server name for an intercepted request")?;
+    let host = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .map(|h| h.host.as_str())
+        .unwrap_or_default();
+    let host_only = match host.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let norm = mandate_policy::engine::normalize_host;
+    if norm(host_only) != norm(name) {
+        return Err(format!(
+            "the request's host {host:?} is not the TLS server name {name:?} it was sent under (SNI and Host disagree)"
+        ));
+    }
+    Ok(name.to_string())
 }
 
 /// `input.egress`: the path, the original destination and, for transparent
@@ -149,7 +225,19 @@ pub fn input_value(path: EgressPath, req: &CheckRequest, host_matches: Option<bo
         d.insert(Value::from("port"), Value::from(u64::from(port)));
         m.insert(Value::from("original_destination"), d.into());
     }
-    if let Some(s) = sni(req) {
+    // On the SNI path the server name is the CONNECT's host, Envoy's own.
+    let name = match path {
+        EgressPath::Sni => req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .and_then(|h| h.host.rsplit_once(':'))
+            .map(|(h, _)| h)
+            .filter(|h| !h.is_empty() && *h != "-"),
+        _ => sni(req),
+    };
+    if let Some(s) = name {
         m.insert(Value::from("sni"), Value::from(s));
     }
     if let Some(b) = host_matches {
@@ -249,7 +337,7 @@ pub fn socket_address(ip: &str, port: u32) -> Address {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{Peer, TlsSession};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::TlsSession;
 
     fn conn(ip: &str, port: u32, sni: &str) -> CheckRequest {
         CheckRequest {
@@ -259,6 +347,43 @@ mod tests {
                     ..Peer::default()
                 }),
                 tls_session: (!sni.is_empty()).then(|| TlsSession { sni: sni.into() }),
+                ..AttributeContext::default()
+            }),
+        }
+    }
+
+    /// The CONNECT Envoy makes of a captured TLS connection.
+    fn sni_connect_req(authority: &str, original: Option<&str>) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "CONNECT".into(),
+                        host: authority.into(),
+                        headers: original
+                            .map(|o| [(ORIGINAL_DST_HEADER.to_string(), o.to_string())].into())
+                            .unwrap_or_default(),
+                        ..HttpRequest::default()
+                    }),
+                    ..Request::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        }
+    }
+
+    fn intercepted(sni: &str, host: &str) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                tls_session: (!sni.is_empty()).then(|| TlsSession { sni: sni.into() }),
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        host: host.into(),
+                        ..HttpRequest::default()
+                    }),
+                    ..Request::default()
+                }),
                 ..AttributeContext::default()
             }),
         }
@@ -280,8 +405,21 @@ mod tests {
 
     #[test]
     fn connections_are_decided_as_the_connect_they_amount_to() {
-        let sni = as_connect(&conn("93.184.216.34", 443, "API.example.com"), EgressPath::Sni).unwrap();
+        let sni = as_connect(
+            &sni_connect_req("API.example.com:443", Some("93.184.216.34:443")),
+            EgressPath::Sni,
+        )
+        .unwrap();
         assert_eq!(host_of(&sni), "API.example.com:443");
+        // The original destination moves where the other paths have it, and
+        // Envoy's header is not left for policy to mistake for the agent's.
+        assert_eq!(original_destination(&sni), Some(("93.184.216.34".parse().unwrap(), 443)));
+        let v = input_value(EgressPath::Sni, &sni, None);
+        assert_eq!(v["sni"], Value::from("API.example.com"));
+        assert!(
+            !sni.attributes.as_ref().unwrap().request.as_ref().unwrap().http.as_ref().unwrap().headers
+                .contains_key(ORIGINAL_DST_HEADER)
+        );
         let raw = as_connect(&conn("10.0.0.7", 5432, "db.example.com"), EgressPath::Raw).unwrap();
         // The raw path goes where the agent connected, so it is decided on
         // that address, never on a name the agent wrote.
@@ -294,11 +432,20 @@ mod tests {
 
     #[test]
     fn undecidable_connections_are_errors() {
-        assert!(
-            as_connect(&conn("93.184.216.34", 443, ""), EgressPath::Sni)
-                .unwrap_err()
-                .contains("SNI")
-        );
+        for no_sni in ["-:443", ":443"] {
+            let err = as_connect(&sni_connect_req(no_sni, Some("93.184.216.34:443")), EgressPath::Sni).unwrap_err();
+            assert!(err.contains("SNI"), "{err}");
+        }
+        for (original, why) in [
+            (None, "original destination"),
+            (Some("nonsense"), "unreadable"),
+            (Some("127.0.0.1:443"), "loopback"),
+        ] {
+            let err = as_connect(&sni_connect_req("a.example:443", original), EgressPath::Sni).unwrap_err();
+            assert!(err.contains(why), "{original:?}: {err}");
+        }
+        // Not Envoy's CONNECT (a network check, or another method): refused.
+        assert!(as_connect(&conn("93.184.216.34", 443, "a.example"), EgressPath::Sni).is_err());
         assert!(
             as_connect(&conn("127.0.0.1", 15002, ""), EgressPath::Raw)
                 .unwrap_err()
@@ -315,7 +462,24 @@ mod tests {
                 .contains("original")
         );
         assert!(EgressPath::from_metadata(Some("tcp")).is_err());
+        assert_eq!(EgressPath::from_metadata(Some("intercept")), Ok(EgressPath::Intercept));
         assert_eq!(EgressPath::from_metadata(None), Ok(EgressPath::Proxy));
+    }
+
+    #[test]
+    fn an_intercepted_request_must_go_where_its_handshake_said() {
+        for (sni, host) in [
+            ("api.example.com", "api.example.com"),
+            ("api.example.com", "API.example.com:443"),
+            ("api.example.com", "api.example.com."),
+        ] {
+            assert_eq!(intercepted_sni(&intercepted(sni, host)).as_deref(), Ok(sni), "{host}");
+        }
+        // SNI fronting: the handshake names one host, the request another.
+        let err = intercepted_sni(&intercepted("api.example.com", "evil.example")).unwrap_err();
+        assert!(err.contains("SNI and Host disagree"), "{err}");
+        assert!(intercepted_sni(&intercepted("", "api.example.com")).is_err());
+        assert!(intercepted_sni(&intercepted("api.example.com", "api.example.com.evil:443")).is_err());
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! `envoy.service.auth.v3.Authorization/Check`: build the input, decide,
 //! record, answer. Every path out of here that is not an allow is a deny.
 
-use mandate_api::names::{DECISION_HEADER, UPSTREAM_TLS_HEADER};
+use mandate_api::names::{DECISION_HEADER, TLS_MODE_HEADER, UPSTREAM_TLS_HEADER};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +35,23 @@ pub struct Authz {
     pub svid: Option<crate::svid::SharedSvid>,
     /// Resolves Host headers on the transparent HTTP path.
     pub resolver: Arc<HostResolver>,
+    /// TLS interception is on (the sidecar serves leaves over SDS): an
+    /// allowed CONNECT to TLS it intercepts is marked so that Envoy
+    /// terminates it instead of tunnelling it.
+    pub intercept: bool,
+}
+
+/// Whether an allowed CONNECT to `authority` is intercepted: TLS to 443, or
+/// to a host a policy declares `tlsMode: Intercept`, unless a policy
+/// declares the host `Passthrough` (pinned clients). An undeclared host on
+/// 443 is intercepted too, so that its handshake fails (no leaf is minted
+/// for it) rather than pass unseen.
+pub fn intercepts(set: &mandate_policy::engine::PolicySet, authority: &str) -> bool {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']'), p),
+        None => (authority, ""),
+    };
+    !set.passes_through(host) && (port == "443" || set.intercepts(host))
 }
 
 fn decision_id() -> String {
@@ -79,6 +96,10 @@ impl Authz {
                     connect = c;
                     (&connect, None)
                 }
+                Err(e) => (original, Some(e)),
+            },
+            Ok(EgressPath::Intercept) => match crate::egress::intercepted_sni(original) {
+                Ok(_) => (original, None),
                 Err(e) => (original, Some(e)),
             },
             Ok(_) => (original, None),
@@ -147,8 +168,11 @@ impl Authz {
                 if let Ok(m) = doc.as_object_mut() {
                     m.insert(
                         regorus::Value::from("egress"),
-                        crate::egress::input_value(path_now, original, matches),
+                        crate::egress::input_value(path_now, req, matches),
                     );
+                    if let Some(tls) = tls_input(path_now, &summary, &set, self.intercept) {
+                        m.insert(regorus::Value::from("tls"), tls);
+                    }
                 }
                 (set.decide_prepared(doc), summary)
             }
@@ -182,7 +206,7 @@ impl Authz {
         if path_now != EgressPath::Proxy {
             record.insert(
                 "egress".into(),
-                serde_json::to_value(crate::egress::input_value(path_now, original, matches)).unwrap_or_default(),
+                serde_json::to_value(crate::egress::input_value(path_now, req, matches)).unwrap_or_default(),
             );
         }
         record.insert("policies".into(), json!(decision.verdicts));
@@ -202,8 +226,8 @@ impl Authz {
             };
         }
         self.metrics.observe(&decision, latency);
-        let tls =
-            decision.allow && !summary.method.eq_ignore_ascii_case("CONNECT") && set.originates_tls(&summary.host);
+        let connect = summary.method.eq_ignore_ascii_case("CONNECT");
+        let tls = decision.allow && !connect && set.originates_tls(&summary.host);
         let mut resp = respond(&id, &decision);
         if decision.allow
             && let Some(HttpResponse::OkResponse(ok)) = resp.http_response.as_mut()
@@ -212,9 +236,44 @@ impl Authz {
                 append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
                 ..header(UPSTREAM_TLS_HEADER, if tls { "true" } else { "false" })
             });
+            if connect && self.intercept && intercepts(&set, &summary.host) {
+                ok.headers.push(HeaderValueOption {
+                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                    ..header(TLS_MODE_HEADER, "intercept")
+                });
+            }
         }
         (id, decision, resp)
     }
+}
+
+/// `input.tls`: for a request inside intercepted TLS, its server name; for
+/// a CONNECT, its host and whether it will be intercepted.
+fn tls_input(
+    path: EgressPath,
+    summary: &Summary,
+    set: &mandate_policy::engine::PolicySet,
+    intercept: bool,
+) -> Option<regorus::Value> {
+    let host_of = |authority: &str| {
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    };
+    let (sni, intercepted) = match path {
+        EgressPath::Intercept => (host_of(&summary.host), true),
+        _ if summary.method.eq_ignore_ascii_case("CONNECT") => {
+            (host_of(&summary.host), intercept && intercepts(set, &summary.host))
+        }
+        _ => return None,
+    };
+    let mut m = regorus::value::Object::new();
+    m.insert(regorus::Value::from("sni"), regorus::Value::from(sni));
+    m.insert(regorus::Value::from("intercepted"), regorus::Value::Bool(intercepted));
+    Some(m.into())
 }
 
 fn http_summary(req: &CheckRequest) -> Summary {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mandate_operator::webhook::inject::{InjectConfig, envoy_bootstrap_at};
+use mandate_operator::webhook::inject::{InjectConfig, Sockets, envoy_bootstrap_at};
 use mandate_testsupport::{envoy, eventually, free_port, http_ok, secs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -181,8 +181,11 @@ async fn the_injected_bootstrap_proxies_decides_tunnels_and_originates_tls() -> 
     let admin_socket = dir.join("envoy-admin.sock");
     let bootstrap = envoy_bootstrap_at(
         &cfg,
-        &socket.display().to_string(),
-        &admin_socket.display().to_string(),
+        &Sockets {
+            authz: &socket.display().to_string(),
+            admin: &admin_socket.display().to_string(),
+            sds: &dir.join("sds.sock").display().to_string(),
+        },
         "127.0.0.1",
     );
     let _envoy = tokio::process::Command::new(envoy())

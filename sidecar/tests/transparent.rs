@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
-use mandate_operator::webhook::inject::{InjectConfig, envoy_bootstrap_at};
+use mandate_operator::webhook::inject::{InjectConfig, Sockets, envoy_bootstrap_at};
 use mandate_testsupport::{envoy, eventually, secs};
 
 const AGENT_UID: &str = "1000";
@@ -36,6 +36,7 @@ spec:
   egress:
   - {host: allowed.example, port: 8080}
   - {host: tls.allowed.example, port: 443}
+  - {host: pinned.allowed.example, port: 443, tlsMode: Passthrough}
   modules:
   - name: egress.rego
     rego: |
@@ -49,12 +50,27 @@ spec:
         input.parsed_host.port == 8080
         startswith(input.parsed_path[0], "allowed")
       }
-      # TLS on the transparent path: decided on its SNI.
+      # TLS, on the transparent path or through the proxy: first the
+      # CONNECT, on its server name...
+      tls_hosts := {"tls.allowed.example", "pinned.allowed.example"}
       decision if {
         input.attributes.request.http.method == "CONNECT"
-        input.egress.path == "sni"
-        input.parsed_host.name == "tls.allowed.example"
+        input.egress.path in {"sni", "proxy"}
+        input.parsed_host.name in tls_hosts
         input.parsed_host.port == 443
+      }
+      # ...then, intercepted, each request inside: reads only.
+      decision if {
+        input.egress.path == "intercept"
+        input.tls.intercepted
+        input.attributes.request.http.method == "GET"
+        input.parsed_host.name == "tls.allowed.example"
+        startswith(input.parsed_path[0], "allowed")
+      }
+      decision if {
+        input.egress.path == "intercept"
+        input.attributes.request.http.method == "GET"
+        input.parsed_path == ["v1", "models"]
       }
       # Raw TCP: only the echo port.
       decision if {
@@ -77,6 +93,9 @@ class H(http.server.BaseHTTPRequestHandler):
         body = b"upstream " + self.path.encode()
         self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
         self.wfile.write(body)
+    def do_POST(self):
+        note("HTTP %s %s host=%s" % (self.command, self.path, self.headers.get("host")))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
     def log_message(self, *a): pass
 class S6(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
@@ -315,7 +334,9 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         "-subj",
         "/CN=tls.allowed.example",
         "-addext",
-        "subjectAltName=DNS:tls.allowed.example",
+        "subjectAltName=DNS:tls.allowed.example,DNS:pinned.allowed.example,DNS:secret-sni.evil.example",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
         "-keyout",
         &key.to_string_lossy(),
         "-out",
@@ -326,7 +347,7 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     std::fs::create_dir_all(format!("/etc/netns/{pod}"))?;
     std::fs::write(
         format!("/etc/netns/{pod}/hosts"),
-        format!("{UP_V4} tls.allowed.example\n"),
+        format!("{UP_V4} tls.allowed.example pinned.allowed.example\n"),
     )?;
     let up_log = dir.join("upstream.log");
     let dns_log = dir.join("dns.log");
@@ -370,7 +391,11 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     })
     .await?;
 
-    // The pod: the sidecar and Envoy as the proxy's UID, as injected.
+    // The pod: the sidecar and Envoy as the proxy's UID, as injected; the
+    // sidecar publishes the pod CA's bundle where the agent reads it.
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&ca_dir)?;
+    run(&["chown", &format!("{PROXY_UID}:{PROXY_UID}"), &ca_dir.to_string_lossy()])?;
     let socket = run_dir.join("authz.sock");
     let decisions = dir.join("decisions.log");
     procs.0.push(spawn_in(
@@ -389,15 +414,27 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
             "127.0.0.1:15053,[::1]:15053",
             "--dns-upstream",
             &format!("{UP_V4}:53"),
+            "--sds-socket",
+            &run_dir.join("sds.sock").to_string_lossy(),
+            "--ca-bundle-dir",
+            &ca_dir.to_string_lossy(),
         ],
         &decisions,
         &dir.join("sidecar.err"),
     )?);
-    let cfg = InjectConfig::default();
+    // Envoy verifies the upstream against its own certificate (the
+    // upstream's CA here), as it would against the system roots.
+    let cfg = InjectConfig {
+        upstream_ca_file: cert.display().to_string(),
+        ..InjectConfig::default()
+    };
     let bootstrap = envoy_bootstrap_at(
         &cfg,
-        &socket.to_string_lossy(),
-        &run_dir.join("envoy-admin.sock").to_string_lossy(),
+        &Sockets {
+            authz: &socket.to_string_lossy(),
+            admin: &run_dir.join("envoy-admin.sock").to_string_lossy(),
+            sds: &run_dir.join("sds.sock").to_string_lossy(),
+        },
         "127.0.0.1",
     );
     procs.0.push(spawn_in(
@@ -539,56 +576,102 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         ensure!(out.trim() == "200", "node fetch: {out}");
     }
 
-    // TLS that ignores the proxy: decided on its SNI, and Envoy connects to
-    // where that name resolves, not to the address the agent chose.
-    let tls = |sni: &str, to: &str| {
-        as_user(
+    // HTTPS that ignores the proxy: the CONNECT Envoy makes of it is decided
+    // on the SNI, then Envoy terminates the TLS with a leaf of the pod's CA
+    // and decides each request inside; it connects to where the name
+    // resolves, never to the address the agent chose.
+    let bundle = ca_dir.join("bundle.crt");
+    let https = |sni: &str, to: &str, trust: &Path, extra: &[&str], path: &str| {
+        let resolve = format!("{sni}:443:{to}");
+        let url = format!("https://{sni}{path}");
+        let mut args = vec![
+            "curl", "-s", "-m", "5", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+        ];
+        let trust = trust.to_string_lossy().into_owned();
+        args.push(&trust);
+        args.extend(["--resolve", &resolve]);
+        args.extend(extra);
+        args.push(&url);
+        as_user(&pod, AGENT_UID, &args).trim().to_string()
+    };
+    ensure!(
+        https("tls.allowed.example", UP_V4, &bundle, &[], "/allowed-tls-intercepted") == "200",
+        "intercepted HTTPS, trusting the pod CA only\n{}",
+        std::fs::read_to_string(dir.join("sidecar.err")).unwrap_or_default()
+    );
+    ensure!(upstream_saw("GET /allowed-tls-intercepted"));
+    ensure!(
+        https("tls.allowed.example", OTHER_V4, &bundle, &[], "/allowed-tls-elsewhere") == "200",
+        "intercepted HTTPS pointed at another address"
+    );
+    // Decided inside: a read is allowed, a write is denied with the policy's answer.
+    ensure!(https("tls.allowed.example", UP_V4, &bundle, &[], "/v1/models") == "200");
+    ensure!(https("tls.allowed.example", UP_V4, &bundle, &["-X", "POST", "-d", "x"], "/v1/files") == "403");
+    // SNI fronting: the handshake names an allowed host, the request another.
+    ensure!(
+        https("tls.allowed.example", UP_V4, &bundle, &["-H", "Host: secret-sni.evil.example"], "/allowed-fronted") == "403",
+        "a Host other than the SNI inside intercepted TLS"
+    );
+    // The upstream's own certificate does not verify what the agent got:
+    // the agent talked to Envoy, with a leaf of the pod's CA.
+    ensure!(https("tls.allowed.example", UP_V4, &cert, &[], "/allowed-tls-upstream-ca") != "200");
+    // Passthrough (a pinned client): never decrypted, so the agent sees the
+    // upstream's own certificate; decided on the SNI alone.
+    ensure!(
+        https("pinned.allowed.example", UP_V4, &cert, &[], "/allowed-pinned") == "200",
+        "a passthrough host"
+    );
+    ensure!(upstream_saw("GET /allowed-pinned"));
+    // Through HTTPS_PROXY: the same interception behind CONNECT.
+    let via_proxy_tls = as_user(
+        &pod,
+        AGENT_UID,
+        &[
+            "curl", "-s", "-m", "5", "-x", "http://127.0.0.1:15001", "--cacert", &bundle.to_string_lossy(),
+            "-o", "/dev/null", "-w", "%{http_code}", "https://tls.allowed.example/allowed-tls-proxy",
+        ],
+    );
+    ensure!(via_proxy_tls.trim() == "200", "intercepted HTTPS through HTTPS_PROXY: {via_proxy_tls}");
+    ensure!(upstream_saw("GET /allowed-tls-proxy"));
+    // Python and Node, trusting the bundle the way the injector tells them to.
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    let ca_s = ca_dir.join("ca.crt").to_string_lossy().into_owned();
+    for (client, code) in [
+        ("requests", "import requests; print(requests.get('https://tls.allowed.example/allowed-tls-requests', timeout=5).status_code)"),
+        ("httpx", "import httpx; print(httpx.get('https://tls.allowed.example/allowed-tls-httpx', timeout=5).status_code)"),
+    ] {
+        let out = as_user(
             &pod,
             AGENT_UID,
             &[
-                "curl",
-                "-s",
-                "-k",
-                "-m",
-                "5",
-                "--noproxy",
-                "*",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--resolve",
-                &format!("{sni}:443:{to}"),
-                &format!("https://{sni}/allowed-tls-{sni}"),
+                "env", &pythonpath, &format!("REQUESTS_CA_BUNDLE={bundle_s}"), &format!("SSL_CERT_FILE={bundle_s}"),
+                "/usr/bin/python3", "-c", code,
             ],
-        )
-        .trim()
-        .to_string()
-    };
-    ensure!(tls("tls.allowed.example", UP_V4) == "200", "allowed TLS");
+        );
+        ensure!(out.trim() == "200", "python {client} over intercepted HTTPS: {out}");
+        ensure!(upstream_saw(&format!("GET /allowed-tls-{client}")));
+    }
+    if let Ok(node) = which("node") {
+        let out = as_user(
+            &pod,
+            AGENT_UID,
+            &[
+                "env", &format!("NODE_EXTRA_CA_CERTS={ca_s}"), &node, "-e",
+                "fetch('https://tls.allowed.example/allowed-tls-node').then(r => console.log(r.status), e => console.log('error', e.cause ?? e))",
+            ],
+        );
+        ensure!(out.trim() == "200", "node fetch over intercepted HTTPS: {out}");
+    }
+    // No leaf, no handshake: an SNI no policy declares, and no SNI at all.
     ensure!(
-        tls("tls.allowed.example", OTHER_V4) == "200",
-        "allowed TLS, to another address"
-    );
-    ensure!(
-        tls("secret-sni.evil.example", UP_V4) == "000",
+        https("secret-sni.evil.example", UP_V4, &bundle, &[], "/evil-sni") == "000",
         "an SNI no policy allows"
     );
     let no_sni = as_user(
         &pod,
         AGENT_UID,
         &[
-            "curl",
-            "-s",
-            "-k",
-            "-m",
-            "5",
-            "--noproxy",
-            "*",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
+            "curl", "-s", "-k", "-m", "5", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}",
             &format!("https://{UP_V4}/allowed-tls-nosni"),
         ],
     );
@@ -696,7 +779,7 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     );
 
     // Nothing denied arrived, and each denial is in the decision log with its reason.
-    for never in ["/denied", "allowed-forged", "TCP 9002", "UDP", "evil", "nosni"] {
+    for never in ["/denied", "allowed-forged", "TCP 9002", "UDP", "evil", "nosni", "/v1/files", "allowed-fronted", "upstream-ca"] {
         ensure!(!upstream_saw(never), "{never} reached the upstream");
     }
     let log = std::fs::read_to_string(&decisions)?;

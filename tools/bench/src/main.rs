@@ -188,9 +188,16 @@ fn main() -> Result<()> {
             health_address,
             no_authz,
         } => {
-            use mandate_operator::webhook::inject::{InjectConfig, envoy_bootstrap_at};
+            use mandate_operator::webhook::inject::{InjectConfig, Sockets, envoy_bootstrap_at};
             let cfg = InjectConfig::default();
-            let text = envoy_bootstrap_at(&cfg, &authz_socket, &admin_socket, &health_address);
+            // The SDS socket beside the ext_authz one (interception is not benchmarked here).
+            let sds = std::path::Path::new(&authz_socket).with_file_name("sds.sock");
+            let sockets = Sockets {
+                authz: &authz_socket,
+                admin: &admin_socket,
+                sds: &sds.to_string_lossy(),
+            };
+            let text = envoy_bootstrap_at(&cfg, &sockets, &health_address);
             if !no_authz {
                 println!("{text}");
                 return Ok(());

@@ -90,6 +90,12 @@ pub struct InjectConfig {
     pub dns_port: u16,
     /// The cluster's DNS domain: names under it are always resolved.
     pub cluster_domain: String,
+    /// TLS interception: Envoy terminates the agent's TLS to hosts policies
+    /// declare `tlsMode: Intercept` with leaves from the pod's own CA (minted
+    /// by the sidecar over SDS), decides each request inside, and
+    /// re-originates TLS. The agent's containers trust that CA through a
+    /// read-only bundle and the usual environment variables.
+    pub tls_interception: bool,
 }
 
 fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
@@ -137,6 +143,7 @@ impl Default for InjectConfig {
             transparent_port: 15002,
             dns_port: 15053,
             cluster_domain: "cluster.local".into(),
+            tls_interception: true,
         }
     }
 }

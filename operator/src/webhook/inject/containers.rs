@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mandate_api::env::{BuiltinIdentity, EnvValue, PodField, SidecarEnv, SidecarIdentity, SpireIdentity};
 use mandate_api::names::{
-    AUTHZ_SOCKET, BUNDLE_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME,
+    AUTHZ_SOCKET, BUNDLE_VOLUME, CA_DIR, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME,
     SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
 };
 use mandate_identity::workload::IdentitySource;
@@ -163,6 +163,14 @@ pub fn containers(_pod: &Pod, cfg: &InjectConfig, agent: &AgentRef, native_sidec
             ..VolumeMount::default()
         },
     ];
+    if cfg.tls_interception {
+        // The sidecar alone writes the pod CA's bundle.
+        sidecar_mounts.push(VolumeMount {
+            name: CA_VOLUME.into(),
+            mount_path: CA_DIR.into(),
+            ..VolumeMount::default()
+        });
+    }
     if cfg.identity_source == IdentitySource::Spire {
         sidecar_mounts.push(VolumeMount {
             name: SPIFFE_VOLUME.into(),
@@ -295,6 +303,16 @@ pub(super) fn volumes(cfg: &InjectConfig) -> Vec<Volume> {
             ..Volume::default()
         },
     ];
+    if cfg.tls_interception {
+        vols.push(Volume {
+            name: CA_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+            }),
+            ..Volume::default()
+        });
+    }
     if cfg.identity_source == IdentitySource::Spire {
         vols.push(Volume {
             name: SPIFFE_VOLUME.into(),

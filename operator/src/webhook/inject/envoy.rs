@@ -1,6 +1,8 @@
 //! Envoy's bootstrap: the egress proxy whose every request the sidecar decides.
 
-use mandate_api::names::{AUTHZ_SOCKET, EGRESS_PATH_METADATA, ENVOY_ADMIN_SOCKET};
+use mandate_api::names::{
+    AUTHZ_SOCKET, EGRESS_PATH_METADATA, ENVOY_ADMIN_SOCKET, ORIGINAL_DST_HEADER, SDS_SOCKET, TLS_MODE_HEADER,
+};
 use serde_json::{Value, json};
 
 use super::InjectConfig;
@@ -9,7 +11,7 @@ use super::InjectConfig;
 /// headers (who the client is, through which proxies), the ones Envoy acts on
 /// that edge sanitizing leaves, and Mandate's own (only the sidecar's answer
 /// sets them).
-const AGENT_HEADERS_DROPPED: [&str; 12] = [
+const AGENT_HEADERS_DROPPED: [&str; 14] = [
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-port",
@@ -22,6 +24,8 @@ const AGENT_HEADERS_DROPPED: [&str; 12] = [
     "x-envoy-original-path",
     mandate_api::names::UPSTREAM_TLS_HEADER,
     mandate_api::names::DECISION_HEADER,
+    TLS_MODE_HEADER,
+    ORIGINAL_DST_HEADER,
 ];
 
 /// Envoy's bootstrap: an HTTP forward proxy on loopback whose every request
@@ -30,12 +34,29 @@ const AGENT_HEADERS_DROPPED: [&str; 12] = [
 /// a plain, a TLS-originating or a tunnelling upstream, so the bootstrap
 /// never changes when policies do.
 pub fn envoy_bootstrap(cfg: &InjectConfig) -> String {
-    envoy_bootstrap_at(cfg, AUTHZ_SOCKET, ENVOY_ADMIN_SOCKET, "0.0.0.0")
+    envoy_bootstrap_at(
+        cfg,
+        &Sockets {
+            authz: AUTHZ_SOCKET,
+            admin: ENVOY_ADMIN_SOCKET,
+            sds: SDS_SOCKET,
+        },
+        "0.0.0.0",
+    )
 }
 
-/// [`envoy_bootstrap`] with the ext_authz socket, Envoy's admin socket and
-/// the readiness listener's address chosen (tests run it outside a pod).
-pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: &str, health_address: &str) -> String {
+/// The unix sockets Envoy talks to: the sidecar's ext_authz and SDS, its own admin.
+#[derive(Debug, Clone, Copy)]
+pub struct Sockets<'a> {
+    pub authz: &'a str,
+    pub admin: &'a str,
+    pub sds: &'a str,
+}
+
+/// [`envoy_bootstrap`] with the sockets and the readiness listener's
+/// address chosen (tests run it outside a pod).
+pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_address: &str) -> String {
+    let (authz_socket, admin_socket) = (sockets.authz, sockets.admin);
     let dfp_cache = json!({
         "name": "egress_dns",
         "dns_lookup_family": "V4_PREFERRED",
@@ -95,7 +116,41 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
         }
         g
     };
-    let hcm = |stat: &str, path: Option<&str>| {
+    // The egress routes: a CONNECT the sidecar marked for interception is
+    // terminated into the interception listener; any other CONNECT is
+    // tunnelled to its authority (resolved by Envoy); the rest is HTTP.
+    let connect_route = |cluster: &str, intercept: bool| {
+        let mut m = json!({"connect_matcher": {}});
+        if intercept {
+            m["headers"] = json!([{"name": TLS_MODE_HEADER, "string_match": {"exact": "intercept"}}]);
+        }
+        json!({"match": m,
+               "route": {"cluster": cluster,
+                         "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+               // A tunnel's stream never ends: decide on
+               // host and port without waiting for a body.
+               "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+                   "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                   "check_settings": {"disable_request_body_buffering": true}}}})
+    };
+    let mut egress_routes = Vec::new();
+    if cfg.tls_interception {
+        egress_routes.push(connect_route("bump_internal", true));
+    }
+    egress_routes.extend([
+        connect_route("egress_tunnel", false),
+        json!({"match": {"prefix": "/", "headers": [
+                   {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
+               "route": {"cluster": "egress_tls", "timeout": "60s"}}),
+        json!({"match": {"prefix": "/"},
+               "route": {"cluster": "egress_plain", "timeout": "60s"}}),
+    ]);
+    let egress_routes = Value::Array(egress_routes);
+    // Inside intercepted TLS: every request goes out over TLS again (a
+    // WebSocket's opening request is decided, the stream after it is not).
+    let intercept_routes = json!([{"match": {"prefix": "/"},
+                                   "route": {"cluster": "egress_tls", "timeout": "60s"}}]);
+    let hcm_with = |stat: &str, path: Option<&str>, dropped: &[&str], routes: &Value, tls_session: bool| {
         json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": stat,
@@ -112,10 +167,14 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                 "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": AGENT_HEADERS_DROPPED.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+                    "mutations": dropped.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
                 },
             }],
-            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "upgrade_configs": if stat == "intercepted" {
+                json!([{"upgrade_type": "websocket"}])
+            } else {
+                json!([{"upgrade_type": "CONNECT"}])
+            },
             // Policy sees the path the upstream acts on:
             // `/v1/../admin` is `/admin`, `//admin` is `/admin`,
             // and an escaped slash (`%2F`, `%5C`) is refused (400).
@@ -127,21 +186,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                 "virtual_hosts": [{
                     "name": "egress",
                     "domains": ["*"],
-                    "routes": [
-                        {"match": {"connect_matcher": {}},
-                         "route": {"cluster": "egress_tunnel",
-                                   "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
-                         // A tunnel's stream never ends: decide on
-                         // host and port without waiting for a body.
-                         "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
-                             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                             "check_settings": {"disable_request_body_buffering": true}}}},
-                        {"match": {"prefix": "/", "headers": [
-                            {"name": mandate_api::names::UPSTREAM_TLS_HEADER, "string_match": {"exact": "true"}}]},
-                         "route": {"cluster": "egress_tls", "timeout": "60s"}},
-                        {"match": {"prefix": "/"},
-                         "route": {"cluster": "egress_plain", "timeout": "60s"}},
-                    ],
+                    "routes": routes,
                 }],
             },
             "http_filters": [
@@ -153,6 +198,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                         "failure_mode_allow": false,
                         "clear_route_cache": true,
                         "status_on_error": {"code": 403},
+                        "include_tls_session": tls_session,
                         "with_request_body": {"max_request_bytes": cfg.max_request_bytes, "allow_partial_message": true},
                         "grpc_service": authz_grpc(path),
                     },
@@ -171,6 +217,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
             ],
         })
     };
+    let hcm = |stat: &str, path: Option<&str>| hcm_with(stat, path, &AGENT_HEADERS_DROPPED, &egress_routes, false);
     let network_authz = |stat: &str, path: &str| {
         json!({
             "name": "envoy.filters.network.ext_authz",
@@ -199,28 +246,100 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
                    "upstream_connect_mode": "ON_DOWNSTREAM_DATA",
                    "max_early_data_bytes": 65536}})
     };
-    // Allowed TLS reaches this internal listener, which resolves the SNI
-    // (never before the decision: a name is itself data) and connects.
-    let sni_passthrough = json!({
-        "name": "sni_passthrough",
+    // Captured TLS to 443 becomes a CONNECT to `<sni>:443` on this internal
+    // listener, decided there like the proxy's CONNECT (path `sni`), with
+    // the original destination in a header only this path can carry. The
+    // sidecar's answer picks interception or a tunnel to the SNI's
+    // addresses (never to the address the agent chose).
+    let tls_connect = json!({
+        "name": "tls_connect",
+        "internal_listener": {},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": hcm_with(
+                "transparent_sni",
+                Some("sni"),
+                &AGENT_HEADERS_DROPPED[..AGENT_HEADERS_DROPPED.len() - 1],
+                &egress_routes,
+                false,
+            ),
+        }]}],
+    });
+    // Interception: the agent's TLS is terminated with a leaf for its SNI,
+    // fetched on demand from the sidecar over SDS (a name the sidecar does
+    // not intercept is removed, and the handshake fails); each request
+    // inside is decided (path `intercept`, with the TLS session) and goes
+    // out over TLS again, verified against the upstream CAs, with the
+    // request's own host as SNI and as the name checked.
+    let bump = json!({
+        "name": "bump",
         "internal_listener": {},
         "listener_filters": [
             {"name": "envoy.filters.listener.tls_inspector",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}},
         ],
-        "filter_chains": [{"filters": [
-            {"name": "envoy.filters.network.sni_dynamic_forward_proxy",
-             "typed_config": {
-                 "@type": "type.googleapis.com/envoy.extensions.filters.network.sni_dynamic_forward_proxy.v3.FilterConfig",
-                 "port_value": 443,
-                 "dns_cache_config": dfp_cache}},
-            {"name": "envoy.filters.network.tcp_proxy",
-             "typed_config": {
-                 "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                 "stat_prefix": "sni_passthrough",
-                 "cluster": "egress_sni"}},
-        ]}],
+        "filter_chains": [{
+            "filter_chain_match": {"transport_protocol": "tls"},
+            // Bounds a handshake parked on SDS.
+            "transport_socket_connect_timeout": "10s",
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    // Both required by on_demand_secret (Envoy 1.40).
+                    "disable_stateless_session_resumption": true,
+                    "disable_stateful_session_resumption": true,
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2", "http/1.1"],
+                        "custom_tls_certificate_selector": {
+                            "name": "envoy.tls.certificate_selectors.on_demand_secret",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_selectors.on_demand_secret.v3.Config",
+                                "config_source": {
+                                    "resource_api_version": "V3",
+                                    "initial_fetch_timeout": "5s",
+                                    "api_config_source": {
+                                        "api_type": "DELTA_GRPC",
+                                        "transport_api_version": "V3",
+                                        "grpc_services": [{"envoy_grpc": {"cluster_name": "mandate_sds"}}],
+                                    },
+                                },
+                                "certificate_mapper": {
+                                    "name": "envoy.tls.certificate_mappers.sni",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_mappers.sni.v3.SNI",
+                                        // The sidecar refuses it: no SNI, no leaf.
+                                        "default_value": "mandate-no-sni",
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hcm_with("intercepted", Some("intercept"), &AGENT_HEADERS_DROPPED, &intercept_routes, true),
+            }],
+        }],
+        // Anything but TLS inside an intercepted tunnel is closed.
     });
+    let internal_cluster = |name: &str, listener: &str| {
+        json!({
+            "name": name,
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": listener}}}}]}]},
+            "transport_socket": {
+                "name": "envoy.transport_sockets.internal_upstream",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+                    "transport_socket": {"name": "envoy.transport_sockets.raw_buffer",
+                                         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}},
+                },
+            },
+        })
+    };
     let transparent_hcm = hcm("transparent_http", Some("http"));
     let transparent = json!({
         // Where the pod's egress rules send every TCP connection of the
@@ -243,16 +362,24 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
         "continue_on_listener_filters_timeout": true,
         "filter_chains": [
             {
-                // TLS to 443: decided on the SNI; Envoy connects to the
-                // SNI's addresses, not the agent's choice.
+                // TLS to 443: a CONNECT to `<sni>:443`, decided on the
+                // internal listener (no SNI: `-:443`, denied there).
                 "name": "tls_sni",
                 "filter_chain_match": {"transport_protocol": "tls", "destination_port": 443},
-                "filters": [
-                    network_authz("transparent_sni", "sni"),
-                    // Only once the sidecar allowed the SNI: to the
-                    // internal listener that resolves and connects.
-                    tcp_proxy("transparent_sni", "sni_internal"),
-                ],
+                "filters": [{
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "transparent_sni",
+                        "cluster": "tls_connect",
+                        "tunneling_config": {
+                            "hostname": "%REQUESTED_SERVER_NAME%:443",
+                            "headers_to_add": [{"header": {
+                                "key": ORIGINAL_DST_HEADER,
+                                "value": "%DOWNSTREAM_LOCAL_ADDRESS%"}}],
+                        },
+                    },
+                }],
             },
             {
                 "name": "http",
@@ -335,47 +462,62 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, authz_socket: &str, admin_socket: 
             ],
         },
     });
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
     if cfg.transparent_egress {
-        if let Some(l) = bootstrap
-            .pointer_mut("/static_resources/listeners")
-            .and_then(Value::as_array_mut)
-        {
-            l.push(transparent);
-            l.push(sni_passthrough);
-        }
-        if let Some(b) = bootstrap.as_object_mut() {
-            b.insert(
-                "bootstrap_extensions".into(),
-                json!([{"name": "envoy.bootstrap.internal_listener",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}]),
-            );
-        }
-        if let Some(c) = bootstrap
-            .pointer_mut("/static_resources/clusters")
-            .and_then(Value::as_array_mut)
-        {
-            c.push(dfp_cluster("egress_sni", false));
-            c.push(json!({
-                "name": "sni_internal",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "sni_internal", "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "sni_passthrough"}}}}]}]},
-                "transport_socket": {
-                    "name": "envoy.transport_sockets.internal_upstream",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
-                        "transport_socket": {"name": "envoy.transport_sockets.raw_buffer",
-                                             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}},
-                    },
-                },
-            }));
-            c.push(json!({
+        listeners.extend([transparent, tls_connect]);
+        clusters.extend([
+            internal_cluster("tls_connect", "tls_connect"),
+            json!({
                 "name": "original_dst",
                 "type": "ORIGINAL_DST",
                 "lb_policy": "CLUSTER_PROVIDED",
                 "connect_timeout": "5s",
-            }));
-        }
+            }),
+        ]);
+    }
+    if cfg.tls_interception {
+        listeners.push(bump);
+        clusters.extend([
+            internal_cluster("bump_internal", "bump"),
+            json!({
+                "name": "mandate_sds",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    },
+                },
+                "load_assignment": {"cluster_name": "mandate_sds", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"pipe": {"path": sockets.sds}}}}]}]},
+            }),
+        ]);
+    }
+    if !listeners.is_empty()
+        && let Some(b) = bootstrap.as_object_mut()
+    {
+        b.insert(
+            "bootstrap_extensions".into(),
+            json!([{"name": "envoy.bootstrap.internal_listener",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}]),
+        );
+        // On-demand SDS aborts Envoy on the first intercepted handshake
+        // without a node id and cluster (validation passes without them).
+        b.insert("node".into(), json!({"id": "mandate-agent", "cluster": "mandate-agents"}));
+    }
+    if let Some(l) = bootstrap
+        .pointer_mut("/static_resources/listeners")
+        .and_then(Value::as_array_mut)
+    {
+        l.extend(listeners);
+    }
+    if let Some(c) = bootstrap
+        .pointer_mut("/static_resources/clusters")
+        .and_then(Value::as_array_mut)
+    {
+        c.extend(clusters);
     }
     bootstrap.to_string()
 }
@@ -428,21 +570,76 @@ mod tests {
         );
         assert_eq!(t["listener_filters"][0]["name"], "envoy.filters.listener.original_dst");
         let meta = |v: &Value| v["typed_config"]["grpc_service"]["initial_metadata"][0]["value"].clone();
-        assert_eq!(meta(&t["filter_chains"][0]["filters"][0]), "sni");
         assert_eq!(meta(&t["default_filter_chain"]["filters"][0]), "raw");
         assert_eq!(
             meta(&t["filter_chains"][1]["filters"][0]["typed_config"]["http_filters"][0]),
             "http"
         );
-        for chain in [&t["filter_chains"][0], &t["default_filter_chain"]] {
-            assert_eq!(chain["filters"][0]["typed_config"]["failure_mode_allow"], false);
+        assert_eq!(
+            t["default_filter_chain"]["filters"][0]["typed_config"]["failure_mode_allow"],
+            false
+        );
+        // Captured TLS becomes a CONNECT to the SNI on the internal listener,
+        // with the original destination, decided there (path `sni`).
+        let tunnel = &t["filter_chains"][0]["filters"][0]["typed_config"];
+        assert_eq!(tunnel["cluster"], "tls_connect");
+        assert_eq!(tunnel["tunneling_config"]["hostname"], "%REQUESTED_SERVER_NAME%:443");
+        let listener = |name: &str| {
+            b["static_resources"]["listeners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        let connect = listener("tls_connect");
+        let connect_hcm = &connect["filter_chains"][0]["filters"][0]["typed_config"];
+        assert_eq!(meta(&connect_hcm["http_filters"][0]), "sni");
+        // That listener keeps Envoy's original-destination header, every
+        // listener the agent reaches drops it (and the interception mark).
+        let dropped = |hcm: &Value| {
+            hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["remove"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(!dropped(connect_hcm).contains(&ORIGINAL_DST_HEADER.to_string()));
+        assert!(dropped(connect_hcm).contains(&TLS_MODE_HEADER.to_string()));
+        let proxy_hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        for h in [ORIGINAL_DST_HEADER, TLS_MODE_HEADER] {
+            assert!(dropped(proxy_hcm).contains(&h.to_string()), "{h}");
         }
+        // Interception: leaves on demand over SDS, each request decided with
+        // its TLS session, a node id (Envoy aborts without one).
+        let bump = listener("bump");
+        let chain = &bump["filter_chains"][0];
+        assert_eq!(
+            chain["transport_socket"]["typed_config"]["common_tls_context"]["custom_tls_certificate_selector"]["name"],
+            "envoy.tls.certificate_selectors.on_demand_secret"
+        );
+        let inner = &chain["filters"][0]["typed_config"]["http_filters"][0];
+        assert_eq!(meta(inner), "intercept");
+        assert_eq!(inner["typed_config"]["include_tls_session"], true);
+        assert_eq!(inner["typed_config"]["failure_mode_allow"], false);
+        assert_eq!(b["node"]["id"], "mandate-agent");
+        assert!(text.contains(SDS_SOCKET));
         // Without transparent egress there is no such listener.
         let off = InjectConfig {
             transparent_egress: false,
             ..InjectConfig::default()
         };
         let b: Value = serde_json::from_str(&envoy_bootstrap(&off)).unwrap();
+        assert_eq!(b["static_resources"]["listeners"].as_array().unwrap().len(), 3);
+        let neither = InjectConfig {
+            transparent_egress: false,
+            tls_interception: false,
+            ..InjectConfig::default()
+        };
+        let b: Value = serde_json::from_str(&envoy_bootstrap(&neither)).unwrap();
         assert_eq!(b["static_resources"]["listeners"].as_array().unwrap().len(), 2);
+        assert!(!b.to_string().contains("bump_internal"));
     }
 }

@@ -22,7 +22,7 @@ mod verify;
 
 pub use config::{AgentRef, InjectConfig};
 pub use containers::{containers, sidecar_env};
-pub use envoy::{envoy_bootstrap, envoy_bootstrap_at};
+pub use envoy::{Sockets, envoy_bootstrap, envoy_bootstrap_at};
 pub use patch::{InjectError, Injection, inject};
 pub use posture::{MANDATE_CONTAINERS, posture_breach};
 pub use verify::{digest, injected_as_expected, injection_difference, isolation_breach, svid_eligible};

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use json_patch::{AddOperation, PatchOperation};
 use jsonptr::PointerBuf;
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, VolumeMount};
 use mandate_api::names::{
-    IDENTITY_ANNOTATION, INJECTED_ANNOTATION, POLICY_CONFIGMAP_ANNOTATION, PROXY_WARNING_ANNOTATION,
+    CA_BUNDLE_FILE, CA_DIR, CA_VOLUME, IDENTITY_ANNOTATION, POD_CA_FILE, INJECTED_ANNOTATION, POLICY_CONFIGMAP_ANNOTATION, PROXY_WARNING_ANNOTATION,
 };
 use serde_json::Value;
 
@@ -24,6 +24,19 @@ const PROXY_VARS: [&str; 6] = [
     "http_proxy",
     "https_proxy",
     "no_proxy",
+];
+
+/// The trust variables set on the agent's containers under interception:
+/// each names the bundle (system roots plus the pod CA), except Node's,
+/// which adds to its own roots and so names the pod CA alone.
+const CA_VARS: [(&str, &str); 7] = [
+    ("SSL_CERT_FILE", CA_BUNDLE_FILE),
+    ("REQUESTS_CA_BUNDLE", CA_BUNDLE_FILE),
+    ("CURL_CA_BUNDLE", CA_BUNDLE_FILE),
+    ("GIT_SSL_CAINFO", CA_BUNDLE_FILE),
+    ("AWS_CA_BUNDLE", CA_BUNDLE_FILE),
+    ("PIP_CERT", CA_BUNDLE_FILE),
+    ("NODE_EXTRA_CA_CERTS", POD_CA_FILE),
 ];
 
 /// Why a pod cannot be injected.
@@ -166,6 +179,33 @@ pub fn inject(
                     value: Some(value),
                     value_from: None,
                 });
+            }
+        }
+        if cfg.tls_interception {
+            for (var, value) in CA_VARS {
+                if c.env.iter().flatten().any(|e| e.name == var) {
+                    warnings.push(format!(
+                        "container {} sets {var} itself; Mandate kept its value, so it may not trust the pod's interception CA (its HTTPS then fails closed)",
+                        c.name
+                    ));
+                } else {
+                    missing.push(EnvVar {
+                        name: var.into(),
+                        value: Some(value.into()),
+                        value_from: None,
+                    });
+                }
+            }
+            let mount = VolumeMount {
+                name: CA_VOLUME.into(),
+                mount_path: CA_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            };
+            if c.volume_mounts.is_none() {
+                patch.push(add(ptr(&["spec", list, &idx, "volumeMounts"]), to_value(&vec![mount])?));
+            } else {
+                patch.push(add(ptr(&["spec", list, &idx, "volumeMounts", "-"]), to_value(&mount)?));
             }
         }
         if c.env.is_none() {

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
 use kube::ResourceExt;
 use mandate_api::names::{
-    BUNDLE_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
+    BUNDLE_VOLUME, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
     SPIFFE_VOLUME, TOKEN_VOLUME,
 };
 use serde_json::json;
@@ -38,12 +38,22 @@ pub fn digest(init: Option<&Container>, envoy: &Container, sidecar: &Container, 
 }
 
 /// The volumes Mandate injects: only its own containers may mount them.
-pub const RESERVED_VOLUMES: [&str; 5] = [RUN_VOLUME, POLICY_VOLUME, TOKEN_VOLUME, BUNDLE_VOLUME, SPIFFE_VOLUME];
+pub const RESERVED_VOLUMES: [&str; 6] = [
+    RUN_VOLUME,
+    POLICY_VOLUME,
+    TOKEN_VOLUME,
+    BUNDLE_VOLUME,
+    SPIFFE_VOLUME,
+    CA_VOLUME,
+];
 
 /// A container of the agent's (or an ephemeral one) that mounts one of
 /// Mandate's volumes, as `(container, volume)`: with `mandate-run` it could
 /// replace the authz socket with its own Check server, with `mandate-token`
-/// take the sidecar's token and get an SVID for a key it holds.
+/// take the sidecar's token and get an SVID for a key it holds. The pod
+/// CA's bundle (`mandate-ca`, public certificates) is the exception when
+/// mounted read-only: that is how the agent trusts interception, and a
+/// writable mount would let it swap the bundle the sidecar publishes.
 pub fn reserved_mount(pod: &Pod) -> Option<(String, String)> {
     let spec = pod.spec.as_ref()?;
     let theirs = spec
@@ -60,7 +70,7 @@ pub fn reserved_mount(pod: &Pod) -> Option<(String, String)> {
     theirs.chain(ephemeral).find_map(|(container, mounts)| {
         mounts
             .iter()
-            .find(|m| RESERVED_VOLUMES.contains(&m.name.as_str()))
+            .find(|m| RESERVED_VOLUMES.contains(&m.name.as_str()) && !(m.name == CA_VOLUME && m.read_only == Some(true)))
             .map(|m| (container.clone(), m.name.clone()))
     })
 }
