@@ -148,11 +148,33 @@ pub struct EgressDestination {
     /// it are seen whole (method, path, headers, body) by policy.
     #[serde(default)]
     pub tls: bool,
+    /// How TLS from the agent to this destination is handled at the pod's
+    /// egress. Intercept (the default): Envoy terminates it with a leaf
+    /// certificate for the name, issued by the pod's own CA (which the
+    /// agent's containers trust), so that policy sees each request (method,
+    /// path, headers, body), and re-originates TLS to the verified real
+    /// upstream. Passthrough: for clients that pin certificates; the TLS is
+    /// never decrypted and the connection is decided on the SNI only. A host
+    /// any policy in force declares Passthrough is never intercepted.
+    #[serde(default)]
+    pub tls_mode: TlsMode,
     /// Whether content read from this destination is trusted. Reading from an
     /// untrusted destination taints the agent's session, and policy can
     /// refuse sensitive actions to tainted sessions.
     #[serde(default)]
     pub trust: TrustClass,
+}
+
+/// How TLS to a destination is handled at the pod's egress.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TlsMode {
+    /// Terminated by Envoy with a leaf from the pod's CA: each request is
+    /// decided whole, then TLS is re-originated upstream.
+    #[default]
+    Intercept,
+    /// Never decrypted (for clients that pin certificates): decided on the
+    /// SNI only.
+    Passthrough,
 }
 
 /// How far content from a destination is trusted.

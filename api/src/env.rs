@@ -68,8 +68,21 @@ pub const MANDATE_DNS_UPSTREAM: &str = "MANDATE_DNS_UPSTREAM";
 /// The cluster's DNS domain, always resolved (`--dns-cluster-domain`).
 pub const MANDATE_DNS_CLUSTER_DOMAIN: &str = "MANDATE_DNS_CLUSTER_DOMAIN";
 
+/// The SDS unix socket interception leaves are served on (`--sds-socket`).
+pub const MANDATE_SDS_SOCKET: &str = "MANDATE_SDS_SOCKET";
+/// Where the pod CA and the trust bundle are published (`--ca-bundle-dir`).
+pub const MANDATE_CA_BUNDLE_DIR: &str = "MANDATE_CA_BUNDLE_DIR";
+/// The system roots put in the bundle (`--system-roots`).
+pub const MANDATE_SYSTEM_ROOTS: &str = "MANDATE_SYSTEM_ROOTS";
+/// The pod CA's lifetime (`--ca-lifetime-hours`).
+pub const MANDATE_CA_LIFETIME_HOURS: &str = "MANDATE_CA_LIFETIME_HOURS";
+/// An interception leaf's lifetime (`--leaf-lifetime-seconds`).
+pub const MANDATE_LEAF_LIFETIME_SECONDS: &str = "MANDATE_LEAF_LIFETIME_SECONDS";
+/// The bound on names holding a leaf (`--max-intercepted-names`).
+pub const MANDATE_MAX_INTERCEPTED_NAMES: &str = "MANDATE_MAX_INTERCEPTED_NAMES";
+
 /// Every environment variable the sidecar reads.
-pub const SIDECAR_ENV_NAMES: [&str; 28] = [
+pub const SIDECAR_ENV_NAMES: [&str; 34] = [
     MANDATE_POLICY,
     MANDATE_LISTEN,
     MANDATE_LISTEN_UNIX,
@@ -98,6 +111,12 @@ pub const SIDECAR_ENV_NAMES: [&str; 28] = [
     MANDATE_DNS_LISTEN,
     MANDATE_DNS_UPSTREAM,
     MANDATE_DNS_CLUSTER_DOMAIN,
+    MANDATE_SDS_SOCKET,
+    MANDATE_CA_BUNDLE_DIR,
+    MANDATE_SYSTEM_ROOTS,
+    MANDATE_CA_LIFETIME_HOURS,
+    MANDATE_LEAF_LIFETIME_SECONDS,
+    MANDATE_MAX_INTERCEPTED_NAMES,
 ];
 
 /// Where X.509-SVIDs come from.

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mandate_api::crd::{AgentPolicySpec, PolicyMode};
+use mandate_api::crd::{AgentPolicySpec, PolicyMode, TlsMode};
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::program::Program;
 use regorus::rvm::vm::RegoVM;
@@ -77,6 +77,14 @@ pub struct LoadedPolicy {
     /// Every host declared in `egress` (exact, or `*.suffix`), normalized by
     /// [`normalize_host`]: the names the sidecar's DNS resolver answers.
     pub egress_hosts: Vec<String>,
+    /// Hosts declared in `egress` with `tlsMode: Intercept` (the default),
+    /// normalized: TLS to them is terminated in the pod so that each
+    /// request is decided whole (unless another policy declares the host
+    /// Passthrough, see [`PolicySet::intercepts`]).
+    pub intercept_hosts: Vec<String>,
+    /// Hosts declared in `egress` with `tlsMode: Passthrough`, normalized:
+    /// never decrypted.
+    pub passthrough_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -137,10 +145,19 @@ impl LoadedPolicy {
             .map(|e| normalize_host(&e.host))
             .collect();
         let egress_hosts = spec.egress.iter().map(|e| normalize_host(&e.host)).collect();
+        let hosts_in = |mode: TlsMode| {
+            spec.egress
+                .iter()
+                .filter(|e| e.tls_mode == mode)
+                .map(|e| normalize_host(&e.host))
+                .collect::<Vec<_>>()
+        };
         Ok(Self {
             policy_value,
             tls_hosts,
             egress_hosts,
+            intercept_hosts: hosts_in(TlsMode::Intercept),
+            passthrough_hosts: hosts_in(TlsMode::Passthrough),
             program,
             data,
             vms: Arc::default(),
@@ -422,6 +439,39 @@ impl PolicySet {
     }
 }
 
+impl PolicySet {
+    /// Whether TLS from the agent to the DNS name (or IP address) `name`, as
+    /// a ClientHello's SNI gives it (any case, a trailing dot or not), is
+    /// intercepted: a policy in force declares it (exactly or under a
+    /// `*.suffix` pattern) with `tlsMode: Intercept`, and no policy in force
+    /// declares it Passthrough. Passthrough wins: a client that pins its
+    /// server's certificate breaks on any other.
+    pub fn intercepts(&self, name: &str) -> bool {
+        let name = normalize_host(name);
+        !name.is_empty()
+            && self
+                .policies
+                .iter()
+                .flat_map(|p| &p.intercept_hosts)
+                .any(|pattern| host_matches(pattern, &name))
+            && !self.passes_through_normalized(&name)
+    }
+
+    /// Whether a policy in force declares `name` (normalized as
+    /// [`PolicySet::intercepts`] does) with `tlsMode: Passthrough`: TLS to it
+    /// is never decrypted, whatever other policies declare.
+    pub fn passes_through(&self, name: &str) -> bool {
+        self.passes_through_normalized(&normalize_host(name))
+    }
+
+    fn passes_through_normalized(&self, name: &str) -> bool {
+        self.policies
+            .iter()
+            .flat_map(|p| &p.passthrough_hosts)
+            .any(|pattern| host_matches(pattern, name))
+    }
+}
+
 /// A host name as policies compare it: ASCII lower case, one trailing dot
 /// (the DNS root) removed.
 pub fn normalize_host(host: &str) -> String {
@@ -507,6 +557,81 @@ mod tests {
             assert!(!s.resolves(no), "{no}");
         }
         assert!(!PolicySet::default().resolves("api.example.com"));
+    }
+
+    fn two(a: serde_json::Value, b: serde_json::Value) -> PolicySet {
+        let mut s = set(a);
+        s.policies.extend(set(b).policies);
+        s
+    }
+
+    #[test]
+    fn declared_hosts_are_intercepted_by_default_and_passthrough_ones_are_not() {
+        let s = set(serde_json::json!([
+            {"host": "API.example.com", "port": 443},
+            {"host": "*.intercept.example", "port": 443, "tlsMode": "Intercept"},
+            {"host": "pinned.example", "port": 443, "tlsMode": "Passthrough"},
+            {"host": "10.1.2.3", "port": 443},
+        ]));
+        assert_eq!(s.policies[0].intercept_hosts, ["api.example.com", "*.intercept.example", "10.1.2.3"]);
+        assert_eq!(s.policies[0].passthrough_hosts, ["pinned.example"]);
+        for yes in ["api.example.com", "API.EXAMPLE.COM.", "a.intercept.example", "x.y.intercept.example", "10.1.2.3"] {
+            assert!(s.intercepts(yes), "{yes}");
+            assert!(!s.passes_through(yes), "{yes}");
+        }
+        for no in [
+            "pinned.example",
+            "intercept.example",
+            "evilintercept.example",
+            "x.api.example.com",
+            "undeclared.example",
+            "mandate-no-sni",
+            "",
+            ".",
+        ] {
+            assert!(!s.intercepts(no), "{no}");
+        }
+        assert!(s.passes_through("Pinned.Example."));
+        assert!(!s.passes_through("api.example.com"));
+        assert!(!PolicySet::default().intercepts("api.example.com"));
+        assert!(!PolicySet::default().passes_through("api.example.com"));
+    }
+
+    #[test]
+    fn passthrough_in_any_policy_wins_over_intercept_in_another() {
+        // Exact passthrough under an intercepted wildcard.
+        let s = two(
+            serde_json::json!([{"host": "*.example.com", "port": 443}]),
+            serde_json::json!([{"host": "pinned.example.com", "port": 443, "tlsMode": "Passthrough"}]),
+        );
+        assert!(s.intercepts("api.example.com"));
+        assert!(!s.intercepts("pinned.example.com"));
+        assert!(s.passes_through("pinned.example.com"));
+        // A passthrough wildcard over an exact intercept, in either order.
+        for (a, b) in [
+            (
+                serde_json::json!([{"host": "api.example.com", "port": 443}]),
+                serde_json::json!([{"host": "*.example.com", "port": 443, "tlsMode": "Passthrough"}]),
+            ),
+            (
+                serde_json::json!([{"host": "*.example.com", "port": 443, "tlsMode": "Passthrough"}]),
+                serde_json::json!([{"host": "api.example.com", "port": 443}]),
+            ),
+        ] {
+            let s = two(a, b);
+            assert!(!s.intercepts("api.example.com"));
+            assert!(s.passes_through("api.example.com"));
+        }
+        // The same host both ways in one policy: passthrough.
+        let s = set(serde_json::json!([
+            {"host": "both.example", "port": 443},
+            {"host": "both.example", "port": 8443, "tlsMode": "Passthrough"},
+        ]));
+        assert!(!s.intercepts("both.example"));
+        // DryRun policies are in force for this too: their egress is declared.
+        let mut dry = set(serde_json::json!([{"host": "dry.example", "port": 443}]));
+        dry.policies[0].mode = PolicyMode::DryRun;
+        assert!(dry.intercepts("dry.example"));
     }
 
     #[test]

@@ -180,4 +180,39 @@ pub struct Args {
     /// search list's expansions of short names) always resolve.
     #[arg(long, env = env::MANDATE_DNS_CLUSTER_DOMAIN, default_value = "cluster.local")]
     pub dns_cluster_domain: String,
+
+    /// TLS interception: serve Envoy's on-demand certificate selector
+    /// (SDS, DELTA_GRPC) on this unix socket. Each SNI a policy in force
+    /// declares with `tlsMode: Intercept` (and none declares Passthrough)
+    /// gets a leaf from the pod's CA, made at start in memory only; every
+    /// other name is removed, so its handshake fails. Needs --ca-bundle-dir.
+    #[arg(long, env = env::MANDATE_SDS_SOCKET, requires = "ca_bundle_dir")]
+    pub sds_socket: Option<PathBuf>,
+
+    /// Where to publish the pod CA for the agent's containers: `ca.crt`
+    /// (the pod CA alone) and `bundle.crt` (--system-roots plus the pod
+    /// CA), written atomically, mode 0644. The sidecar does not start if it
+    /// cannot write them. Needs --sds-socket.
+    #[arg(long, env = env::MANDATE_CA_BUNDLE_DIR, requires = "sds_socket")]
+    pub ca_bundle_dir: Option<PathBuf>,
+
+    /// The system's trusted roots (PEM), put first in `bundle.crt`.
+    #[arg(long, env = env::MANDATE_SYSTEM_ROOTS, default_value = crate::intercept::SYSTEM_ROOTS)]
+    pub system_roots: PathBuf,
+
+    /// Lifetime of the pod CA, from the sidecar's start. Leaves never
+    /// outlive it; once it has expired no leaf is issued (restart the pod).
+    #[arg(long, env = env::MANDATE_CA_LIFETIME_HOURS, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    pub ca_lifetime_hours: u64,
+
+    /// Lifetime of each interception leaf; renewed (pushed again over SDS)
+    /// at half-life.
+    #[arg(long, env = env::MANDATE_LEAF_LIFETIME_SECONDS, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(10..=31_536_000))]
+    pub leaf_lifetime_seconds: u64,
+
+    /// At most this many names hold an interception leaf at once; beyond
+    /// it the least recently issued is evicted (removed over SDS: Envoy
+    /// asks again at the next handshake for it).
+    #[arg(long, env = env::MANDATE_MAX_INTERCEPTED_NAMES, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_intercepted_names: u64,
 }

@@ -16,8 +16,10 @@ use mandate_sidecar::args::Args;
 use mandate_sidecar::decision_log::DecisionLog;
 use mandate_sidecar::dns::{DnsConfig, DnsServers};
 use mandate_sidecar::input::{Agent, Limits};
+use mandate_sidecar::intercept::{InterceptConfig, Interceptor, PodCa, publish_bundle};
 use mandate_sidecar::loader::Loader;
 use mandate_sidecar::metrics::{self, Metrics};
+use mandate_sidecar::sds::Sds;
 use mandate_sidecar::server::Authz;
 use mandate_sidecar::svid::{Bundle, OperatorTrust, SharedBundle, SharedSvid, SvidConfig};
 
@@ -216,6 +218,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     };
 
+    // TLS interception: the pod CA, published before anything is served (a
+    // sidecar that cannot publish it must not start), and its SDS socket.
+    let sds = match (&args.sds_socket, &args.ca_bundle_dir) {
+        (Some(socket), Some(dir)) => {
+            let ca = PodCa::generate(
+                args.agent_pod.as_deref(),
+                Duration::from_secs(args.ca_lifetime_hours.saturating_mul(3600)),
+            )
+            .context("TLS interception: the pod CA")?;
+            publish_bundle(dir, ca.pem(), &args.system_roots)
+                .context("TLS interception: publishing the pod CA (--ca-bundle-dir)")?;
+            let cfg = InterceptConfig {
+                leaf_lifetime: Duration::from_secs(args.leaf_lifetime_seconds),
+                max_names: usize::try_from(args.max_intercepted_names).unwrap_or(usize::MAX),
+            };
+            let interceptor = Arc::new(Interceptor::new(ca, cfg, authz.policies.clone(), metrics.clone()));
+            tokio::spawn(interceptor.clone().run());
+            let _ = std::fs::remove_file(socket);
+            let uds = tokio::net::UnixListener::bind(socket)
+                .with_context(|| format!("binding the SDS socket {} (--sds-socket)", socket.display()))?;
+            // Envoy (the owner, or its group) only: the socket hands out
+            // private keys the agent's containers trust.
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+                    .with_context(|| format!("chmod {}", socket.display()))?;
+            }
+            tracing::info!(
+                path = %socket.display(),
+                bundle = %dir.display(),
+                leaf_lifetime_s = args.leaf_lifetime_seconds,
+                max_names = args.max_intercepted_names,
+                "TLS interception: SDS listening on a unix socket"
+            );
+            Some((uds, socket.clone(), interceptor))
+        }
+        _ => None,
+    };
+
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
@@ -249,6 +290,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .serve_with_incoming_shutdown(incoming, mandate_runtime::shutdown_signal())
                 .await
                 .with_context(|| format!("serving ext_authz on {}", path.display()))
+        });
+    }
+    if let Some((uds, path, interceptor)) = sds {
+        servers.spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+            tonic::transport::Server::builder()
+                .add_service(Sds::new(interceptor).server())
+                .serve_with_incoming_shutdown(incoming, mandate_runtime::shutdown_signal())
+                .await
+                .with_context(|| format!("serving SDS on {}", path.display()))
         });
     }
     if !args.no_tcp {

@@ -45,6 +45,26 @@ pub struct Metrics {
     pub svid_updates: Counter,
     /// DNS queries by result (forwarded, refused, error, malformed).
     dns_queries: Family<ResultLabels, Counter>,
+    /// Interception leaves issued, by kind (new, renewal).
+    intercept_minted: Family<KindLabels, Counter>,
+    /// SDS names refused (sent as removed), by reason.
+    intercept_refused: Family<ReasonLabels, Counter>,
+    /// Leaves evicted from the bounded cache.
+    pub intercept_evicted: Counter,
+    /// Names holding a leaf now.
+    pub intercept_leaves: Gauge,
+    /// When the pod CA expires (Unix seconds; 0 without interception).
+    pub intercept_ca_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -90,7 +110,42 @@ impl Default for Metrics {
             "DNS queries of the agent by result: forwarded (an allowed name, answered by the upstream), refused (answered here: NXDOMAIN, no records or REFUSED), error (SERVFAIL: no upstream answered; or dropped under load), malformed (not a query, FORMERR, NOTIMP)",
             dns_queries.clone(),
         );
+        let intercept_minted = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "intercept_leaves_minted",
+            "TLS interception leaves issued by the pod CA, by kind: new (a name's first), renewal (at half-life)",
+            intercept_minted.clone(),
+        );
+        let intercept_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "intercept_refusals",
+            "SDS names refused a leaf (sent to Envoy as removed, so the handshake fails), by reason: undeclared, passthrough, no_sni, malformed, capacity, evicted, error",
+            intercept_refused.clone(),
+        );
+        let intercept_evicted = Counter::default();
+        registry.register(
+            "intercept_leaves_evicted",
+            "TLS interception leaves evicted, least recently used first, to keep within --max-intercepted-names",
+            intercept_evicted.clone(),
+        );
+        let intercept_leaves = Gauge::default();
+        registry.register(
+            "intercept_leaves",
+            "Names holding a TLS interception leaf now",
+            intercept_leaves.clone(),
+        );
+        let intercept_ca_expiry = Gauge::default();
+        registry.register(
+            "intercept_ca_expiry_timestamp_seconds",
+            "When the pod CA expires, in Unix seconds (0 without interception); leaves are refused after it",
+            intercept_ca_expiry.clone(),
+        );
         Self {
+            intercept_minted,
+            intercept_refused,
+            intercept_evicted,
+            intercept_leaves,
+            intercept_ca_expiry,
             registry,
             decisions,
             latency,
@@ -117,6 +172,16 @@ impl Metrics {
         if svid.is_some() {
             self.svid_updates.inc();
         }
+    }
+
+    /// Count one interception leaf issued (`new` or `renewal`).
+    pub fn intercept_minted(&self, kind: &'static str) {
+        self.intercept_minted.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Count one SDS name refused, by reason.
+    pub fn intercept_refused(&self, reason: &'static str) {
+        self.intercept_refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Count one DNS query by its result.

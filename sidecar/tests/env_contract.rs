@@ -220,6 +220,13 @@ fn expected(env: &SidecarEnv) -> Args {
             .unwrap_or_default(),
         dns_upstream: vec![],
         dns_cluster_domain: env.dns_cluster_domain.clone().unwrap_or_else(|| "cluster.local".into()),
+        // TLS interception: not written by the injector yet.
+        sds_socket: None,
+        ca_bundle_dir: None,
+        system_roots: "/etc/ssl/certs/ca-certificates.crt".into(),
+        ca_lifetime_hours: 720,
+        leaf_lifetime_seconds: 86_400,
+        max_intercepted_names: 1024,
     };
     match &env.identity {
         SidecarIdentity::None => {}
