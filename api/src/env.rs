@@ -217,6 +217,9 @@ pub struct SidecarEnv {
     /// it always resolve); the sidecar's default (`cluster.local`) when
     /// `None`.
     pub dns_cluster_domain: Option<String>,
+    /// TLS interception: the SDS socket and where the pod CA is published
+    /// (`--sds-socket`, `--ca-bundle-dir`); none when it is off.
+    pub interception: Option<(String, String)>,
 }
 
 /// The sidecar's SVID source, and the settings that come with it. A policy
@@ -262,7 +265,7 @@ pub struct SpireIdentity {
 
 impl SidecarEnv {
     /// Every name [`SidecarEnv::pairs`] can write.
-    pub const NAMES: [&str; 21] = [
+    pub const NAMES: [&str; 23] = [
         MANDATE_POLICY,
         MANDATE_LISTEN_UNIX,
         MANDATE_NO_TCP,
@@ -284,6 +287,8 @@ impl SidecarEnv {
         MANDATE_AGENT_SPIFFE_ID,
         MANDATE_DNS_LISTEN,
         MANDATE_DNS_CLUSTER_DOMAIN,
+        MANDATE_SDS_SOCKET,
+        MANDATE_CA_BUNDLE_DIR,
     ];
 
     /// The environment, in the order the container lists it (the order is
@@ -338,6 +343,10 @@ impl SidecarEnv {
         if let Some(domain) = &self.dns_cluster_domain {
             env.push((MANDATE_DNS_CLUSTER_DOMAIN, EnvValue::literal(domain)));
         }
+        if let Some((socket, dir)) = &self.interception {
+            env.push((MANDATE_SDS_SOCKET, EnvValue::literal(socket)));
+            env.push((MANDATE_CA_BUNDLE_DIR, EnvValue::literal(dir)));
+        }
         env
     }
 }
@@ -363,6 +372,7 @@ mod tests {
             agent_spiffe_id: Some("spiffe://e/x".into()),
             dns_listen: Some("127.0.0.1:15053".into()),
             dns_cluster_domain: Some("c.example".into()),
+            interception: Some(("/s.sock".into(), "/ca".into())),
         }
     }
 

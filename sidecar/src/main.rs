@@ -174,6 +174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let authz = Authz {
+        intercept: args.sds_socket.is_some(),
         svid: svid.clone(),
         resolver: Arc::default(),
         policies,

@@ -69,6 +69,7 @@ fn full(identity: SidecarIdentity) -> SidecarEnv {
         agent_spiffe_id: Some("spiffe://example.org/ns/agents/agent/researcher".into()),
         dns_listen: Some("127.0.0.1:15053,[::1]:15053".into()),
         dns_cluster_domain: Some("corp.internal".into()),
+        interception: Some(("/var/run/mandate/sds.sock".into(), "/var/run/mandate-ca".into())),
     }
 }
 
@@ -220,9 +221,8 @@ fn expected(env: &SidecarEnv) -> Args {
             .unwrap_or_default(),
         dns_upstream: vec![],
         dns_cluster_domain: env.dns_cluster_domain.clone().unwrap_or_else(|| "cluster.local".into()),
-        // TLS interception: not written by the injector yet.
-        sds_socket: None,
-        ca_bundle_dir: None,
+        sds_socket: env.interception.as_ref().map(|(s, _)| PathBuf::from(s)),
+        ca_bundle_dir: env.interception.as_ref().map(|(_, d)| PathBuf::from(d)),
         system_roots: "/etc/ssl/certs/ca-certificates.crt".into(),
         ca_lifetime_hours: 720,
         leaf_lifetime_seconds: 86_400,

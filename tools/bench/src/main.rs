@@ -318,6 +318,7 @@ fn handler(policy: &PathBuf, log: &PathBuf, seconds: u64) -> Result<()> {
         limits: mandate_sidecar::input::Limits::default(),
         svid: None,
         resolver: Arc::default(),
+        intercept: false,
     };
     let req = check_request();
     let allow = authz.decide(&req).1.allow;

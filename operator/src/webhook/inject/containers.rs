@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mandate_api::env::{BuiltinIdentity, EnvValue, PodField, SidecarEnv, SidecarIdentity, SpireIdentity};
 use mandate_api::names::{
     AUTHZ_SOCKET, BUNDLE_VOLUME, CA_DIR, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME,
-    SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
+    SDS_SOCKET, SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
 };
 use mandate_identity::workload::IdentitySource;
 
@@ -67,6 +67,9 @@ pub fn sidecar_env(cfg: &InjectConfig, agent: &AgentRef) -> SidecarEnv {
             .transparent_egress
             .then(|| format!("127.0.0.1:{port},[::1]:{port}", port = cfg.dns_port)),
         dns_cluster_domain: cfg.transparent_egress.then(|| cfg.cluster_domain.clone()),
+        interception: cfg
+            .tls_interception
+            .then(|| (SDS_SOCKET.to_string(), CA_DIR.to_string())),
     }
 }
 
@@ -438,9 +441,19 @@ mod tests {
             ..VolumeMount::default()
         }));
         assert!(mounts.iter().all(|m| m.name != TOKEN_VOLUME && m.name != BUNDLE_VOLUME));
-        // The agent's own containers do not get the socket.
+        // The agent's own containers do not get the socket: only the pod
+        // CA's bundle, read-only.
         let agent_c = spec.containers.iter().find(|c| c.name == "agent").unwrap();
-        assert!(agent_c.volume_mounts.is_none());
+        let theirs: Vec<_> = agent_c.volume_mounts.iter().flatten().collect();
+        assert_eq!(
+            theirs,
+            [&VolumeMount {
+                name: mandate_api::names::CA_VOLUME.into(),
+                mount_path: mandate_api::names::CA_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        );
 
         // Idempotent; and not what the built-in CA mode would inject.
         assert_eq!(inject(&out, &spire, &agent(), false), Ok(None));

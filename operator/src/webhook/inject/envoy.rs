@@ -120,10 +120,12 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
     // terminated into the interception listener; any other CONNECT is
     // tunnelled to its authority (resolved by Envoy); the rest is HTTP.
     let connect_route = |cluster: &str, intercept: bool| {
-        let mut m = json!({"connect_matcher": {}});
-        if intercept {
-            m["headers"] = json!([{"name": TLS_MODE_HEADER, "string_match": {"exact": "intercept"}}]);
-        }
+        let m = if intercept {
+            json!({"connect_matcher": {},
+                   "headers": [{"name": TLS_MODE_HEADER, "string_match": {"exact": "intercept"}}]})
+        } else {
+            json!({"connect_matcher": {}})
+        };
         json!({"match": m,
                "route": {"cluster": cluster,
                          "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
@@ -259,7 +261,9 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
             "typed_config": hcm_with(
                 "transparent_sni",
                 Some("sni"),
-                &AGENT_HEADERS_DROPPED[..AGENT_HEADERS_DROPPED.len() - 1],
+                AGENT_HEADERS_DROPPED
+                    .split_last()
+                    .map_or(&AGENT_HEADERS_DROPPED[..], |(_, kept)| kept),
                 &egress_routes,
                 false,
             ),

@@ -323,6 +323,29 @@ mod tests {
                 .unwrap()
                 .contains_key(PROXY_WARNING_ANNOTATION)
         );
+        // Under interception every agent container trusts the pod CA: the
+        // variables point at the bundle (Node's at the CA alone), from a
+        // read-only mount; a value the pod set itself is kept, with a warning.
+        for (var, want) in CA_VARS {
+            assert_eq!(env(2, var).as_deref(), Some(want), "{var}");
+        }
+        let ca_mount = |c: usize| {
+            spec.containers[c]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == CA_VOLUME)
+                .cloned()
+        };
+        assert_eq!(ca_mount(2).and_then(|m| m.read_only), Some(true));
+        assert_eq!(ca_mount(3).map(|m| m.mount_path).as_deref(), Some(CA_DIR));
+        let own = pod(json!({"spec": {"containers": [{"name": "a", "env": [{"name": "SSL_CERT_FILE", "value": "/mine.pem"}]}]}}));
+        let own_inj = inject(&own, &cfg, &agent(), false).unwrap().unwrap();
+        let own_out = apply(&own, &own_inj);
+        let kept = own_out.spec.as_ref().unwrap().containers[2].env.clone().unwrap_or_default();
+        assert_eq!(kept.iter().filter(|e| e.name == "SSL_CERT_FILE").count(), 1);
+        assert!(kept.iter().any(|e| e.value.as_deref() == Some("/mine.pem")));
+        assert!(own_inj.warnings.iter().any(|w| w.contains("SSL_CERT_FILE")), "{:?}", own_inj.warnings);
         // Again: nothing to do. Tampered: refused.
         assert_eq!(inject(&out, &cfg, &agent(), false), Ok(None));
         let mut tampered = out.clone();
@@ -465,6 +488,7 @@ mod tests {
             .collect();
         let big = pod(json!({"spec": {"containers": [{"name": "a", "env": env}]}}));
         let out = apply(&big, &inject(&big, &cfg, &agent(), false).unwrap().unwrap());
-        assert_eq!(out.spec.unwrap().containers[2].env.as_ref().unwrap().len(), 5006);
+        // 5000 + 6 proxy variables + 7 trust variables.
+        assert_eq!(out.spec.unwrap().containers[2].env.as_ref().unwrap().len(), 5013);
     }
 }

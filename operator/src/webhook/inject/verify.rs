@@ -416,5 +416,11 @@ mod tests {
             reserved_mount(&debug),
             Some(("debugger".to_string(), RUN_VOLUME.to_string()))
         );
+        // The pod CA's bundle: read-only (as injected) is how the agent
+        // trusts interception; writable (to swap the bundle) is refused above.
+        let mut reader = serde_json::to_value(&injected).unwrap();
+        reader["spec"]["ephemeralContainers"] = json!([{"name": "reader", "image": "busybox", "volumeMounts": [{"name": CA_VOLUME, "mountPath": "/ca", "readOnly": true}]}]);
+        let reader: Pod = serde_json::from_value(reader).unwrap();
+        assert_eq!(reserved_mount(&reader), None);
     }
 }
