@@ -94,4 +94,3 @@ pub const CA_DIR: &str = "/var/run/mandate-ca";
 pub const CA_BUNDLE_FILE: &str = "/var/run/mandate-ca/bundle.crt";
 /// The pod CA's certificate alone in [`CA_DIR`].
 pub const POD_CA_FILE: &str = "/var/run/mandate-ca/ca.crt";
-

@@ -159,7 +159,10 @@ fn sni_connect(req: &CheckRequest) -> Result<CheckRequest, String> {
         .and_then(|r| r.http.as_ref())
         .ok_or("the TLS path's check is not Envoy's CONNECT")?;
     if !http.method.eq_ignore_ascii_case("CONNECT") {
-        return Err(format!("the TLS path's check is a {}, not Envoy's CONNECT", http.method));
+        return Err(format!(
+            "the TLS path's check is a {}, not Envoy's CONNECT",
+            http.method
+        ));
     }
     let name = http.host.rsplit_once(':').map_or("", |(h, _)| h);
     if name.is_empty() || name == "-" {
@@ -413,11 +416,23 @@ mod tests {
         assert_eq!(host_of(&sni), "API.example.com:443");
         // The original destination moves where the other paths have it, and
         // Envoy's header is not left for policy to mistake for the agent's.
-        assert_eq!(original_destination(&sni), Some(("93.184.216.34".parse().unwrap(), 443)));
+        assert_eq!(
+            original_destination(&sni),
+            Some(("93.184.216.34".parse().unwrap(), 443))
+        );
         let v = input_value(EgressPath::Sni, &sni, None);
         assert_eq!(v["sni"], Value::from("API.example.com"));
         assert!(
-            !sni.attributes.as_ref().unwrap().request.as_ref().unwrap().http.as_ref().unwrap().headers
+            !sni.attributes
+                .as_ref()
+                .unwrap()
+                .request
+                .as_ref()
+                .unwrap()
+                .http
+                .as_ref()
+                .unwrap()
+                .headers
                 .contains_key(ORIGINAL_DST_HEADER)
         );
         let raw = as_connect(&conn("10.0.0.7", 5432, "db.example.com"), EgressPath::Raw).unwrap();

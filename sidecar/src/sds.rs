@@ -102,7 +102,10 @@ impl SdsStream {
         for name in &req.resource_names_subscribe {
             if name == "*" {
                 // A wildcard would be every name there is: none is served.
-                tracing::warn!(stream = self.id, "SDS: a wildcard subscription is not served; ask for names");
+                tracing::warn!(
+                    stream = self.id,
+                    "SDS: a wildcard subscription is not served; ask for names"
+                );
                 continue;
             }
             // Asked (again): answer afresh.
@@ -354,7 +357,11 @@ impl SecretDiscoveryService for Sds {
                     }
                 }
             }
-            tracing::debug!(stream = id, names = stream.names.len(), "SDS: stream closed; its leaves are released");
+            tracing::debug!(
+                stream = id,
+                names = stream.names.len(),
+                "SDS: stream closed; its leaves are released"
+            );
             drop(stream);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -442,7 +449,9 @@ mod tests {
         match &s.r#type {
             Some(secret::Type::TlsCertificate(t)) => {
                 let key = t.private_key.as_ref().unwrap();
-                assert!(matches!(&key.specifier, Some(data_source::Specifier::InlineString(k)) if k.contains("PRIVATE KEY")));
+                assert!(
+                    matches!(&key.specifier, Some(data_source::Specifier::InlineString(k)) if k.contains("PRIVATE KEY"))
+                );
                 match &t.certificate_chain.as_ref().unwrap().specifier {
                     Some(data_source::Specifier::InlineString(c)) => c.clone(),
                     other => panic!("{other:?}"),
@@ -484,7 +493,12 @@ mod tests {
         removed.sort();
         assert_eq!(
             removed,
-            ["*.example.com", "mandate-no-sni", "pinned.example", "undeclared.example"]
+            [
+                "*.example.com",
+                "mandate-no-sni",
+                "pinned.example",
+                "undeclared.example"
+            ]
         );
         assert_eq!(r.type_url, SECRET_TYPE_URL);
         assert!(!r.nonce.is_empty());
@@ -520,7 +534,10 @@ mod tests {
         // Now b is intercepted and a is not.
         policies.store(Arc::new(set(serde_json::json!([{"host": "b.example", "port": 443}]))));
         let r = s.reconcile().unwrap();
-        assert_eq!(put(&r).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["b.example"]);
+        assert_eq!(
+            put(&r).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["b.example"]
+        );
         assert_eq!(r.removed_resources, ["a.example"]);
         assert_eq!(i.live(), 1, "a's leaf was released");
         // Passthrough wins over an intercept declared by another policy.
@@ -549,10 +566,16 @@ mod tests {
         let mut s2 = SdsStream::new(2, i.clone());
         let first = put(&s1.on_request(subscribe(&["a.example"])).unwrap().unwrap());
         // Another stream's name evicts a (the bound is 1).
-        assert_eq!(put(&s2.on_request(subscribe(&["b.example"])).unwrap().unwrap()).len(), 1);
+        assert_eq!(
+            put(&s2.on_request(subscribe(&["b.example"])).unwrap().unwrap()).len(),
+            1
+        );
         let r = s1.reconcile().unwrap();
         assert_eq!(r.removed_resources, ["a.example"]);
-        assert!(s1.reconcile().is_none(), "an evicted name is not re-issued until asked again");
+        assert!(
+            s1.reconcile().is_none(),
+            "an evicted name is not re-issued until asked again"
+        );
         // Asked again: a new leaf (evicting b, which s2 then removes).
         let again = put(&s1.on_request(subscribe(&["a.example"])).unwrap().unwrap());
         assert_ne!(chain(&first[0].1), chain(&again[0].1));

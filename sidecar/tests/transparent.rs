@@ -52,7 +52,9 @@ spec:
       }
       # TLS, on the transparent path or through the proxy: first the
       # CONNECT, on its server name...
-      tls_hosts := {"tls.allowed.example", "pinned.allowed.example"}
+      # (undeclared.allowed.example is allowed here but declared in no
+      # egress list: no leaf is minted for it, so its handshake fails.)
+      tls_hosts := {"tls.allowed.example", "pinned.allowed.example", "undeclared.allowed.example"}
       decision if {
         input.attributes.request.http.method == "CONNECT"
         input.egress.path in {"sni", "proxy"}
@@ -585,7 +587,17 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         let resolve = format!("{sni}:443:{to}");
         let url = format!("https://{sni}{path}");
         let mut args = vec![
-            "curl", "-s", "-m", "5", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
         ];
         let trust = trust.to_string_lossy().into_owned();
         args.push(&trust);
@@ -606,10 +618,24 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     );
     // Decided inside: a read is allowed, a write is denied with the policy's answer.
     ensure!(https("tls.allowed.example", UP_V4, &bundle, &[], "/v1/models") == "200");
-    ensure!(https("tls.allowed.example", UP_V4, &bundle, &["-X", "POST", "-d", "x"], "/v1/files") == "403");
+    ensure!(
+        https(
+            "tls.allowed.example",
+            UP_V4,
+            &bundle,
+            &["-X", "POST", "-d", "x"],
+            "/v1/files"
+        ) == "403"
+    );
     // SNI fronting: the handshake names an allowed host, the request another.
     ensure!(
-        https("tls.allowed.example", UP_V4, &bundle, &["-H", "Host: secret-sni.evil.example"], "/allowed-fronted") == "403",
+        https(
+            "tls.allowed.example",
+            UP_V4,
+            &bundle,
+            &["-H", "Host: secret-sni.evil.example"],
+            "/allowed-fronted"
+        ) == "403",
         "a Host other than the SNI inside intercepted TLS"
     );
     // The upstream's own certificate does not verify what the agent got:
@@ -627,25 +653,50 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         &pod,
         AGENT_UID,
         &[
-            "curl", "-s", "-m", "5", "-x", "http://127.0.0.1:15001", "--cacert", &bundle.to_string_lossy(),
-            "-o", "/dev/null", "-w", "%{http_code}", "https://tls.allowed.example/allowed-tls-proxy",
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-x",
+            "http://127.0.0.1:15001",
+            "--cacert",
+            &bundle.to_string_lossy(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://tls.allowed.example/allowed-tls-proxy",
         ],
     );
-    ensure!(via_proxy_tls.trim() == "200", "intercepted HTTPS through HTTPS_PROXY: {via_proxy_tls}");
+    ensure!(
+        via_proxy_tls.trim() == "200",
+        "intercepted HTTPS through HTTPS_PROXY: {via_proxy_tls}"
+    );
     ensure!(upstream_saw("GET /allowed-tls-proxy"));
     // Python and Node, trusting the bundle the way the injector tells them to.
     let bundle_s = bundle.to_string_lossy().into_owned();
     let ca_s = ca_dir.join("ca.crt").to_string_lossy().into_owned();
     for (client, code) in [
-        ("requests", "import requests; print(requests.get('https://tls.allowed.example/allowed-tls-requests', timeout=5).status_code)"),
-        ("httpx", "import httpx; print(httpx.get('https://tls.allowed.example/allowed-tls-httpx', timeout=5).status_code)"),
+        (
+            "requests",
+            "import requests; print(requests.get('https://tls.allowed.example/allowed-tls-requests', timeout=5).status_code)",
+        ),
+        (
+            "httpx",
+            "import httpx; print(httpx.get('https://tls.allowed.example/allowed-tls-httpx', timeout=5).status_code)",
+        ),
     ] {
         let out = as_user(
             &pod,
             AGENT_UID,
             &[
-                "env", &pythonpath, &format!("REQUESTS_CA_BUNDLE={bundle_s}"), &format!("SSL_CERT_FILE={bundle_s}"),
-                "/usr/bin/python3", "-c", code,
+                "env",
+                &pythonpath,
+                &format!("REQUESTS_CA_BUNDLE={bundle_s}"),
+                &format!("SSL_CERT_FILE={bundle_s}"),
+                "/usr/bin/python3",
+                "-c",
+                code,
             ],
         );
         ensure!(out.trim() == "200", "python {client} over intercepted HTTPS: {out}");
@@ -656,13 +707,28 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
             &pod,
             AGENT_UID,
             &[
-                "env", &format!("NODE_EXTRA_CA_CERTS={ca_s}"), &node, "-e",
+                "env",
+                &format!("NODE_EXTRA_CA_CERTS={ca_s}"),
+                &node,
+                "-e",
                 "fetch('https://tls.allowed.example/allowed-tls-node').then(r => console.log(r.status), e => console.log('error', e.cause ?? e))",
             ],
         );
         ensure!(out.trim() == "200", "node fetch over intercepted HTTPS: {out}");
     }
-    // No leaf, no handshake: an SNI no policy declares, and no SNI at all.
+    // No leaf, no handshake: a host the CONNECT rule allows but no egress
+    // list declares (the sidecar removes its name over SDS), an SNI no
+    // policy allows, and no SNI at all.
+    ensure!(
+        https("undeclared.allowed.example", UP_V4, &bundle, &[], "/undeclared") == "000",
+        "an undeclared host got a leaf"
+    );
+    eventually("the SDS refusal to be logged", secs(10), async || {
+        let err = std::fs::read_to_string(dir.join("sidecar.err")).unwrap_or_default();
+        err.lines()
+            .any(|l| l.contains("TLS interception refused") && l.contains("undeclared.allowed.example"))
+    })
+    .await?;
     ensure!(
         https("secret-sni.evil.example", UP_V4, &bundle, &[], "/evil-sni") == "000",
         "an SNI no policy allows"
@@ -671,7 +737,17 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         &pod,
         AGENT_UID,
         &[
-            "curl", "-s", "-k", "-m", "5", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}",
+            "curl",
+            "-s",
+            "-k",
+            "-m",
+            "5",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
             &format!("https://{UP_V4}/allowed-tls-nosni"),
         ],
     );
@@ -779,7 +855,18 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     );
 
     // Nothing denied arrived, and each denial is in the decision log with its reason.
-    for never in ["/denied", "allowed-forged", "TCP 9002", "UDP", "evil", "nosni", "/v1/files", "allowed-fronted", "upstream-ca"] {
+    for never in [
+        "/undeclared",
+        "/denied",
+        "allowed-forged",
+        "TCP 9002",
+        "UDP",
+        "evil",
+        "nosni",
+        "/v1/files",
+        "allowed-fronted",
+        "upstream-ca",
+    ] {
         ensure!(!upstream_saw(never), "{never} reached the upstream");
     }
     let log = std::fs::read_to_string(&decisions)?;

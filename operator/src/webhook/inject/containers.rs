@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mandate_api::env::{BuiltinIdentity, EnvValue, PodField, SidecarEnv, SidecarIdentity, SpireIdentity};
 use mandate_api::names::{
-    AUTHZ_SOCKET, BUNDLE_VOLUME, CA_DIR, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, POLICY_DIR, POLICY_VOLUME, RUN_VOLUME,
-    SDS_SOCKET, SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
+    AUTHZ_SOCKET, BUNDLE_VOLUME, CA_DIR, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, POLICY_DIR, POLICY_VOLUME,
+    RUN_VOLUME, SDS_SOCKET, SIDECAR_CONTAINER, SPIFFE_VOLUME, SVID_TOKEN_FILE, TOKEN_VOLUME, TRUST_BUNDLE_FILE,
 };
 use mandate_identity::workload::IdentitySource;
 

@@ -509,7 +509,10 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
         );
         // On-demand SDS aborts Envoy on the first intercepted handshake
         // without a node id and cluster (validation passes without them).
-        b.insert("node".into(), json!({"id": "mandate-agent", "cluster": "mandate-agents"}));
+        b.insert(
+            "node".into(),
+            json!({"id": "mandate-agent", "cluster": "mandate-agents"}),
+        );
     }
     if let Some(l) = bootstrap
         .pointer_mut("/static_resources/listeners")

@@ -6,7 +6,8 @@ use json_patch::{AddOperation, PatchOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, VolumeMount};
 use mandate_api::names::{
-    CA_BUNDLE_FILE, CA_DIR, CA_VOLUME, IDENTITY_ANNOTATION, POD_CA_FILE, INJECTED_ANNOTATION, POLICY_CONFIGMAP_ANNOTATION, PROXY_WARNING_ANNOTATION,
+    CA_BUNDLE_FILE, CA_DIR, CA_VOLUME, IDENTITY_ANNOTATION, INJECTED_ANNOTATION, POD_CA_FILE,
+    POLICY_CONFIGMAP_ANNOTATION, PROXY_WARNING_ANNOTATION,
 };
 use serde_json::Value;
 
@@ -339,13 +340,22 @@ mod tests {
         };
         assert_eq!(ca_mount(2).and_then(|m| m.read_only), Some(true));
         assert_eq!(ca_mount(3).map(|m| m.mount_path).as_deref(), Some(CA_DIR));
-        let own = pod(json!({"spec": {"containers": [{"name": "a", "env": [{"name": "SSL_CERT_FILE", "value": "/mine.pem"}]}]}}));
+        let own = pod(
+            json!({"spec": {"containers": [{"name": "a", "env": [{"name": "SSL_CERT_FILE", "value": "/mine.pem"}]}]}}),
+        );
         let own_inj = inject(&own, &cfg, &agent(), false).unwrap().unwrap();
         let own_out = apply(&own, &own_inj);
-        let kept = own_out.spec.as_ref().unwrap().containers[2].env.clone().unwrap_or_default();
+        let kept = own_out.spec.as_ref().unwrap().containers[2]
+            .env
+            .clone()
+            .unwrap_or_default();
         assert_eq!(kept.iter().filter(|e| e.name == "SSL_CERT_FILE").count(), 1);
         assert!(kept.iter().any(|e| e.value.as_deref() == Some("/mine.pem")));
-        assert!(own_inj.warnings.iter().any(|w| w.contains("SSL_CERT_FILE")), "{:?}", own_inj.warnings);
+        assert!(
+            own_inj.warnings.iter().any(|w| w.contains("SSL_CERT_FILE")),
+            "{:?}",
+            own_inj.warnings
+        );
         // Again: nothing to do. Tampered: refused.
         assert_eq!(inject(&out, &cfg, &agent(), false), Ok(None));
         let mut tampered = out.clone();

@@ -4,8 +4,8 @@
 use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
 use kube::ResourceExt;
 use mandate_api::names::{
-    BUNDLE_VOLUME, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME, SIDECAR_CONTAINER,
-    SPIFFE_VOLUME, TOKEN_VOLUME,
+    BUNDLE_VOLUME, CA_VOLUME, ENVOY_CONTAINER, INIT_CONTAINER, INJECTED_ANNOTATION, POLICY_VOLUME, RUN_VOLUME,
+    SIDECAR_CONTAINER, SPIFFE_VOLUME, TOKEN_VOLUME,
 };
 use serde_json::json;
 
@@ -70,7 +70,9 @@ pub fn reserved_mount(pod: &Pod) -> Option<(String, String)> {
     theirs.chain(ephemeral).find_map(|(container, mounts)| {
         mounts
             .iter()
-            .find(|m| RESERVED_VOLUMES.contains(&m.name.as_str()) && !(m.name == CA_VOLUME && m.read_only == Some(true)))
+            .find(|m| {
+                RESERVED_VOLUMES.contains(&m.name.as_str()) && !(m.name == CA_VOLUME && m.read_only == Some(true))
+            })
             .map(|m| (container.clone(), m.name.clone()))
     })
 }
