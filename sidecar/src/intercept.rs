@@ -342,7 +342,7 @@ pub enum Refusal {
     /// More names on one SDS stream than the bound.
     Capacity,
     /// Its leaf was evicted from the bounded cache (Envoy asks again at
-    /// the next handshake).
+    /// the next handshake); counted as an eviction, not a refusal.
     Evicted,
     /// The leaf could not be made (logged with the error).
     Error,

@@ -216,6 +216,12 @@ impl SdsStream {
     }
 
     fn refuse(&mut self, name: &str, why: Refusal) {
+        if why == Refusal::Evicted {
+            // Counted (and logged) as an eviction where it happened.
+            tracing::debug!(stream = self.id, name = %name.escape_debug(), "SDS: an evicted leaf is removed");
+            self.names.insert(name.to_string(), Sent::Refused(why));
+            return;
+        }
         tracing::info!(
             stream = self.id,
             name = %name.escape_debug(),
