@@ -573,9 +573,18 @@ mod tests {
             {"host": "pinned.example", "port": 443, "tlsMode": "Passthrough"},
             {"host": "10.1.2.3", "port": 443},
         ]));
-        assert_eq!(s.policies[0].intercept_hosts, ["api.example.com", "*.intercept.example", "10.1.2.3"]);
+        assert_eq!(
+            s.policies[0].intercept_hosts,
+            ["api.example.com", "*.intercept.example", "10.1.2.3"]
+        );
         assert_eq!(s.policies[0].passthrough_hosts, ["pinned.example"]);
-        for yes in ["api.example.com", "API.EXAMPLE.COM.", "a.intercept.example", "x.y.intercept.example", "10.1.2.3"] {
+        for yes in [
+            "api.example.com",
+            "API.EXAMPLE.COM.",
+            "a.intercept.example",
+            "x.y.intercept.example",
+            "10.1.2.3",
+        ] {
             assert!(s.intercepts(yes), "{yes}");
             assert!(!s.passes_through(yes), "{yes}");
         }

@@ -87,7 +87,9 @@ pub struct PodCa {
 
 impl std::fmt::Debug for PodCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PodCa").field("not_after", &self.not_after).finish_non_exhaustive()
+        f.debug_struct("PodCa")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 
@@ -304,7 +306,10 @@ pub fn publish_bundle(dir: &Path, ca_pem: &str, roots: &Path) -> Result<(), Inte
 /// then renamed over it. Mode 0644 whatever the umask.
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), InterceptError> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let err = |source| InterceptError::Publish {
         path: path.to_path_buf(),
@@ -689,7 +694,11 @@ mod tests {
         let ku = cert.key_usage().unwrap().unwrap().value;
         assert!(ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature());
         assert_eq!(
-            cert.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()),
+            cert.public_key()
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok()),
             Some(x509_parser::oid_registry::OID_EC_P256)
         );
         let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86400;
@@ -699,7 +708,16 @@ mod tests {
         let ca = PodCa::generate(Some(&long), DEFAULT_CA_LIFETIME).unwrap();
         let ders = der(ca.pem());
         let (_, cert) = X509Certificate::from_der(&ders[0]).unwrap();
-        assert_eq!(cert.subject().iter_common_name().next().unwrap().as_str().unwrap().len(), 64);
+        assert_eq!(
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .len(),
+            64
+        );
     }
 
     #[test]
@@ -725,13 +743,18 @@ mod tests {
         assert!(!leaf.basic_constraints().unwrap().is_some_and(|b| b.value.ca));
         let hours = (leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp()) / 3600;
         assert!((24..=25).contains(&hours), "{hours} h");
-        assert_eq!(leaf.serial.to_str_radix(16).trim_start_matches('0'), a.serial.trim_start_matches('0'));
+        assert_eq!(
+            leaf.serial.to_str_radix(16).trim_start_matches('0'),
+            a.serial.trim_start_matches('0')
+        );
         // The renewal point is half-way through.
         let half = a.renew_at().duration_since(a.minted_at).unwrap();
         assert_eq!(half, DEFAULT_LEAF_LIFETIME / 2);
 
         // An IP address gets an IP SAN.
-        let ip = ca.mint(&LeafSubject::parse("10.1.2.3").unwrap(), DEFAULT_LEAF_LIFETIME).unwrap();
+        let ip = ca
+            .mint(&LeafSubject::parse("10.1.2.3").unwrap(), DEFAULT_LEAF_LIFETIME)
+            .unwrap();
         let ders = der(&ip.chain_pem);
         let (_, cert) = X509Certificate::from_der(&ders[0]).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap().value;
@@ -741,7 +764,9 @@ mod tests {
     #[test]
     fn leaves_never_outlive_the_ca_and_an_expired_ca_issues_nothing() {
         let ca = PodCa::generate(None, Duration::from_secs(3600)).unwrap();
-        let leaf = ca.mint(&LeafSubject::Dns("a.example".into()), DEFAULT_LEAF_LIFETIME).unwrap();
+        let leaf = ca
+            .mint(&LeafSubject::Dns("a.example".into()), DEFAULT_LEAF_LIFETIME)
+            .unwrap();
         assert_eq!(leaf.not_after, ca.not_after());
         let dead = PodCa::generate(None, Duration::ZERO).unwrap();
         assert!(matches!(
@@ -752,11 +777,25 @@ mod tests {
 
     #[test]
     fn malformed_names_have_no_subject() {
-        for bad in ["", ".", "*.example.com", "a b.example", "a..b", "-", "exa mple", &"a".repeat(254), "a/b", "a:b"] {
+        for bad in [
+            "",
+            ".",
+            "*.example.com",
+            "a b.example",
+            "a..b",
+            "-",
+            "exa mple",
+            &"a".repeat(254),
+            "a/b",
+            "a:b",
+        ] {
             assert_eq!(LeafSubject::parse(bad), None, "{bad:?}");
         }
         assert_eq!(LeafSubject::parse("::1"), Some(LeafSubject::Ip("::1".parse().unwrap())));
-        assert_eq!(LeafSubject::parse("localhost"), Some(LeafSubject::Dns("localhost".into())));
+        assert_eq!(
+            LeafSubject::parse("localhost"),
+            Some(LeafSubject::Dns("localhost".into()))
+        );
     }
 
     #[test]
@@ -778,7 +817,10 @@ mod tests {
             let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o644, "{f}");
         }
-        let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
         // Publishing again replaces both.
         let ca2 = PodCa::generate(Some("p"), DEFAULT_CA_LIFETIME).unwrap();
@@ -818,8 +860,14 @@ mod tests {
             ]),
             8,
         );
-        assert_eq!(i.decide("api.example.com"), Ok(LeafSubject::Dns("api.example.com".into())));
-        assert_eq!(i.decide("API.example.com."), Ok(LeafSubject::Dns("api.example.com".into())));
+        assert_eq!(
+            i.decide("api.example.com"),
+            Ok(LeafSubject::Dns("api.example.com".into()))
+        );
+        assert_eq!(
+            i.decide("API.example.com."),
+            Ok(LeafSubject::Dns("api.example.com".into()))
+        );
         assert_eq!(i.decide("pinned.example.com"), Err(Refusal::Passthrough));
         assert_eq!(i.decide("other.example"), Err(Refusal::Undeclared));
         assert_eq!(i.decide("example.com"), Err(Refusal::Undeclared));

@@ -59,7 +59,7 @@ pub struct SdsStream {
 
 /// What to send for one name.
 enum Change {
-    Put(Resource),
+    Put(Box<Resource>),
     Remove,
 }
 
@@ -102,15 +102,18 @@ impl SdsStream {
         for name in &req.resource_names_subscribe {
             if name == "*" {
                 // A wildcard would be every name there is: none is served.
-                tracing::warn!(stream = self.id, "SDS: a wildcard subscription is not served; ask for names");
+                tracing::warn!(
+                    stream = self.id,
+                    "SDS: a wildcard subscription is not served; ask for names"
+                );
                 continue;
             }
             // Asked (again): answer afresh.
             let change = match self.names.get(name) {
-                Some(Sent::Leaf { key, slot, .. }) => match self.interceptor.current(key, *slot) {
-                    Some(leaf) => Some(Change::Put(resource(name, &leaf))),
-                    None => None,
-                },
+                Some(Sent::Leaf { key, slot, .. }) => self
+                    .interceptor
+                    .current(key, *slot)
+                    .map(|leaf| Change::Put(Box::new(resource(name, &leaf)))),
                 _ => None,
             };
             let change = match change {
@@ -154,7 +157,7 @@ impl SdsStream {
                                 serial: leaf.serial.clone(),
                             },
                         );
-                        changes.push((name.clone(), Change::Put(resource(&name, &leaf))));
+                        changes.push((name.clone(), Change::Put(Box::new(resource(&name, &leaf)))));
                     }
                     Some(_) => {}
                     // Evicted (or expired unrenewed): removed; Envoy asks
@@ -204,7 +207,7 @@ impl SdsStream {
                         serial: leaf.serial.clone(),
                     },
                 );
-                Change::Put(resource(name, &leaf))
+                Change::Put(Box::new(resource(name, &leaf)))
             }
             Err(e) => {
                 tracing::error!(stream = self.id, name = %name.escape_debug(), error = %e, "TLS interception refused: no leaf could be issued; the handshake fails");
@@ -255,7 +258,7 @@ impl SdsStream {
         };
         for (name, change) in changes {
             match change {
-                Change::Put(r) => out.resources.push(r),
+                Change::Put(r) => out.resources.push(*r),
                 Change::Remove => out.removed_resources.push(name),
             }
         }
@@ -360,7 +363,11 @@ impl SecretDiscoveryService for Sds {
                     }
                 }
             }
-            tracing::debug!(stream = id, names = stream.names.len(), "SDS: stream closed; its leaves are released");
+            tracing::debug!(
+                stream = id,
+                names = stream.names.len(),
+                "SDS: stream closed; its leaves are released"
+            );
             drop(stream);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -448,7 +455,9 @@ mod tests {
         match &s.r#type {
             Some(secret::Type::TlsCertificate(t)) => {
                 let key = t.private_key.as_ref().unwrap();
-                assert!(matches!(&key.specifier, Some(data_source::Specifier::InlineString(k)) if k.contains("PRIVATE KEY")));
+                assert!(
+                    matches!(&key.specifier, Some(data_source::Specifier::InlineString(k)) if k.contains("PRIVATE KEY"))
+                );
                 match &t.certificate_chain.as_ref().unwrap().specifier {
                     Some(data_source::Specifier::InlineString(c)) => c.clone(),
                     other => panic!("{other:?}"),
@@ -490,7 +499,12 @@ mod tests {
         removed.sort();
         assert_eq!(
             removed,
-            ["*.example.com", "mandate-no-sni", "pinned.example", "undeclared.example"]
+            [
+                "*.example.com",
+                "mandate-no-sni",
+                "pinned.example",
+                "undeclared.example"
+            ]
         );
         assert_eq!(r.type_url, SECRET_TYPE_URL);
         assert!(!r.nonce.is_empty());
@@ -526,7 +540,10 @@ mod tests {
         // Now b is intercepted and a is not.
         policies.store(Arc::new(set(serde_json::json!([{"host": "b.example", "port": 443}]))));
         let r = s.reconcile().unwrap();
-        assert_eq!(put(&r).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["b.example"]);
+        assert_eq!(
+            put(&r).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["b.example"]
+        );
         assert_eq!(r.removed_resources, ["a.example"]);
         assert_eq!(i.live(), 1, "a's leaf was released");
         // Passthrough wins over an intercept declared by another policy.
@@ -555,10 +572,16 @@ mod tests {
         let mut s2 = SdsStream::new(2, i.clone());
         let first = put(&s1.on_request(subscribe(&["a.example"])).unwrap().unwrap());
         // Another stream's name evicts a (the bound is 1).
-        assert_eq!(put(&s2.on_request(subscribe(&["b.example"])).unwrap().unwrap()).len(), 1);
+        assert_eq!(
+            put(&s2.on_request(subscribe(&["b.example"])).unwrap().unwrap()).len(),
+            1
+        );
         let r = s1.reconcile().unwrap();
         assert_eq!(r.removed_resources, ["a.example"]);
-        assert!(s1.reconcile().is_none(), "an evicted name is not re-issued until asked again");
+        assert!(
+            s1.reconcile().is_none(),
+            "an evicted name is not re-issued until asked again"
+        );
         // Asked again: a new leaf (evicting b, which s2 then removes).
         let again = put(&s1.on_request(subscribe(&["a.example"])).unwrap().unwrap());
         assert_ne!(chain(&first[0].1), chain(&again[0].1));

@@ -220,10 +220,8 @@ impl Stack {
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf_key = rcgen::KeyPair::generate()?;
-        let leaf = rcgen::CertificateParams::new(
-            [HOST, SECOND, PINNED, UNDECLARED].map(String::from).to_vec(),
-        )?
-        .signed_by(&leaf_key, &issuer)?;
+        let leaf = rcgen::CertificateParams::new([HOST, SECOND, PINNED, UNDECLARED].map(String::from).to_vec())?
+            .signed_by(&leaf_key, &issuer)?;
         std::fs::write(dir.join("upstream-ca.pem"), ca_cert.pem())?;
         let certs = Arc::new(mandate_operator::webhook::tls::CertStore::new(
             mandate_operator::webhook::tls::Material {
@@ -459,13 +457,19 @@ async fn envoy_intercepts_declared_hosts_with_leaves_from_the_sidecar() -> Resul
         s.stderr()
     );
     ensure!(
-        s.seen().iter().any(|l| l.starts_with("GET /v1/models api.intercept.test")),
+        s.seen()
+            .iter()
+            .any(|l| l.starts_with("GET /v1/models api.intercept.test")),
         "{:?}",
         s.seen()
     );
     // Denied with the policy's response; never reaches the upstream.
     let (rc, out) = s
-        .curl(HOST, "/v1/files", &["-X", "POST", "-H", "content-type: application/json", "-d", "{}"])
+        .curl(
+            HOST,
+            "/v1/files",
+            &["-X", "POST", "-H", "content-type: application/json", "-d", "{}"],
+        )
         .await?;
     ensure!(
         rc == 0 && status(&out) == 403 && out.contains("uploads are not allowed"),
@@ -489,7 +493,10 @@ async fn envoy_intercepts_declared_hosts_with_leaves_from_the_sidecar() -> Resul
 
     // Python's urllib trusts the bundle too.
     let (ok, out) = python_get(HOST, &format!("https://{HOST}:{}/v1/models", s.front), &s.bundle()).await?;
-    ensure!(ok && out.starts_with("200 upstream saw GET /v1/models"), "python: {out}");
+    ensure!(
+        ok && out.starts_with("200 upstream saw GET /v1/models"),
+        "python: {out}"
+    );
 
     // The leaf: one SAN, issued by the pod CA, verified against ca.crt alone.
     let leaf = s.leaf(HOST).await?;
@@ -511,7 +518,12 @@ async fn envoy_intercepts_declared_hosts_with_leaves_from_the_sidecar() -> Resul
         .output()
         .await?;
     ensure!(!out.status.success(), "no SNI (even with -k): {out:?}");
-    let (ok, out) = python_get(UNDECLARED, &format!("https://{UNDECLARED}:{}/v1/models", s.front), &s.bundle()).await?;
+    let (ok, out) = python_get(
+        UNDECLARED,
+        &format!("https://{UNDECLARED}:{}/v1/models", s.front),
+        &s.bundle(),
+    )
+    .await?;
     ensure!(!ok && out.contains("ERROR"), "python to an undeclared host: {out}");
     ensure!(s.seen().len() == before, "reached the upstream: {:?}", s.seen());
     eventually("each refusal logged with its name and reason", secs(10), async || {
@@ -589,7 +601,10 @@ async fn an_evicted_name_is_removed_and_issued_again_at_its_next_handshake() -> 
     let again = describe(&s.leaf(HOST).await?).0;
     ensure!(again != a, "the evicted leaf was served again");
     let (rc, out) = s.curl(SECOND, "/v1/models", &[]).await?;
-    ensure!(rc == 0 && status(&out) == 200, "{SECOND} after its eviction: rc {rc}: {out}");
+    ensure!(
+        rc == 0 && status(&out) == 200,
+        "{SECOND} after its eviction: rc {rc}: {out}"
+    );
     let m = s.metrics().await;
     ensure!(m.contains("mandate_sidecar_intercept_leaves 1"), "{m}");
     ensure!(
