@@ -210,6 +210,7 @@ impl SdsStream {
                 Change::Put(Box::new(resource(name, &leaf)))
             }
             Err(e) => {
+                // Errors are always logged: they are the sidecar's, not the agent's.
                 tracing::error!(stream = self.id, name = %name.escape_debug(), error = %e, "TLS interception refused: no leaf could be issued; the handshake fails");
                 self.interceptor.metrics().intercept_refused(Refusal::Error.label());
                 self.names.insert(name.to_string(), Sent::Refused(Refusal::Error));
@@ -225,13 +226,15 @@ impl SdsStream {
             self.names.insert(name.to_string(), Sent::Refused(why));
             return;
         }
-        tracing::info!(
-            stream = self.id,
-            name = %name.escape_debug(),
-            reason = why.label(),
-            detail = why.reason(),
-            "TLS interception refused: the name is removed over SDS and the handshake fails"
-        );
+        if self.interceptor.may_log_refusal() {
+            tracing::info!(
+                stream = self.id,
+                name = %name.escape_debug(),
+                reason = why.label(),
+                detail = why.reason(),
+                "TLS interception refused: the name is removed over SDS and the handshake fails"
+            );
+        }
         self.interceptor.metrics().intercept_refused(why.label());
         // A name over the stream's bound is not kept.
         if why != Refusal::Capacity {
