@@ -904,7 +904,9 @@ mod tests {
     #[test]
     fn refusals_are_logged_at_most_so_many_a_minute() {
         let i = interceptor(serde_json::json!([]), 1);
-        let logged = (0..REFUSAL_LINES_PER_MINUTE + 50).filter(|_| i.may_log_refusal()).count();
+        let logged = (0..REFUSAL_LINES_PER_MINUTE + 50)
+            .filter(|_| i.may_log_refusal())
+            .count();
         assert_eq!(logged, REFUSAL_LINES_PER_MINUTE as usize);
     }
 
