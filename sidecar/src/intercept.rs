@@ -347,7 +347,7 @@ pub enum Refusal {
     /// More names on one SDS stream than the bound.
     Capacity,
     /// Its leaf was evicted from the bounded cache (Envoy asks again at
-    /// the next handshake).
+    /// the next handshake); counted as an eviction, not a refusal.
     Evicted,
     /// The leaf could not be made (logged with the error).
     Error,
@@ -429,7 +429,13 @@ pub struct Interceptor {
     /// Bumped whenever a stream may have to push something: the policies
     /// changed, a leaf was evicted, renewed or dropped.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Refusal log lines in the current minute (start, count).
+    refusal_lines: Mutex<(std::time::Instant, u32)>,
 }
+
+/// Refusals logged per minute at most (every one is counted in metrics):
+/// an agent making up SNIs cannot flood the log.
+pub const REFUSAL_LINES_PER_MINUTE: u32 = 100;
 
 impl Interceptor {
     pub fn new(ca: PodCa, cfg: InterceptConfig, policies: SharedPolicies, metrics: Arc<Metrics>) -> Self {
@@ -445,7 +451,26 @@ impl Interceptor {
             metrics,
             cache: Mutex::default(),
             changes: tokio::sync::watch::Sender::new(0),
+            refusal_lines: Mutex::new((std::time::Instant::now(), 0)),
         }
+    }
+
+    /// Whether one more refusal may be logged this minute (the first one
+    /// over the limit says so).
+    pub fn may_log_refusal(&self) -> bool {
+        let mut lines = self.refusal_lines.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if now.duration_since(lines.0) >= Duration::from_secs(60) {
+            *lines = (now, 0);
+        }
+        lines.1 = lines.1.saturating_add(1);
+        if lines.1 == REFUSAL_LINES_PER_MINUTE + 1 {
+            tracing::warn!(
+                limit = REFUSAL_LINES_PER_MINUTE,
+                "TLS interception: more refusals this minute than are logged; the rest are only counted (mandate_sidecar_intercept_refusals_total)"
+            );
+        }
+        lines.1 <= REFUSAL_LINES_PER_MINUTE
     }
 
     pub fn ca(&self) -> &PodCa {
@@ -874,6 +899,15 @@ mod tests {
         assert_eq!(i.decide(NO_SNI_NAME), Err(Refusal::NoSni), "refused even when declared");
         assert_eq!(i.decide("*.example.com"), Err(Refusal::Malformed));
         assert_eq!(i.decide("a b.example.com"), Err(Refusal::Malformed));
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_so_many_a_minute() {
+        let i = interceptor(serde_json::json!([]), 1);
+        let logged = (0..REFUSAL_LINES_PER_MINUTE + 50)
+            .filter(|_| i.may_log_refusal())
+            .count();
+        assert_eq!(logged, REFUSAL_LINES_PER_MINUTE as usize);
     }
 
     #[test]

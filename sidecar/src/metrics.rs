@@ -119,7 +119,7 @@ impl Default for Metrics {
         let intercept_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "intercept_refusals",
-            "SDS names refused a leaf (sent to Envoy as removed, so the handshake fails), by reason: undeclared, passthrough, no_sni, malformed, capacity, evicted, error",
+            "SDS names refused a leaf (sent to Envoy as removed, so the handshake fails), by reason: undeclared, passthrough, no_sni, malformed, capacity, error (evictions are counted apart)",
             intercept_refused.clone(),
         );
         let intercept_evicted = Counter::default();

@@ -59,7 +59,7 @@ pub struct SdsStream {
 
 /// What to send for one name.
 enum Change {
-    Put(Resource),
+    Put(Box<Resource>),
     Remove,
 }
 
@@ -110,10 +110,10 @@ impl SdsStream {
             }
             // Asked (again): answer afresh.
             let change = match self.names.get(name) {
-                Some(Sent::Leaf { key, slot, .. }) => match self.interceptor.current(key, *slot) {
-                    Some(leaf) => Some(Change::Put(resource(name, &leaf))),
-                    None => None,
-                },
+                Some(Sent::Leaf { key, slot, .. }) => self
+                    .interceptor
+                    .current(key, *slot)
+                    .map(|leaf| Change::Put(Box::new(resource(name, &leaf)))),
                 _ => None,
             };
             let change = match change {
@@ -157,7 +157,7 @@ impl SdsStream {
                                 serial: leaf.serial.clone(),
                             },
                         );
-                        changes.push((name.clone(), Change::Put(resource(&name, &leaf))));
+                        changes.push((name.clone(), Change::Put(Box::new(resource(&name, &leaf)))));
                     }
                     Some(_) => {}
                     // Evicted (or expired unrenewed): removed; Envoy asks
@@ -207,9 +207,10 @@ impl SdsStream {
                         serial: leaf.serial.clone(),
                     },
                 );
-                Change::Put(resource(name, &leaf))
+                Change::Put(Box::new(resource(name, &leaf)))
             }
             Err(e) => {
+                // Errors are always logged: they are the sidecar's, not the agent's.
                 tracing::error!(stream = self.id, name = %name.escape_debug(), error = %e, "TLS interception refused: no leaf could be issued; the handshake fails");
                 self.interceptor.metrics().intercept_refused(Refusal::Error.label());
                 self.names.insert(name.to_string(), Sent::Refused(Refusal::Error));
@@ -219,13 +220,21 @@ impl SdsStream {
     }
 
     fn refuse(&mut self, name: &str, why: Refusal) {
-        tracing::info!(
-            stream = self.id,
-            name = %name.escape_debug(),
-            reason = why.label(),
-            detail = why.reason(),
-            "TLS interception refused: the name is removed over SDS and the handshake fails"
-        );
+        if why == Refusal::Evicted {
+            // Counted (and logged) as an eviction where it happened.
+            tracing::debug!(stream = self.id, name = %name.escape_debug(), "SDS: an evicted leaf is removed");
+            self.names.insert(name.to_string(), Sent::Refused(why));
+            return;
+        }
+        if self.interceptor.may_log_refusal() {
+            tracing::info!(
+                stream = self.id,
+                name = %name.escape_debug(),
+                reason = why.label(),
+                detail = why.reason(),
+                "TLS interception refused: the name is removed over SDS and the handshake fails"
+            );
+        }
         self.interceptor.metrics().intercept_refused(why.label());
         // A name over the stream's bound is not kept.
         if why != Refusal::Capacity {
@@ -252,7 +261,7 @@ impl SdsStream {
         };
         for (name, change) in changes {
             match change {
-                Change::Put(r) => out.resources.push(r),
+                Change::Put(r) => out.resources.push(*r),
                 Change::Remove => out.removed_resources.push(name),
             }
         }
