@@ -488,6 +488,10 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
                 "name": "mandate_sds",
                 "type": "STATIC",
                 "connect_timeout": "1s",
+                // Envoy opens one SDS stream per name it asks for: the
+                // default bound (1 024 requests) would stall handshakes
+                // beyond it, before the sidecar's own bound.
+                "circuit_breakers": {"thresholds": [{"max_requests": 4096}]},
                 "typed_extension_protocol_options": {
                     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
