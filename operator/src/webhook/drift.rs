@@ -335,8 +335,12 @@ impl DriftWatch {
                     continue;
                 }
                 let note = format!("{} webhook {}: {}", key.0, key.2, problems.join("; "));
+                // The recorder folds events of one object with the same reason
+                // and action into a series that keeps the first note: the
+                // action names the webhook and what is wrong with it.
+                let action = format!("Check {} {}", key.2, short_digest(&note));
                 tracing::warn!(kind = key.0, configuration = %key.1, webhook = %key.2, problems = %problems.join("; "), "webhook configuration drift: mediation is weakened");
-                self.publish(key.0, &key.1, &m, &v, note).await;
+                self.publish(key.0, &key.1, &m, &v, note, action).await;
             }
             last = now;
         }
@@ -350,6 +354,7 @@ impl DriftWatch {
         m: &[(String, Option<MutatingWebhookConfiguration>)],
         v: &[(String, Option<ValidatingWebhookConfiguration>)],
         note: String,
+        action: String,
     ) {
         let reference = if kind == "mutating" {
             m.iter()
@@ -365,7 +370,7 @@ impl DriftWatch {
             type_: EventType::Warning,
             reason: "WebhookDrift".into(),
             note: Some(note.chars().take(1000).collect()),
-            action: "Check".into(),
+            action,
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &reference).await {
@@ -388,6 +393,16 @@ fn checked<'a>(mutating: &'a [String], validating: &'a [String]) -> impl Iterato
         })
     };
     of(mutating, "mutating").chain(of(validating, "validating"))
+}
+
+/// 8 hex digits of a sha256 of `text`.
+fn short_digest(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `(kind, configuration, webhook)`.
