@@ -163,6 +163,19 @@ async fn agent_pods_are_injected_others_untouched_and_odd_ones_refused() -> Resu
     ensure!(env(&got, "agent", "HTTP_PROXY").as_deref() == Some("http://127.0.0.1:15001"));
     ensure!(env(&got, "agent", "NO_PROXY").as_deref() == Some("localhost,127.0.0.1,::1"));
     ensure!(env(&got, "agent", "HTTPS_PROXY").as_deref() == Some("http://elsewhere:3128"));
+    // Interception: the agent trusts the pod CA, from a read-only mount.
+    ensure!(env(&got, "agent", "SSL_CERT_FILE").as_deref() == Some(mandate_api::names::CA_BUNDLE_FILE));
+    ensure!(env(&got, "agent", "NODE_EXTRA_CA_CERTS").as_deref() == Some(mandate_api::names::POD_CA_FILE));
+    let agent_mounts: Vec<_> = got
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter(|c| c.name == "agent")
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .filter(|m| m.name == mandate_api::names::CA_VOLUME)
+        .map(|m| m.read_only)
+        .collect();
+    ensure!(agent_mounts == [Some(true)], "the agent's CA mount: {agent_mounts:?}");
     let ann = got.annotations();
     ensure!(
         ann.get("mandate.dev/identity").map(String::as_str) == Some("researcher"),
