@@ -81,6 +81,12 @@ pub const TLS_MODE_HEADER: &str = "x-mandate-tls";
 /// that internal listener's requests carry it; the agent's own is removed.
 pub const ORIGINAL_DST_HEADER: &str = "x-mandate-original-dst";
 
+/// Request header Envoy's interception listener adds to each request inside
+/// intercepted TLS: the authority of the CONNECT that was decided and led
+/// there (carried as filter state across the internal hop), so the request
+/// must go where that CONNECT said. The agent's own is removed.
+pub const CONNECT_AUTHORITY_HEADER: &str = "x-mandate-connect-authority";
+
 /// The sidecar's SecretDiscoveryService socket: interception leaves.
 pub const SDS_SOCKET: &str = "/var/run/mandate/sds.sock";
 

@@ -30,7 +30,7 @@ use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use regorus::Value;
 
-pub use mandate_api::names::{EGRESS_PATH_METADATA, ORIGINAL_DST_HEADER};
+pub use mandate_api::names::{CONNECT_AUTHORITY_HEADER, EGRESS_PATH_METADATA, ORIGINAL_DST_HEADER};
 
 /// Where a Check came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +212,30 @@ pub fn intercepted_sni(req: &CheckRequest) -> Result<String, String> {
             "the request's host {host:?} is not the TLS server name {name:?} it was sent under (SNI and Host disagree)"
         ));
     }
+    // And the TLS must be the one the decided CONNECT opened: same name, and
+    // the request's port that CONNECT's (Envoy carries the authority across).
+    let connect = req
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+        .and_then(|h| h.headers.get(CONNECT_AUTHORITY_HEADER))
+        .map(String::as_str)
+        .filter(|c| !c.is_empty() && *c != "-")
+        .ok_or("Envoy did not say which CONNECT this intercepted TLS came through")?;
+    let (connect_host, connect_port) = connect
+        .rsplit_once(':')
+        .ok_or_else(|| format!("the CONNECT authority {connect:?} has no port"))?;
+    let port_of = |p: &str| p.parse::<u16>().ok();
+    let request_port = match host.rsplit_once(':') {
+        Some((_, p)) if p.chars().all(|c| c.is_ascii_digit()) => port_of(p),
+        _ => Some(443),
+    };
+    if norm(connect_host) != norm(name) || port_of(connect_port).is_none() || port_of(connect_port) != request_port {
+        return Err(format!(
+            "the request ({host:?}, TLS server name {name:?}) is not what the CONNECT {connect:?} that opened this TLS was allowed for"
+        ));
+    }
     Ok(name.to_string())
 }
 
@@ -376,6 +400,10 @@ mod tests {
     }
 
     fn intercepted(sni: &str, host: &str) -> CheckRequest {
+        via(sni, host, &format!("{sni}:443"))
+    }
+
+    fn via(sni: &str, host: &str, connect: &str) -> CheckRequest {
         CheckRequest {
             attributes: Some(AttributeContext {
                 tls_session: (!sni.is_empty()).then(|| TlsSession { sni: sni.into() }),
@@ -383,6 +411,7 @@ mod tests {
                     http: Some(HttpRequest {
                         method: "GET".into(),
                         host: host.into(),
+                        headers: [(CONNECT_AUTHORITY_HEADER.to_string(), connect.to_string())].into(),
                         ..HttpRequest::default()
                     }),
                     ..Request::default()
@@ -495,6 +524,20 @@ mod tests {
         assert!(err.contains("SNI and Host disagree"), "{err}");
         assert!(intercepted_sni(&intercepted("", "api.example.com")).is_err());
         assert!(intercepted_sni(&intercepted("api.example.com", "api.example.com.evil:443")).is_err());
+        // TLS opened by one CONNECT, then used for another host or port.
+        for (sni, host, connect) in [
+            ("b.example", "b.example", "a.example:443"),
+            ("b.example", "b.example:8443", "b.example:443"),
+            ("b.example", "b.example", "-"),
+            ("b.example", "b.example", ""),
+            ("b.example", "b.example", "b.example"),
+        ] {
+            assert!(
+                intercepted_sni(&via(sni, host, connect)).is_err(),
+                "{host} via {connect:?}"
+            );
+        }
+        assert!(intercepted_sni(&via("b.example", "b.example:8443", "b.example:8443")).is_ok());
     }
 
     #[tokio::test]

@@ -51,7 +51,8 @@ pub fn intercepts(set: &mandate_policy::engine::PolicySet, authority: &str) -> b
         Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']'), p),
         None => (authority, ""),
     };
-    !set.passes_through(host) && (port == "443" || set.intercepts(host))
+    // The port as a number (`0443` is 443 to Envoy too).
+    !set.passes_through(host) && (port.parse::<u16>() == Ok(443) || set.intercepts(host))
 }
 
 fn decision_id() -> String {

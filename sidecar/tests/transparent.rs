@@ -37,6 +37,7 @@ spec:
   - {host: allowed.example, port: 8080}
   - {host: tls.allowed.example, port: 443}
   - {host: pinned.allowed.example, port: 443, tlsMode: Passthrough}
+  - {host: other.allowed.example, port: 443}
   modules:
   - name: egress.rego
     rego: |
@@ -673,6 +674,33 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
         "intercepted HTTPS through HTTPS_PROXY: {via_proxy_tls}"
     );
     ensure!(upstream_saw("GET /allowed-tls-proxy"));
+    // The CONNECT allowed for one host, the TLS inside for another (declared,
+    // so it gets a leaf, but never allowed as a CONNECT): denied inside.
+    let smuggled = as_user(
+        &pod,
+        AGENT_UID,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-x",
+            "http://127.0.0.1:15001",
+            "--cacert",
+            &bundle.to_string_lossy(),
+            "--connect-to",
+            "other.allowed.example:443:tls.allowed.example:443",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://other.allowed.example/allowed-smuggled",
+        ],
+    );
+    ensure!(
+        smuggled.trim() == "403",
+        "TLS for another host inside an allowed CONNECT: {smuggled}"
+    );
     // Python and Node, trusting the bundle the way the injector tells them to.
     let bundle_s = bundle.to_string_lossy().into_owned();
     let ca_s = ca_dir.join("ca.crt").to_string_lossy().into_owned();

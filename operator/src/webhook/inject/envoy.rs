@@ -1,7 +1,8 @@
 //! Envoy's bootstrap: the egress proxy whose every request the sidecar decides.
 
 use mandate_api::names::{
-    AUTHZ_SOCKET, EGRESS_PATH_METADATA, ENVOY_ADMIN_SOCKET, ORIGINAL_DST_HEADER, SDS_SOCKET, TLS_MODE_HEADER,
+    AUTHZ_SOCKET, CONNECT_AUTHORITY_HEADER, EGRESS_PATH_METADATA, ENVOY_ADMIN_SOCKET, ORIGINAL_DST_HEADER, SDS_SOCKET,
+    TLS_MODE_HEADER,
 };
 use serde_json::{Value, json};
 
@@ -11,7 +12,7 @@ use super::InjectConfig;
 /// headers (who the client is, through which proxies), the ones Envoy acts on
 /// that edge sanitizing leaves, and Mandate's own (only the sidecar's answer
 /// sets them).
-const AGENT_HEADERS_DROPPED: [&str; 14] = [
+const AGENT_HEADERS_DROPPED: [&str; 15] = [
     "x-forwarded-for",
     "x-forwarded-host",
     "x-forwarded-port",
@@ -25,8 +26,13 @@ const AGENT_HEADERS_DROPPED: [&str; 14] = [
     mandate_api::names::UPSTREAM_TLS_HEADER,
     mandate_api::names::DECISION_HEADER,
     TLS_MODE_HEADER,
+    CONNECT_AUTHORITY_HEADER,
     ORIGINAL_DST_HEADER,
 ];
+
+/// Filter state carrying a CONNECT's authority into the interception
+/// listener (shared with the internal upstream connection).
+const CONNECT_AUTHORITY_STATE: &str = "mandate.connect_authority";
 
 /// Envoy's bootstrap: an HTTP forward proxy on loopback whose every request
 /// (CONNECT included) is decided by the sidecar over its unix socket, with
@@ -152,6 +158,36 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
     // WebSocket's opening request is decided, the stream after it is not).
     let intercept_routes = json!([{"match": {"prefix": "/"},
                                    "route": {"cluster": "egress_tls", "timeout": "60s"}}]);
+    // The CONNECT's authority, remembered for the internal connection it
+    // leads to; inside intercepted TLS, written into a header for the
+    // sidecar (after the agent's own was dropped).
+    let connect_authority = |intercepted: bool| {
+        if intercepted {
+            json!({
+                "name": "envoy.filters.http.header_mutation",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {"request_mutations": [{"append": {
+                        "header": {"key": CONNECT_AUTHORITY_HEADER,
+                                   "value": format!("%FILTER_STATE({CONNECT_AUTHORITY_STATE}:PLAIN)%")},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+                },
+            })
+        } else {
+            json!({
+                "name": "envoy.filters.http.set_filter_state",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+                    "on_request_headers": [{
+                        "object_key": CONNECT_AUTHORITY_STATE,
+                        "factory_key": "envoy.string",
+                        "format_string": {"text_format_source": {"inline_string": "%REQ(:AUTHORITY)%"}},
+                        "shared_with_upstream": "ONCE",
+                    }],
+                },
+            })
+        }
+    };
     let hcm_with = |stat: &str, path: Option<&str>, dropped: &[&str], routes: &Value, tls_session: bool| {
         json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -172,10 +208,19 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
                     "mutations": dropped.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
                 },
             }],
+            // Inside intercepted TLS no upgrade is routed: a WebSocket
+            // would be a stream nothing decides after its first request.
             "upgrade_configs": if stat == "intercepted" {
-                json!([{"upgrade_type": "websocket"}])
+                json!([])
             } else {
                 json!([{"upgrade_type": "CONNECT"}])
+            },
+            // Policy's port follows the scheme: inside intercepted TLS it is
+            // https, whatever `:scheme` the client sent.
+            "scheme_header_transformation": if stat == "intercepted" {
+                json!({"scheme_to_overwrite": "https"})
+            } else {
+                json!({})
             },
             // Policy sees the path the upstream acts on:
             // `/v1/../admin` is `/admin`, `//admin` is `/admin`,
@@ -192,6 +237,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
                 }],
             },
             "http_filters": [
+                connect_authority(stat == "intercepted"),
                 {
                     "name": "envoy.filters.http.ext_authz",
                     "typed_config": {
@@ -253,6 +299,12 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
     // the original destination in a header only this path can carry. The
     // sidecar's answer picks interception or a tunnel to the SNI's
     // addresses (never to the address the agent chose).
+    // Envoy's own original-destination header is kept here, and only here.
+    let tls_connect_dropped: Vec<&str> = AGENT_HEADERS_DROPPED
+        .iter()
+        .copied()
+        .filter(|h| *h != ORIGINAL_DST_HEADER)
+        .collect();
     let tls_connect = json!({
         "name": "tls_connect",
         "internal_listener": {},
@@ -261,9 +313,7 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
             "typed_config": hcm_with(
                 "transparent_sni",
                 Some("sni"),
-                AGENT_HEADERS_DROPPED
-                    .split_last()
-                    .map_or(&AGENT_HEADERS_DROPPED[..], |(_, kept)| kept),
+                &tls_connect_dropped,
                 &egress_routes,
                 false,
             ),
@@ -583,7 +633,7 @@ mod tests {
         let meta = |v: &Value| v["typed_config"]["grpc_service"]["initial_metadata"][0]["value"].clone();
         assert_eq!(meta(&t["default_filter_chain"]["filters"][0]), "raw");
         assert_eq!(
-            meta(&t["filter_chains"][1]["filters"][0]["typed_config"]["http_filters"][0]),
+            meta(&t["filter_chains"][1]["filters"][0]["typed_config"]["http_filters"][1]),
             "http"
         );
         assert_eq!(
@@ -606,7 +656,7 @@ mod tests {
         };
         let connect = listener("tls_connect");
         let connect_hcm = &connect["filter_chains"][0]["filters"][0]["typed_config"];
-        assert_eq!(meta(&connect_hcm["http_filters"][0]), "sni");
+        assert_eq!(meta(&connect_hcm["http_filters"][1]), "sni");
         // That listener keeps Envoy's original-destination header, every
         // listener the agent reaches drops it (and the interception mark).
         let dropped = |hcm: &Value| {
@@ -631,7 +681,7 @@ mod tests {
             chain["transport_socket"]["typed_config"]["common_tls_context"]["custom_tls_certificate_selector"]["name"],
             "envoy.tls.certificate_selectors.on_demand_secret"
         );
-        let inner = &chain["filters"][0]["typed_config"]["http_filters"][0];
+        let inner = &chain["filters"][0]["typed_config"]["http_filters"][1];
         assert_eq!(meta(inner), "intercept");
         assert_eq!(inner["typed_config"]["include_tls_session"], true);
         assert_eq!(inner["typed_config"]["failure_mode_allow"], false);
