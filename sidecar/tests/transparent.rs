@@ -650,10 +650,9 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
     );
     ensure!(upstream_saw("GET /allowed-pinned"));
     // Through HTTPS_PROXY: the same interception behind CONNECT.
-    let via_proxy_tls = as_user(
-        &pod,
-        AGENT_UID,
-        &[
+    let bundle_arg = bundle.to_string_lossy().into_owned();
+    let proxied = |extra: &[&str], url: &str| {
+        let mut args = vec![
             "curl",
             "-s",
             "-m",
@@ -661,44 +660,30 @@ async fn a_hostile_agent_cannot_get_around_transparent_egress() -> Result<()> {
             "-x",
             "http://127.0.0.1:15001",
             "--cacert",
-            &bundle.to_string_lossy(),
+            &bundle_arg,
             "-o",
             "/dev/null",
             "-w",
             "%{http_code}",
-            "https://tls.allowed.example/allowed-tls-proxy",
-        ],
-    );
+        ];
+        args.extend(extra);
+        args.push(url);
+        as_user(&pod, AGENT_UID, &args).trim().to_string()
+    };
+    let via_proxy_tls = proxied(&[], "https://tls.allowed.example/allowed-tls-proxy");
     ensure!(
-        via_proxy_tls.trim() == "200",
+        via_proxy_tls == "200",
         "intercepted HTTPS through HTTPS_PROXY: {via_proxy_tls}"
     );
     ensure!(upstream_saw("GET /allowed-tls-proxy"));
     // The CONNECT allowed for one host, the TLS inside for another (declared,
     // so it gets a leaf, but never allowed as a CONNECT): denied inside.
-    let smuggled = as_user(
-        &pod,
-        AGENT_UID,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "-x",
-            "http://127.0.0.1:15001",
-            "--cacert",
-            &bundle.to_string_lossy(),
-            "--connect-to",
-            "other.allowed.example:443:tls.allowed.example:443",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "https://other.allowed.example/allowed-smuggled",
-        ],
+    let smuggled = proxied(
+        &["--connect-to", "other.allowed.example:443:tls.allowed.example:443"],
+        "https://other.allowed.example/allowed-smuggled",
     );
     ensure!(
-        smuggled.trim() == "403",
+        smuggled == "403",
         "TLS for another host inside an allowed CONNECT: {smuggled}"
     );
     // Python and Node, trusting the bundle the way the injector tells them to.
