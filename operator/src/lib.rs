@@ -8,6 +8,7 @@ pub mod distribute;
 pub mod error;
 pub mod leader;
 pub mod lenient;
+pub mod posture;
 pub mod run;
 pub mod secret;
 pub mod spiffe;

@@ -25,7 +25,9 @@ pub use containers::{containers, sidecar_env};
 pub use envoy::{Sockets, envoy_bootstrap, envoy_bootstrap_at};
 pub use patch::{InjectError, Injection, inject};
 pub use posture::{MANDATE_CONTAINERS, posture_breach};
-pub use verify::{digest, injected_as_expected, injection_difference, isolation_breach, svid_eligible};
+pub use verify::{
+    RESERVED_VOLUMES, digest, injected_as_expected, injection_difference, isolation_breach, svid_eligible,
+};
 
 /// Pods and helpers the tests of every part share.
 #[cfg(test)]
