@@ -343,6 +343,27 @@ pub struct AgentIdentityStatus {
     /// per existing pod; AgentPolicy `status.inForce` counts from it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sidecars: Vec<SidecarAck>,
+    /// What the agent's pods still hold that Mandate does not broker, and
+    /// how broad their service accounts' RBAC is: what to move to brokered
+    /// credentials. Recomputed with the pod count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture: Option<AgentPosture>,
+}
+
+/// An agent's credential posture.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPosture {
+    /// Long-lived credentials its pods hold: Secrets mounted or in their
+    /// environment, an automounted service-account token.
+    #[serde(default)]
+    pub held_credentials: Vec<String>,
+    /// The broad permissions its service accounts have, by
+    /// SubjectAccessReview over a fixed list of probes (cluster-admin,
+    /// Secrets, pod creation and exec, token minting, role binding,
+    /// impersonation, editing AgentPolicies).
+    #[serde(default)]
+    pub broad_rbac: Vec<String>,
 }
 
 /// A sidecar's latest acknowledged policy set.

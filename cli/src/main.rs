@@ -281,6 +281,15 @@ async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
             };
             println!("{id_ns:<20} {name:<20} {spiffe:<56} {pod_name:<28} {expires:<22} {policies}");
         }
+        // Posture: what its pods still hold, and how broad its account is.
+        if let Some(p) = &status.posture {
+            for c in &p.held_credentials {
+                println!("  {id_ns}/{name} holds: {c}");
+            }
+            for r in &p.broad_rbac {
+                println!("  {id_ns}/{name} may: {r}");
+            }
+        }
     }
     Ok(true)
 }

@@ -425,6 +425,7 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
         Err(_) => None,
     };
     let mut unmediated: Vec<(String, &'static str)> = Vec::new();
+    let mut posture: Option<mandate_api::crd::AgentPosture> = None;
     let (bound_pods, problem) = match (&spiffe, &selector) {
         (Err(e), _) => (previous.bound_pods, Some(("InvalidSpiffeId", e.to_string()))),
         (_, Err(e)) => (0, Some(("InvalidSelector", format!("spec.selector: {e}")))),
@@ -458,6 +459,7 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
                 }
             }
             unmediated.sort();
+            posture = Some(agent_posture(ctx, &ns, &list.items).await);
             (bound, None)
         }
     };
@@ -523,12 +525,46 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
         svids: Vec::new(),
         // Written by the policy service on each ack (its own field manager).
         sidecars: Vec::new(),
+        posture,
     };
     let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
     apply_status(&api, &name, serde_json::to_value(&status)?).await?;
     // Pod events map a pod to the identities its *current* labels match; a
     // pod relabelled away, or deleted during a watch gap, is caught here.
     Ok(Action::requeue(RECOUNT_EVERY))
+}
+
+/// The credentials the identity's running pods hold and how broad their
+/// service accounts' RBAC is (see [`crate::posture`]). A service account
+/// that cannot be read counts as automounting (Kubernetes' default).
+async fn agent_posture(ctx: &Context, ns: &str, pods: &[Pod]) -> mandate_api::crd::AgentPosture {
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    let mut held = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for p in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        let sa_name = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let sa = accounts.get_opt(&sa_name).await.ok().flatten();
+        held.extend(crate::posture::held_credentials(p, sa.as_ref()));
+        names.push(sa_name);
+    }
+    held.sort();
+    held.dedup();
+    names.sort();
+    names.dedup();
+    let mut rbac = Vec::new();
+    for sa in &names {
+        for what in crate::posture::broad_rbac(&ctx.client, ns, sa).await {
+            rbac.push(format!("{sa}: {what}"));
+        }
+    }
+    mandate_api::crd::AgentPosture {
+        held_credentials: held,
+        broad_rbac: rbac,
+    }
 }
 
 /// `Mediated`: whether every pod the identity selects is mediated, and if
