@@ -101,13 +101,12 @@ passes=("as is" "cores kept awake")
 echo "== 2. Check over gRPC on loopback at 1000/s (sidecar on one core, tool-allowlist policy, decision"
 echo "   log to a file; the same client against a no-op Check server is the floor: what gRPC and this"
 echo "   machine cost before any decision; $ROUNDS interleaved rounds of ${ROUND_SECONDS}s, medians across rounds)"
-grpc=$(free_port) admin=$(free_port)
+read -r grpc admin noop <<<"$(free_port 3)"
 taskset -c 0 "$SIDECAR" --workers 1 --policy policies/tool-allowlist.yaml \
   --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" --admin-listen "127.0.0.1:$admin" \
   >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
 wait_for "the sidecar" 30 ready "http://127.0.0.1:$admin/readyz" || die "sidecar did not start: $(cat "$tmp/sidecar.err")"
-noop=$(free_port)
 TOKIO_WORKER_THREADS=1 taskset -c 0 "$B/mandate-bench" serve-noop "127.0.0.1:$noop" --unix "$tmp/noop.sock" &
 pids+=($!)
 wait_for "the no-op server" 10 port_in_use "$noop" || die "no-op server did not start"
@@ -152,7 +151,7 @@ echo
 echo "== 3. Envoy + sidecar vs Envoy alone, HTTP at 1000 requests/s (Envoy --concurrency 1; ext_authz"
 echo "   over a unix socket as in an injected pod; the same ext_authz filter calling the no-op Check"
 echo "   server is the floor; $ROUNDS interleaved rounds of ${ROUND_SECONDS}s, medians across rounds)"
-up=$(free_port) with=$(free_port) with_noop=$(free_port) without=$(free_port) eadmin=$(free_port)
+read -r up with with_noop without eadmin <<<"$(free_port 5)"
 taskset -c 1 "$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name upstream >/dev/null 2>&1 &
 pids+=($!)
 render_template "$MANDATE_ROOT/hack/bench-envoy.yaml" "$tmp/envoy.yaml" ENVOY_ADMIN="$eadmin" \

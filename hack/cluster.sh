@@ -254,13 +254,12 @@ EOF
 
 start_control_plane() {
   local node="$1" bind port etcd_port
-  etcd_port="$(free_port)"
+  read -r etcd_port port <<<"$(free_port 2)"
   if ((node)); then
     bind="$NODE_IP"
     port="$APISERVER_PORT_NODE"
   else
     bind="127.0.0.1"
-    port="$(free_port)"
   fi
   local server="https://${bind}:${port}"
 

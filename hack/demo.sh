@@ -25,13 +25,13 @@ cleanup() {
 trap cleanup EXIT
 ready() { curl -sf "$1" >/dev/null; }
 
-grpc=$(free_port) admin=$(free_port) front=$(free_port) nocheck=$(free_port) noop=$(free_port) up=$(free_port) eadmin=$(free_port)
+read -r admin front nocheck noop up eadmin <<<"$(free_port 6)"
 "$B/mandate-testbin" serve --listen "127.0.0.1:$up" --name tool-api >/dev/null 2>&1 &
 pids+=($!)
 # Four of the examples together: every Enforce policy must allow (deny wins);
 # pii-egress is DryRun: its verdicts are logged, it never blocks.
 policies="policies/tool-allowlist.yaml,policies/read-only-data-api.yaml,policies/no-destructive-methods.yaml,policies/pii-egress-dry-run.yaml"
-"$B/mandate-sidecar" --policy "$policies" --listen "127.0.0.1:$grpc" --listen-unix "$tmp/authz.sock" \
+"$B/mandate-sidecar" --policy "$policies" --no-tcp --listen-unix "$tmp/authz.sock" \
   --admin-listen "127.0.0.1:$admin" --agent-identity researcher >"$tmp/decisions.log" 2>"$tmp/sidecar.err" &
 pids+=($!)
 # The bench's Envoy: the demo calls only its ext_authz listener; the no-op

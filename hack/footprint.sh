@@ -39,7 +39,7 @@ done
 printf '%-60s %10s %10s %9s %s\n' "sidecar" "size" "text" "policies" "RSS after 1000 decisions"
 for sidecar in "$@"; do
   [ -x "$sidecar" ] || die "no sidecar binary at $sidecar"
-  grpc=$(free_port) admin=$(free_port)
+  read -r grpc admin <<<"$(free_port 2)"
   taskset -c 0 "$sidecar" --workers 1 --policy "$tmp/p100" \
     --listen "127.0.0.1:$grpc" --admin-listen "127.0.0.1:$admin" >/dev/null 2>"$tmp/err" &
   pid=$!

@@ -212,13 +212,38 @@ go_tools_module() {
   }
 }
 
-# free_port: a TCP port on 127.0.0.1 that nothing listens on right now.
+# free_port [N]: N (default 1) distinct TCP ports on 127.0.0.1 that nothing
+# uses right now, on one line, all below the kernel's ephemeral range (so no
+# outgoing connection takes one before the caller binds it). Take every port a
+# script needs in one call: separate calls may return the same port (that
+# once failed CI's demo: the sidecar found its port taken).
 free_port() {
-  python3 - <<'PY'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
+  python3 - "${1:-1}" <<'PY'
+import random, socket, sys
+want = int(sys.argv[1])
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+held, ports = [], []
+for _ in range(1000 * want):
+    if len(ports) == want:
+        break
+    port = random.randrange(10000, max(low, 10001))
+    if port in ports:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        continue
+    held.append(s)
+    ports.append(port)
+for s in held:
+    s.close()
+if len(ports) < want:
+    sys.exit("no %d free ports below the ephemeral range (%d)" % (want, low))
+print(" ".join(map(str, ports)))
 PY
 }
