@@ -63,7 +63,10 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), ports.len(), "a port was handed out twice: {ports:?}");
         for p in &ports {
-            assert!(u32::from(*p) >= LOW && u32::from(*p) < ephemeral_start(), "{p} is out of range");
+            assert!(
+                u32::from(*p) >= LOW && u32::from(*p) < ephemeral_start(),
+                "{p} is out of range"
+            );
         }
         TcpListener::bind(("127.0.0.1", ports[0])).unwrap();
     }
