@@ -163,6 +163,111 @@ pub struct EgressDestination {
     /// refuse sensitive actions to tainted sessions.
     #[serde(default)]
     pub trust: TrustClass,
+    /// A credential Mandate adds to each allowed request to this destination,
+    /// so that the agent never holds it: the sidecar puts it into the request
+    /// after the decision, inside TLS (intercepted, or originated by Envoy),
+    /// and never into a denied one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<BrokeredCredential>,
+}
+
+/// A credential the sidecar adds to allowed requests to one destination.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.secretKeyRef) != has(self.serviceAccountToken)", "message": "name exactly one source: secretKeyRef or serviceAccountToken"},
+    {"rule": "!(has(self.header) && has(self.queryParameter))", "message": "the credential goes into a header or a query parameter, not both"},
+]))]
+pub struct BrokeredCredential {
+    /// A key of a Secret in the policy's own namespace. The Secret must carry
+    /// the label `mandate.dev/brokered: "true"` (the operator reads no other
+    /// Secret), and whoever applies the policy must be allowed to `get` it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+    /// A short-lived token for a service account in the policy's namespace,
+    /// minted by the operator with TokenRequest, bound to the agent's pod,
+    /// and renewed before it expires. Whoever applies the policy must be
+    /// allowed to `create` `serviceaccounts/token` for that account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token: Option<ServiceAccountTokenSource>,
+    /// The request header the credential goes into (default `Authorization`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub header: Option<String>,
+    /// A query parameter the credential goes into instead of a header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub query_parameter: Option<String>,
+    /// Written before the value (default `Bearer ` for the `Authorization`
+    /// header, nothing otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub prefix: Option<String>,
+    /// What happens when the agent sends a value of its own in that header
+    /// (or parameter), or an `Authorization` header: Drop (the default; the
+    /// agent's value is removed and never forwarded) or Deny (the request is
+    /// denied).
+    #[serde(default)]
+    pub agent_supplied: AgentSupplied,
+}
+
+/// A key of a Secret in the policy's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in its `data`.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A TokenRequest token for a service account in the policy's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountTokenSource {
+    /// The service account whose RBAC the agent acts with, per decision.
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: String,
+    /// How long each token is valid (600 to 86400; default 600). The
+    /// operator renews it at half its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 600, max = 86400))]
+    pub expiration_seconds: Option<i64>,
+    /// The token's audiences (default: the API server's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+}
+
+/// What happens to a credential the agent sends itself to a brokered host.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AgentSupplied {
+    /// Removed before the request is forwarded.
+    #[default]
+    Drop,
+    /// The request is denied.
+    Deny,
+}
+
+impl BrokeredCredential {
+    /// The header the credential goes into, lower case (`None`: a query parameter).
+    pub fn header_name(&self) -> Option<String> {
+        match (&self.header, &self.query_parameter) {
+            (_, Some(_)) => None,
+            (Some(h), None) => Some(h.to_ascii_lowercase()),
+            (None, None) => Some("authorization".into()),
+        }
+    }
+
+    /// What is written before the value.
+    pub fn value_prefix(&self) -> String {
+        match &self.prefix {
+            Some(p) => p.clone(),
+            None if self.header_name().as_deref() == Some("authorization") => "Bearer ".into(),
+            None => String::new(),
+        }
+    }
 }
 
 /// How TLS to a destination is handled at the pod's egress.

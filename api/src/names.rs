@@ -7,6 +7,9 @@
 pub const ENFORCE_LABEL: &str = "mandate.dev/enforce";
 /// Label opting a pod in without an AgentIdentity selecting it.
 pub const INJECT_LABEL: &str = "mandate.dev/inject";
+/// Opt-in label on a Secret: only Secrets with `mandate.dev/brokered: "true"`
+/// are read by the operator, to broker them to the agents whose policies name them.
+pub const BROKERED_LABEL: &str = "mandate.dev/brokered";
 
 /// Annotation marking a pod as injected (its value: the injection's digest).
 pub const INJECTED_ANNOTATION: &str = "mandate.dev/injected";

@@ -263,6 +263,7 @@ impl Distributor {
             set_version: format!("sha256:{:x}", h.finalize()),
             policies,
             withheld,
+            credentials: vec![],
         }
     }
 
