@@ -9,6 +9,7 @@
 #                            measures another sidecar binary (e.g. the images' musl build)
 #   MANDATE_BENCH_ROUNDS=N, MANDATE_BENCH_ROUND_SECONDS=S   (default 5 rounds of 4 s)
 #   MANDATE_BENCH_ONLY=transparent   only section 4 (transparent egress vs HTTP_PROXY; root)
+#   MANDATE_BENCH_ONLY=intercept     only section 5 (TLS interception vs passthrough; root)
 #
 # Everything listens on 127.0.0.1. The sidecar runs on one core (taskset -c 0,
 # one tokio worker); clients, Envoy and the upstream run on the other core.
@@ -36,6 +37,9 @@ ROUND_SECONDS="${MANDATE_BENCH_ROUND_SECONDS:-4}"
 
 if [ "${MANDATE_BENCH_ONLY:-}" = transparent ]; then
   exec hack/bench-transparent.sh "$B" "$SIDECAR"
+fi
+if [ "${MANDATE_BENCH_ONLY:-}" = intercept ]; then
+  exec hack/bench-intercept.sh "$B" "$SIDECAR"
 fi
 
 tmp="$(mktemp -d)"
@@ -191,5 +195,15 @@ else
   echo "   skipped: needs root (network namespaces, nftables)"
 fi
 
-echo "== 5. Sidecar footprint: size, and memory with 100 policies loaded"
+echo
+echo "== 5. TLS interception vs CONNECT passthrough: the first request to a new host (leaf minted), new"
+echo "   connections to a known host, warm connections; sequential HTTPS requests as the agent (UID 1000)"
+echo "   through the transparent path, the same sidecar and policy deciding both (hack/bench-intercept.sh)"
+if [ "$(id -u)" -eq 0 ]; then
+  hack/bench-intercept.sh "$B" "$SIDECAR"
+else
+  echo "   skipped: needs root (network namespaces, nftables)"
+fi
+
+echo "== 6. Sidecar footprint: size, and memory with 100 policies loaded"
 hack/footprint.sh "$SIDECAR"

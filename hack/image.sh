@@ -183,11 +183,14 @@ sidecar_extras() {
 }
 
 # sidecar REF DIR: a sidecar image from DIR's mandate-sidecar (a debug
-# build, for tests), with the egress init step.
+# build, for tests), with the egress init step and the system CAs (which the
+# sidecar publishes to the agent beside the pod's interception CA).
 cmd_sidecar() {
   [ $# -eq 2 ] || usage
+  [ -f /etc/ssl/certs/ca-certificates.crt ] || die "no /etc/ssl/certs/ca-certificates.crt; run make deps"
   # shellcheck disable=SC2046 # the options are words
-  cmd_build "$1" "$2/mandate-sidecar" --user 15999:15999 $(sidecar_extras "$2")
+  cmd_build "$1" "$2/mandate-sidecar" --user 15999:15999 \
+    --add /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt $(sidecar_extras "$2")
 }
 
 # Mandate's images, built as images/Dockerfile builds them: the release

@@ -10,6 +10,8 @@
 //!   mandate-bench bootstrap --authz-socket S --admin-socket A [--no-authz]   the injected Envoy bootstrap
 //!   mandate-bench export POLICY.yaml DIR                 the policy as files for `opa bench`
 //!   mandate-bench grpc-body FILE                         the Check request, gRPC-framed, for h2load
+//!   mandate-bench tls --connect IP:443 --name 'h{n}.bench.test' --ca CA --mode first   HTTPS latency
+//!   mandate-bench serve-tls --listen IP:443 --cert C --key K   an HTTPS upstream
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use mandate_api::crd::PolicyDocument as AgentPolicy;
 use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet};
+
+mod tls;
 
 #[derive(Debug, Parser)]
 #[command(name = "mandate-bench", about = "Benchmarks of Mandate's decision path")]
@@ -110,6 +114,43 @@ enum Command {
         /// with the same listeners, routes and clusters.
         #[arg(long)]
         no_authz: bool,
+        /// The CAs Envoy verifies upstreams against (default: the injector's).
+        #[arg(long)]
+        upstream_ca: Option<String>,
+    },
+    /// HTTPS requests to a name, one at a time, trusting a CA bundle: one
+    /// JSON line of latencies (the interception benchmark's client).
+    Tls {
+        /// Where to connect (in a pod, the egress rules send it to Envoy).
+        #[arg(long)]
+        connect: std::net::SocketAddr,
+        /// The server name (SNI and Host); `{n}` is the request's number.
+        #[arg(long)]
+        name: String,
+        /// The CA bundle (PEM) to trust; without it, plain HTTP.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long, default_value = "/v1/models")]
+        path: String,
+        #[arg(long, default_value_t = 200)]
+        requests: u64,
+        /// The first request's number (for `{n}`).
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        #[arg(long, value_enum)]
+        mode: tls::Mode,
+    },
+    /// Serve HTTPS (200 "ok" to everything): the interception benchmark's upstream.
+    ServeTls {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Serve plain HTTP here too.
+        #[arg(long)]
+        plain: Option<std::net::SocketAddr>,
     },
 }
 
@@ -182,15 +223,40 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(http(url, host, rate, seconds, proxy, new_connection))
         }
+        Command::Tls {
+            connect,
+            name,
+            ca,
+            path,
+            requests,
+            start,
+            mode,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(tls::client(connect, &name, ca.as_deref(), &path, requests, start, mode))
+        }
+        Command::ServeTls {
+            listen,
+            cert,
+            key,
+            plain,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(tls::serve(listen, &cert, &key, plain))
+        }
         Command::Bootstrap {
             authz_socket,
             admin_socket,
             health_address,
             no_authz,
+            upstream_ca,
         } => {
             use mandate_operator::webhook::inject::{InjectConfig, Sockets, envoy_bootstrap_at};
-            let cfg = InjectConfig::default();
-            // The SDS socket beside the ext_authz one (interception is not benchmarked here).
+            let mut cfg = InjectConfig::default();
+            if let Some(ca) = upstream_ca {
+                cfg.upstream_ca_file = ca;
+            }
+            // The SDS socket beside the ext_authz one.
             let sds = std::path::Path::new(&authz_socket).with_file_name("sds.sock");
             let sockets = Sockets {
                 authz: &authz_socket,
