@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use mandate_api::crd::{AgentPolicySpec, RegoModule};
+use mandate_policy::credential::{Credential, Placement, SecretValue};
 use mandate_proto::policy::v1::policies_client::PoliciesClient;
-use mandate_proto::policy::v1::{AckRequest, PolicySet as WireSet, SubscribeRequest};
+use mandate_proto::policy::v1::{AckRequest, Credential as WireCredential, PolicySet as WireSet, SubscribeRequest};
 use rand::Rng;
 
 use crate::metrics::Metrics;
 use crate::svid::{OperatorTrust, SharedSvid};
-use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet, SharedPolicies};
+use mandate_policy::engine::{EngineKind, LoadedPolicy, PolicySet, SetOrigin, SharedPolicies, normalize_host};
 
 /// Where policies come from.
 #[derive(Debug, Clone)]
@@ -28,9 +29,16 @@ pub struct PolicySource {
 }
 
 /// Compile a pushed set. Withheld policies become deny-all policies, so a
-/// policy that never had a good version denies rather than vanishes.
+/// policy that never had a good version denies rather than vanishes. Each
+/// brokered credential is checked on its own: one that cannot be used is
+/// kept as unavailable, with the reason (requests to its destination are
+/// denied with it), and never refuses the whole set.
 pub fn build(set: &WireSet, engine: EngineKind) -> Result<PolicySet> {
-    let mut out = PolicySet::default();
+    let mut out = PolicySet {
+        origin: SetOrigin::Operator,
+        credentials: set.credentials.iter().map(credential).collect(),
+        ..PolicySet::default()
+    };
     for p in &set.policies {
         let spec: AgentPolicySpec = serde_json::from_str(&p.spec_json)
             .with_context(|| format!("{}/{}: not an AgentPolicy spec", p.namespace, p.name))?;
@@ -67,6 +75,61 @@ pub fn build(set: &WireSet, engine: EngineKind) -> Result<PolicySet> {
         out.policies.push(LoadedPolicy::compile_for(name, &spec, engine)?);
     }
     Ok(out)
+}
+
+/// The engine's credential for one the operator sent: the value, or why
+/// there is none (the operator's reason, or what is wrong with the value).
+fn credential(c: &WireCredential) -> Credential {
+    let placement = match (c.header.as_str(), c.query_parameter.as_str()) {
+        (h, "") => Ok(Placement::Header(h.to_string())),
+        ("", q) => Ok(Placement::QueryParameter(q.to_string())),
+        _ => Err("the operator named both a header and a query parameter for it"),
+    };
+    let port = u16::try_from(c.port).ok().filter(|p| *p != 0);
+    let value = if !c.unavailable.is_empty() {
+        Err(c.unavailable.clone())
+    } else if let Err(why) = placement {
+        Err(why.to_string())
+    } else if port.is_none() {
+        Err(format!(
+            "the operator sent the port {}, which is not a TCP port",
+            c.port
+        ))
+    } else if c.value.is_empty() {
+        Err("the operator sent no value for it, and no reason".to_string())
+    } else {
+        Ok(SecretValue::new(c.value.clone()))
+    };
+    Credential {
+        policy: c.policy.clone(),
+        host: normalize_host(&c.host),
+        port: port.unwrap_or(0),
+        placement: placement.unwrap_or_else(|_| Placement::Header(c.header.clone())),
+        prefix: c.prefix.clone(),
+        deny_agent_supplied: c.deny_agent_supplied,
+        value,
+        source: c.source.clone(),
+        version: c.version.clone(),
+        expires_unix: c.expires_unix,
+    }
+    .checked()
+}
+
+/// Say which brokered credentials the set brings (never their values).
+fn log_credentials(set: &PolicySet) {
+    for c in &set.credentials {
+        match &c.value {
+            Ok(_) => {
+                tracing::info!(policy = %c.policy, host = %c.host, port = c.port, source = %c.source, version = %c.version, "brokered credential in force")
+            }
+            Err(why) => {
+                tracing::warn!(policy = %c.policy, host = %c.host, port = c.port, source = %c.source, reason = %why, "brokered credential unavailable: requests to its destination are denied")
+            }
+        }
+    }
+    for c in set.undeclared_credentials() {
+        tracing::warn!(policy = %c.policy, host = %c.host, port = c.port, source = %c.source, "the operator sent a credential for a destination no policy in force declares; it is not used");
+    }
 }
 
 /// One subscription, until the stream ends or fails.
@@ -107,6 +170,7 @@ async fn stream_once(
                 for p in &new.policies {
                     tracing::info!(policy = %p.name, version = %p.version, "policy in force (pushed)");
                 }
+                log_credentials(&new);
                 metrics.policies_loaded(&new);
                 policies.store(Arc::new(new));
                 let ack = client
