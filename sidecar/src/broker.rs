@@ -537,6 +537,37 @@ mod tests {
                 tls: false
             })
         );
+        // Envoy originates TLS (`tls: true`): TLS, and 443 when no port is given.
+        let spec: mandate_api::crd::AgentPolicySpec = serde_json::from_value(serde_json::json!({
+            "modules": [{"name": "a.rego", "rego": "package mandate.authz\nimport rego.v1\ndefault decision := false\n"}],
+            "egress": [{"host": "api.example.com", "port": 443, "tls": true}],
+        }))
+        .unwrap();
+        let originating = PolicySet {
+            policies: vec![mandate_policy::engine::LoadedPolicy::compile("p".into(), &spec).unwrap()],
+            ..PolicySet::default()
+        };
+        for path in [EgressPath::Proxy, EgressPath::TransparentHttp] {
+            assert_eq!(
+                target(path, &plain, &originating),
+                Some(Target {
+                    host: "api.example.com".into(),
+                    port: 443,
+                    tls: true
+                }),
+                "{path:?}"
+            );
+        }
+        let mut explicit = plain.clone();
+        explicit.host = "api.example.com:8443".into();
+        assert_eq!(
+            target(EgressPath::TransparentHttp, &explicit, &originating).map(|t| t.port),
+            Some(8443)
+        );
+        assert_eq!(
+            target(EgressPath::TransparentHttp, &explicit, &set).map(|t| t.tls),
+            Some(false)
+        );
         let mut connect = plain.clone();
         connect.method = "CONNECT".into();
         assert_eq!(target(EgressPath::Proxy, &connect, &set), None);
