@@ -467,17 +467,18 @@ impl PolicySet {
     }
 
     /// The credential brokered for requests to `host` (any case, a trailing
-    /// dot or not) on `port`, declared by any policy in force (DryRun ones
-    /// too, as for every egress declaration): `None` when no destination
-    /// that matches declares one, else the value to send or why there is
-    /// none (a deny).
+    /// dot or not) on `port`, declared by an Enforce policy in force: `None`
+    /// when no destination that matches declares one, else the value to
+    /// send or why there is none (a deny). DryRun policies broker nothing:
+    /// a credential widens what the agent can do, and adding a DryRun
+    /// policy must never do that.
     pub fn brokered(&self, host: &str, port: u16) -> Option<Brokered<'_>> {
         let no_value = match self.origin {
             SetOrigin::Files => "policies loaded from files carry no brokered credentials (the operator supplies them)",
             SetOrigin::Operator => "the operator sent no value for it",
         };
         crate::credential::resolve(
-            self.policies.iter().flat_map(|p| &p.brokered),
+            self.brokering().flat_map(|p| &p.brokered),
             &self.credentials,
             &normalize_host(host),
             port,
@@ -485,13 +486,17 @@ impl PolicySet {
         )
     }
 
-    /// Credentials the operator sent that no policy in force declares
-    /// (they are never used).
+    /// The policies whose credential declarations are in force.
+    fn brokering(&self) -> impl Iterator<Item = &LoadedPolicy> {
+        self.policies.iter().filter(|p| p.mode == PolicyMode::Enforce)
+    }
+
+    /// Credentials the operator sent that no Enforce policy in force
+    /// declares (they are never used).
     pub fn undeclared_credentials(&self) -> impl Iterator<Item = &Credential> {
         self.credentials.iter().filter(|c| {
             !self
-                .policies
-                .iter()
+                .brokering()
                 .flat_map(|p| &p.brokered)
                 .any(|d| d.policy == c.policy && d.host == c.host && d.port == c.port)
         })
@@ -746,6 +751,11 @@ mod tests {
         let why = s.brokered("a.files.example", 8443).unwrap().credential.unwrap_err();
         assert!(why.contains("the operator sent no value"), "{why}");
         assert_eq!(s.undeclared_credentials().count(), 0);
+        // A DryRun policy brokers nothing (it must not widen what the agent can do).
+        s.policies[0].mode = PolicyMode::DryRun;
+        assert!(s.brokered("api.example.com", 443).is_none());
+        assert_eq!(s.undeclared_credentials().count(), 1);
+        s.policies[0].mode = PolicyMode::Enforce;
         s.credentials[0].port = 444;
         assert_eq!(s.undeclared_credentials().count(), 1);
     }

@@ -128,7 +128,7 @@ fn log_credentials(set: &PolicySet) {
         }
     }
     for c in set.undeclared_credentials() {
-        tracing::warn!(policy = %c.policy, host = %c.host, port = c.port, source = %c.source, "the operator sent a credential for a destination no policy in force declares; it is not used");
+        tracing::warn!(policy = %c.policy, host = %c.host, port = c.port, source = %c.source, "the operator sent a credential for a destination no Enforce policy in force declares; it is not used");
     }
 }
 
@@ -216,5 +216,92 @@ pub async fn run(
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn wire(value: &str) -> WireCredential {
+        WireCredential {
+            policy: "agents/p".into(),
+            host: "API.example.com.".into(),
+            port: 443,
+            header: "authorization".into(),
+            prefix: "Bearer ".into(),
+            value: value.as_bytes().to_vec(),
+            source: "secret agents/s key token".into(),
+            version: "3".into(),
+            ..WireCredential::default()
+        }
+    }
+
+    #[test]
+    fn pushed_credentials_are_converted_and_checked_one_by_one() {
+        let ok = credential(&wire("t0ken"));
+        assert_eq!(ok.host, "api.example.com");
+        assert_eq!(ok.placement, Placement::Header("authorization".into()));
+        assert_eq!(ok.value.as_ref().unwrap().expose(), b"t0ken");
+        let query = credential(&WireCredential {
+            header: String::new(),
+            query_parameter: "key".into(),
+            ..wire("a b")
+        });
+        assert_eq!(query.placement, Placement::QueryParameter("key".into()));
+        assert!(query.value.is_ok());
+        for (bad, why) in [
+            (
+                WireCredential {
+                    value: vec![],
+                    unavailable: "Secret agents/s not found".into(),
+                    ..wire("")
+                },
+                "Secret agents/s not found",
+            ),
+            (wire(""), "no value"),
+            (
+                WireCredential {
+                    query_parameter: "key".into(),
+                    ..wire("t")
+                },
+                "both",
+            ),
+            (
+                WireCredential {
+                    port: 70_000,
+                    ..wire("t")
+                },
+                "not a TCP port",
+            ),
+            (wire("t0ken\n"), "control character"),
+            (
+                WireCredential {
+                    header: "x-mandate-tls".into(),
+                    ..wire("t")
+                },
+                "cannot carry",
+            ),
+        ] {
+            let c = credential(&bad);
+            let err = c.value.unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(!err.contains("t0ken"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_credential_does_not_refuse_the_set() {
+        let set = WireSet {
+            set_version: "v".into(),
+            credentials: vec![wire("bad\r\nvalue"), wire("good")],
+            ..WireSet::default()
+        };
+        let built = build(&set, EngineKind::Auto).unwrap();
+        assert_eq!(built.origin, SetOrigin::Operator);
+        assert_eq!(built.credentials.len(), 2);
+        assert!(built.credentials[0].value.is_err() && built.credentials[1].value.is_ok());
+        assert!(!format!("{built:?}").contains("good"), "{built:?}");
     }
 }
