@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mandate_api::crd::{AgentPolicySpec, PolicyMode, TlsMode};
+
+use crate::credential::{Brokered, Credential, Declaration};
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::program::Program;
 use regorus::rvm::vm::RegoVM;
@@ -85,6 +87,10 @@ pub struct LoadedPolicy {
     /// Hosts declared in `egress` with `tlsMode: Passthrough`, normalized:
     /// never decrypted.
     pub passthrough_hosts: Vec<String>,
+    /// The `egress` destinations that broker a credential, from the spec:
+    /// known whether or not a value for them is in the set, so that a
+    /// request to one without its value is denied, never sent bare.
+    pub brokered: Vec<Declaration>,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -152,8 +158,14 @@ impl LoadedPolicy {
                 .map(|e| normalize_host(&e.host))
                 .collect::<Vec<_>>()
         };
+        let brokered = spec
+            .egress
+            .iter()
+            .filter_map(|e| Declaration::from_spec(&name, e))
+            .collect();
         Ok(Self {
             policy_value,
+            brokered,
             tls_hosts,
             egress_hosts,
             intercept_hosts: hosts_in(TlsMode::Intercept),
@@ -214,6 +226,22 @@ impl LoadedPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     pub policies: Vec<LoadedPolicy>,
+    /// The brokered credentials the operator sent with the set (never any
+    /// from files).
+    pub credentials: Vec<Credential>,
+    /// Where the set came from.
+    pub origin: SetOrigin,
+}
+
+/// Where a policy set came from, which says why a declared credential may
+/// have no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SetOrigin {
+    /// AgentPolicy files (`--policy`): they carry no credential values.
+    #[default]
+    Files,
+    /// Pushed by the operator, with the credentials it could supply.
+    Operator,
 }
 
 /// What one policy said.
@@ -437,6 +465,42 @@ impl PolicySet {
             .flat_map(|p| &p.egress_hosts)
             .any(|pattern| host_matches(pattern, &name))
     }
+
+    /// The credential brokered for requests to `host` (any case, a trailing
+    /// dot or not) on `port`, declared by an Enforce policy in force: `None`
+    /// when no destination that matches declares one, else the value to
+    /// send or why there is none (a deny). DryRun policies broker nothing:
+    /// a credential widens what the agent can do, and adding a DryRun
+    /// policy must never do that.
+    pub fn brokered(&self, host: &str, port: u16) -> Option<Brokered<'_>> {
+        let no_value = match self.origin {
+            SetOrigin::Files => "policies loaded from files carry no brokered credentials (the operator supplies them)",
+            SetOrigin::Operator => "the operator sent no value for it",
+        };
+        crate::credential::resolve(
+            self.brokering().flat_map(|p| &p.brokered),
+            &self.credentials,
+            &normalize_host(host),
+            port,
+            no_value,
+        )
+    }
+
+    /// The policies whose credential declarations are in force.
+    fn brokering(&self) -> impl Iterator<Item = &LoadedPolicy> {
+        self.policies.iter().filter(|p| p.mode == PolicyMode::Enforce)
+    }
+
+    /// Credentials the operator sent that no Enforce policy in force
+    /// declares (they are never used).
+    pub fn undeclared_credentials(&self) -> impl Iterator<Item = &Credential> {
+        self.credentials.iter().filter(|c| {
+            !self
+                .brokering()
+                .flat_map(|p| &p.brokered)
+                .any(|d| d.policy == c.policy && d.host == c.host && d.port == c.port)
+        })
+    }
 }
 
 impl PolicySet {
@@ -511,6 +575,7 @@ mod tests {
         .unwrap();
         PolicySet {
             policies: vec![LoadedPolicy::compile("p".into(), &spec).unwrap()],
+            ..PolicySet::default()
         }
     }
 
@@ -641,6 +706,58 @@ mod tests {
         let mut dry = set(serde_json::json!([{"host": "dry.example", "port": 443}]));
         dry.policies[0].mode = PolicyMode::DryRun;
         assert!(dry.intercepts("dry.example"));
+    }
+
+    #[test]
+    fn destinations_that_broker_credentials_are_known_with_or_without_a_value() {
+        use crate::credential::{Credential, Placement, SecretValue};
+        let mut s = set(serde_json::json!([
+            {"host": "API.example.com.", "port": 443, "credential": {"secretKeyRef": {"name": "s", "key": "token"}}},
+            {"host": "*.files.example", "port": 8443, "credential": {
+                "secretKeyRef": {"name": "s", "key": "k"}, "queryParameter": "key", "agentSupplied": "Deny"}},
+            {"host": "plain.example", "port": 443},
+        ]));
+        let brokered = &s.policies[0].brokered;
+        assert_eq!(brokered.len(), 2);
+        assert_eq!(brokered[0].host, "api.example.com");
+        assert_eq!(brokered[0].placement, Placement::Header("authorization".into()));
+        assert_eq!(brokered[0].prefix, "Bearer ");
+        assert!(!brokered[0].deny_agent_supplied);
+        assert_eq!(brokered[1].placement, Placement::QueryParameter("key".into()));
+        assert_eq!(brokered[1].prefix, "");
+        assert!(brokered[1].deny_agent_supplied);
+        // Files: declared, never a value, and the reason says so.
+        let b = s.brokered("api.EXAMPLE.com.", 443).unwrap();
+        assert!(b.credential.unwrap_err().contains("loaded from files"));
+        assert!(s.brokered("api.example.com", 80).is_none(), "another port");
+        assert!(s.brokered("plain.example", 443).is_none());
+        assert!(s.brokered("x.files.example", 8443).is_some());
+        assert!(s.brokered("files.example", 8443).is_none());
+        // Pushed, with a value for one of them.
+        s.origin = SetOrigin::Operator;
+        s.credentials.push(Credential {
+            policy: "p".into(),
+            host: "api.example.com".into(),
+            port: 443,
+            placement: Placement::Header("authorization".into()),
+            prefix: "Bearer ".into(),
+            deny_agent_supplied: false,
+            value: Ok(SecretValue::new(b"t".to_vec())),
+            source: "secret ns/s key token".into(),
+            version: "1".into(),
+            expires_unix: 0,
+        });
+        assert!(s.brokered("api.example.com", 443).unwrap().credential.is_ok());
+        let why = s.brokered("a.files.example", 8443).unwrap().credential.unwrap_err();
+        assert!(why.contains("the operator sent no value"), "{why}");
+        assert_eq!(s.undeclared_credentials().count(), 0);
+        // A DryRun policy brokers nothing (it must not widen what the agent can do).
+        s.policies[0].mode = PolicyMode::DryRun;
+        assert!(s.brokered("api.example.com", 443).is_none());
+        assert_eq!(s.undeclared_credentials().count(), 1);
+        s.policies[0].mode = PolicyMode::Enforce;
+        s.credentials[0].port = 444;
+        assert_eq!(s.undeclared_credentials().count(), 1);
     }
 
     #[test]

@@ -194,7 +194,10 @@ fn compile(case: &Case, kind: EngineKind) -> Result<PolicySet, String> {
         }
         policies.push(loaded);
     }
-    Ok(PolicySet { policies })
+    Ok(PolicySet {
+        policies,
+        ..PolicySet::default()
+    })
 }
 
 /// Every way `d` differs from `e`.

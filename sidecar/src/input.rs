@@ -331,7 +331,7 @@ fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
 
 /// `%XX` decoding as Go's `url.PathUnescape` (`plus_is_space`: as
 /// `url.QueryUnescape`); `None` for a `%` not followed by two hex digits.
-fn unescape(s: &str, plus_is_space: bool) -> Option<String> {
+pub(crate) fn unescape(s: &str, plus_is_space: bool) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

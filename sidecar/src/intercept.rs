@@ -700,6 +700,7 @@ mod tests {
         .unwrap();
         Arc::new(arc_swap::ArcSwap::from_pointee(PolicySet {
             policies: vec![LoadedPolicy::compile("p".into(), &spec).unwrap()],
+            ..PolicySet::default()
         }))
     }
 

@@ -5,6 +5,7 @@
 //! version), denies on any doubt, and writes a hash-chained decision log.
 
 pub mod args;
+pub mod broker;
 pub mod decision_log;
 pub mod dns;
 pub mod egress;

@@ -95,6 +95,7 @@ impl Loader {
         }
         let set = changed.then(|| PolicySet {
             policies: self.files.values().flat_map(|f| f.policies.clone()).collect(),
+            ..PolicySet::default()
         });
         (set, errors)
     }

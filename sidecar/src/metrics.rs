@@ -55,6 +55,9 @@ pub struct Metrics {
     pub intercept_leaves: Gauge,
     /// When the pod CA expires (Unix seconds; 0 without interception).
     pub intercept_ca_expiry: Gauge,
+    /// Allowed requests to a destination that brokers a credential, by what
+    /// became of the credential.
+    credentials: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,7 +143,14 @@ impl Default for Metrics {
             "When the pod CA expires, in Unix seconds (0 without interception); leaves are refused after it",
             intercept_ca_expiry.clone(),
         );
+        let credentials = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "credentials_injected",
+            "Requests policy allowed to a destination that brokers a credential, by result: injected (added; the agent's own removed), unavailable (no usable value: the request was denied), agent_supplied_denied (the agent sent its own, with agentSupplied: Deny, or where it cannot be removed: denied), not_tls (the upstream leg was plain HTTP: denied)",
+            credentials.clone(),
+        );
         Self {
+            credentials,
             intercept_minted,
             intercept_refused,
             intercept_evicted,
@@ -182,6 +192,11 @@ impl Metrics {
     /// Count one SDS name refused, by reason.
     pub fn intercept_refused(&self, reason: &'static str) {
         self.intercept_refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Count what became of one allowed request's brokered credential.
+    pub fn credential(&self, result: &'static str) {
+        self.credentials.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Count one DNS query by its result.

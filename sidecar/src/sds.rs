@@ -409,6 +409,7 @@ mod tests {
         .unwrap();
         PolicySet {
             policies: vec![LoadedPolicy::compile("p".into(), &spec).unwrap()],
+            ..PolicySet::default()
         }
     }
 

@@ -17,6 +17,7 @@ use rand::Rng;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
+use crate::broker;
 use crate::decision_log::DecisionLog;
 use crate::egress::{EGRESS_PATH_METADATA, EgressPath, HostResolver};
 use crate::input::{self, Agent, Limits, Summary};
@@ -53,6 +54,12 @@ pub fn intercepts(set: &mandate_policy::engine::PolicySet, authority: &str) -> b
     };
     // The port as a number (`0443` is 443 to Envoy too).
     !set.passes_through(host) && (port.parse::<u16>() == Ok(443) || set.intercepts(host))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn decision_id() -> String {
@@ -107,6 +114,13 @@ impl Authz {
             Err(ref e) => (original, Some(e.clone())),
         };
         let path_now = path.as_ref().copied().unwrap_or(EgressPath::Proxy);
+        // A request to a destination that brokers a credential (not one
+        // that is refused anyway).
+        let target = match refused {
+            None => broker::http(req).and_then(|h| broker::target(path_now, h, &set)),
+            Some(_) => None,
+        };
+        let brokered = target.as_ref().and_then(|t| set.brokered(&t.host, t.port));
         let matches = match &host_matches {
             Some(Ok(m)) => Some(*m),
             _ => None,
@@ -174,6 +188,9 @@ impl Authz {
                     if let Some(tls) = tls_input(path_now, &summary, &set, self.intercept) {
                         m.insert(regorus::Value::from("tls"), tls);
                     }
+                    if let Some(b) = &brokered {
+                        m.insert(regorus::Value::from("credential"), broker::input_value(b));
+                    }
                 }
                 (set.decide_prepared(doc), summary)
             }
@@ -191,15 +208,39 @@ impl Authz {
                 )
             }
         };
+        // The credential, for an allowed request: added, or the request denied.
+        let mut injection = None;
+        let mut credential_result = None;
+        if decision.allow
+            && let (Some(b), Some(t), Some(h)) = (&brokered, &target, broker::http(req))
+        {
+            match broker::inject(b, t, h, unix_now()) {
+                Ok(i) => {
+                    injection = Some(i);
+                    credential_result = Some("injected");
+                }
+                Err(refusal) => {
+                    credential_result = Some(refusal.result);
+                    decision = Decision {
+                        reason: refusal.reason,
+                        verdicts: decision.verdicts,
+                        ..Decision::default()
+                    };
+                }
+            }
+        }
         let latency = started.elapsed();
 
         let mut record = serde_json::Map::new();
         record.insert("decision_id".into(), json!(id));
         record.insert("time".into(), json!(jiff::Timestamp::now().to_string()));
         record.insert("agent".into(), json!(agent));
-        let headers: BTreeMap<String, String> = http_headers
+        let mut headers: BTreeMap<String, String> = http_headers
             .map(|h| self.log.redact_headers(h.iter()))
             .unwrap_or_default();
+        if let Some(b) = &brokered {
+            broker::redact_header(&mut headers, b);
+        }
         record.insert(
             "request".into(),
             json!({"method": summary.method, "host": summary.host, "path": summary.path, "headers": headers}),
@@ -209,6 +250,9 @@ impl Authz {
                 "egress".into(),
                 serde_json::to_value(crate::egress::input_value(path_now, req, matches)).unwrap_or_default(),
             );
+        }
+        if let Some(b) = &brokered {
+            record.insert("credential".into(), broker::record(b, injection.is_some()));
         }
         record.insert("policies".into(), json!(decision.verdicts));
         record.insert("result".into(), json!(if decision.allow { "allow" } else { "deny" }));
@@ -225,8 +269,15 @@ impl Authz {
                 verdicts: decision.verdicts,
                 ..Decision::default()
             };
+            // Nothing unrecorded is added either.
+            if injection.take().is_some() {
+                credential_result = None;
+            }
         }
         self.metrics.observe(&decision, latency);
+        if let Some(result) = credential_result {
+            self.metrics.credential(result);
+        }
         let connect = summary.method.eq_ignore_ascii_case("CONNECT");
         let tls = decision.allow && !connect && set.originates_tls(&summary.host);
         let mut resp = respond(&id, &decision);
@@ -242,6 +293,10 @@ impl Authz {
                     append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
                     ..header(TLS_MODE_HEADER, "intercept")
                 });
+            }
+            // Only ever into an allowed request's response.
+            if let Some(i) = injection {
+                i.apply(ok);
             }
         }
         (id, decision, resp)
@@ -352,5 +407,225 @@ impl Authorization for Authz {
         };
         let (_, _, resp) = self.decide_on(request.get_ref(), path, host_matches);
         Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Request as AttrRequest, TlsSession,
+    };
+    use mandate_proto::policy::v1::{Credential as WireCredential, Policy as WirePolicy, PolicySet as WireSet};
+    use std::sync::Mutex;
+
+    const SECRET: &str = "s3cr3t-brokered-value";
+
+    /// The decision log's lines, kept for the test.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A pushed set: GETs allowed, the rest denied, to api.example.com:443
+    /// (brokered) and plain.example.com:80 (brokered, no TLS).
+    fn pushed(value: &str, unavailable: &str) -> mandate_policy::engine::PolicySet {
+        let spec = serde_json::json!({
+            "modules": [{"name": "authz.rego", "rego": "package mandate.authz\nimport rego.v1\ndefault decision := false\ndecision if {\n  input.attributes.request.http.method == \"GET\"\n  input.credential.brokered\n}\n"}],
+            "egress": [
+                {"host": "api.example.com", "port": 443, "credential": {"secretKeyRef": {"name": "s", "key": "token"}}},
+                {"host": "plain.example.com", "port": 80, "credential": {"secretKeyRef": {"name": "s", "key": "token"}}},
+            ],
+        });
+        let parsed: mandate_api::crd::AgentPolicySpec = serde_json::from_value(spec.clone()).unwrap();
+        let version = mandate_policy::version(&parsed);
+        let cred = |host: &str, port: u32| WireCredential {
+            policy: "agents/p".into(),
+            host: host.into(),
+            port,
+            header: "authorization".into(),
+            prefix: "Bearer ".into(),
+            value: value.as_bytes().to_vec(),
+            unavailable: unavailable.into(),
+            source: "secret agents/s key token".into(),
+            version: "v1".into(),
+            ..WireCredential::default()
+        };
+        let wire = WireSet {
+            set_version: "sha256:x".into(),
+            policies: vec![WirePolicy {
+                namespace: "agents".into(),
+                name: "p".into(),
+                version,
+                spec_json: spec.to_string(),
+            }],
+            withheld: vec![],
+            credentials: vec![cred("api.example.com", 443), cred("plain.example.com", 80)],
+        };
+        crate::subscribe::build(&wire, mandate_policy::engine::EngineKind::Auto).unwrap()
+    }
+
+    fn authz(set: mandate_policy::engine::PolicySet) -> (Authz, Sink) {
+        let sink = Sink::default();
+        let a = Authz {
+            policies: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
+            log: Arc::new(DecisionLog::new(Box::new(sink.clone()), &[])),
+            metrics: Arc::default(),
+            agent: Agent::default(),
+            limits: Limits::default(),
+            svid: None,
+            resolver: Arc::default(),
+            intercept: true,
+        };
+        (a, sink)
+    }
+
+    /// A request inside intercepted TLS to `host`.
+    fn intercepted(method: &str, host: &str, headers: &[(&str, &str)]) -> CheckRequest {
+        let mut h: std::collections::HashMap<String, String> =
+            headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        h.insert(crate::egress::CONNECT_AUTHORITY_HEADER.into(), format!("{host}:443"));
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                tls_session: Some(TlsSession { sni: host.into() }),
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: method.into(),
+                        host: host.into(),
+                        path: "/v1/models".into(),
+                        scheme: "https".into(),
+                        headers: h,
+                        ..HttpRequest::default()
+                    }),
+                    ..AttrRequest::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        }
+    }
+
+    fn ok(resp: &CheckResponse) -> Option<&OkHttpResponse> {
+        match resp.http_response.as_ref()? {
+            HttpResponse::OkResponse(ok) => Some(ok),
+            _ => None,
+        }
+    }
+
+    fn sent(resp: &CheckResponse) -> Vec<(String, String)> {
+        ok(resp)
+            .map(|o| {
+                o.headers
+                    .iter()
+                    .filter_map(|h| h.header.as_ref())
+                    .map(|h| (h.key.clone(), h.value.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_allowed_intercepted_request_gets_the_credential_and_the_log_never_sees_it() {
+        let (a, sink) = authz(pushed(SECRET, ""));
+        let req = intercepted("GET", "api.example.com", &[("authorization", "Bearer stolen")]);
+        let (_, d, resp) = a.decide_on(&req, Ok(EgressPath::Intercept), None);
+        assert!(d.allow, "{}", d.reason);
+        assert!(
+            sent(&resp).contains(&("authorization".into(), format!("Bearer {SECRET}"))),
+            "{resp:?}"
+        );
+        // Denied (a POST): nothing but the denial.
+        let (_, d, resp) = a.decide_on(
+            &intercepted("POST", "api.example.com", &[]),
+            Ok(EgressPath::Intercept),
+            None,
+        );
+        assert!(!d.allow && ok(&resp).is_none());
+        assert!(!format!("{resp:?}").contains(SECRET));
+        let log = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(!log.contains(SECRET), "{log}");
+        assert!(!log.contains("stolen"), "the agent's authorization is redacted: {log}");
+        let records: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(records[0]["credential"]["source"], "secret agents/s key token");
+        assert_eq!(records[0]["credential"]["version"], "v1");
+        assert_eq!(records[0]["credential"]["injected"], true);
+        assert_eq!(records[1]["credential"]["injected"], false);
+    }
+
+    #[test]
+    fn plain_http_unavailable_and_file_sets_are_denied_with_the_reason() {
+        let (a, _) = authz(pushed(SECRET, ""));
+        let plain = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        host: "plain.example.com".into(),
+                        path: "/".into(),
+                        scheme: "http".into(),
+                        ..HttpRequest::default()
+                    }),
+                    ..AttrRequest::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        };
+        let (_, d, resp) = a.decide(&plain);
+        assert!(!d.allow);
+        assert!(
+            d.reason.starts_with("a brokered credential is sent only over TLS"),
+            "{}",
+            d.reason
+        );
+        assert!(!format!("{resp:?}").contains(SECRET));
+
+        let (a, _) = authz(pushed("", "Secret agents/s has no key token"));
+        let (_, d, _) = a.decide_on(
+            &intercepted("GET", "api.example.com", &[]),
+            Ok(EgressPath::Intercept),
+            None,
+        );
+        assert!(!d.allow && d.reason.contains("has no key token"), "{}", d.reason);
+
+        // The same policy from a file: declared, with no value.
+        let mut files = pushed(SECRET, "");
+        files.credentials.clear();
+        files.origin = mandate_policy::engine::SetOrigin::Files;
+        let (a, _) = authz(files);
+        let (_, d, _) = a.decide_on(
+            &intercepted("GET", "api.example.com", &[]),
+            Ok(EgressPath::Intercept),
+            None,
+        );
+        assert!(
+            !d.allow
+                && d.reason
+                    .contains("policies loaded from files carry no brokered credentials"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn an_invalid_pushed_value_makes_that_credential_unavailable_not_the_set() {
+        let set = pushed("token\r\nx-evil: 1", "");
+        assert_eq!(set.policies.len(), 1, "the set is in force");
+        let (a, _) = authz(set);
+        let (_, d, resp) = a.decide_on(
+            &intercepted("GET", "api.example.com", &[]),
+            Ok(EgressPath::Intercept),
+            None,
+        );
+        assert!(!d.allow && d.reason.contains("control character"), "{}", d.reason);
+        assert!(!format!("{resp:?}").contains("x-evil"));
     }
 }

@@ -145,13 +145,17 @@ fn example_policies_decide_alike_under_opa_and_mandate() -> Result<()> {
         let loaded = LoadedPolicy::compile(name.clone(), &p.spec)?;
         // Every example runs on the VM (the performance figures assume it).
         ensure!(loaded.evaluator() == "vm", "{name} does not compile for regorus' VM");
-        let set = PolicySet { policies: vec![loaded] };
+        let set = PolicySet {
+            policies: vec![loaded],
+            ..PolicySet::default()
+        };
         let interpreted = PolicySet {
             policies: vec![LoadedPolicy::compile_for(
                 name.clone(),
                 &p.spec,
                 EngineKind::Interpreter,
             )?],
+            ..PolicySet::default()
         };
         let dir = bundle(&p, false)?;
         let (mut allows, mut denies) = (0, 0);

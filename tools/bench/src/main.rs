@@ -306,6 +306,7 @@ fn load_one(policy: &PathBuf) -> Result<(String, AgentPolicy, PolicySet)> {
     let name = p.metadata.name.clone().unwrap_or_default();
     let set = PolicySet {
         policies: vec![LoadedPolicy::compile(name.clone(), &p.spec)?],
+        ..PolicySet::default()
     };
     Ok((name, p, set))
 }
@@ -348,6 +349,7 @@ fn engine(policy: &PathBuf, input: &PathBuf, seconds: u64) -> Result<()> {
             &p.spec,
             EngineKind::Interpreter,
         )?],
+        ..PolicySet::default()
     };
     let mut interp_only = Vec::new();
     for _ in 0..per_op.len() {
