@@ -562,6 +562,14 @@ async fn brokered_credentials_reach_only_allowed_tls_requests_and_never_the_agen
         !format!("{seen:?}").contains("stolen"),
         "the agent's own arrived: {seen:?}"
     );
+    // Mandate's own steering headers stay inside the pod (the decision id
+    // goes upstream, for correlation).
+    let internal: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-mandate-") && k != "x-mandate-decision-id")
+        .collect();
+    ensure!(internal.is_empty(), "the upstream saw Mandate's internal headers: {internal:?}");
     let rec = s.record(p.header, "/v1/models");
     ensure!(rec["result"] == "allow", "{rec}");
     ensure!(

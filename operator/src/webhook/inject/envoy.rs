@@ -230,6 +230,14 @@ pub fn envoy_bootstrap_at(cfg: &InjectConfig, sockets: &Sockets<'_>, health_addr
             "path_with_escaped_slashes_action": "REJECT_REQUEST",
             "route_config": {
                 "name": "egress",
+                // Mandate's steering headers (set by Envoy or the sidecar,
+                // read by routes and the sidecar) never reach an upstream.
+                "request_headers_to_remove": [
+                    mandate_api::names::UPSTREAM_TLS_HEADER,
+                    TLS_MODE_HEADER,
+                    CONNECT_AUTHORITY_HEADER,
+                    ORIGINAL_DST_HEADER,
+                ],
                 "virtual_hosts": [{
                     "name": "egress",
                     "domains": ["*"],
