@@ -469,6 +469,24 @@ pub struct AgentPosture {
     /// impersonation, editing AgentPolicies).
     #[serde(default)]
     pub broad_rbac: Vec<String>,
+    /// The destinations the policies bound to this agent declare (in its
+    /// namespace, by identity or by its pods' labels), and whether Mandate
+    /// brokers a credential for each: a host that is not brokered is one
+    /// the agent reaches with whatever it holds itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressPosture>,
+}
+
+/// One destination an agent's policies declare.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPosture {
+    /// Host name (exact, or `*.example.com`).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Whether a policy bound to the agent brokers a credential for it.
+    pub brokered: bool,
 }
 
 /// A sidecar's latest acknowledged policy set.
