@@ -186,8 +186,12 @@ pub struct BrokeredCredential {
     pub secret_key_ref: Option<SecretKeyRef>,
     /// A short-lived token for a service account in the policy's namespace,
     /// minted by the operator with TokenRequest, bound to the agent's pod,
-    /// and renewed before it expires. Whoever applies the policy must be
-    /// allowed to `create` `serviceaccounts/token` for that account.
+    /// and renewed before it expires. Kubernetes binds a token only to a pod
+    /// of its own service account, so name the account the agent's pods run
+    /// as (with `automountServiceAccountToken: false` they hold no token
+    /// themselves); for a pod of another account it is unavailable. Whoever
+    /// applies the policy must be allowed to `create` `serviceaccounts/token`
+    /// for that account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_token: Option<ServiceAccountTokenSource>,
     /// The request header the credential goes into (default `Authorization`).

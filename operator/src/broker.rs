@@ -12,7 +12,11 @@
 //! - Service-account tokens: a TokenRequest for the account in the policy's
 //!   namespace, bound to the subscribing pod (it dies with the pod), cached
 //!   per pod and request, renewed at half its life. Its version is its
-//!   expiry.
+//!   expiry. Kubernetes binds a token to a pod only for the account the pod
+//!   runs as, so that is the account a policy can broker to it: the agent's
+//!   own, run with `automountServiceAccountToken: false`, acts with its RBAC
+//!   only through decided requests. For another account the credential is
+//!   unavailable and says so (an unbound token would outlive the pod).
 //!
 //! Whoever applies a policy must be allowed to read what it brokers; the
 //! AgentPolicy webhook checks that (SubjectAccessReview), so the operator
@@ -48,11 +52,19 @@ const TOKEN_REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// created, or its RBAC fixed, meanwhile; nothing else would wake us).
 const TOKEN_RETRY: Duration = Duration::from_secs(30);
 
+/// How long why a named Secret is not brokered (missing, unlabelled) is
+/// remembered: every stream re-asks on every change, and a cluster's worth
+/// of pods naming a missing Secret must not each read it every time.
+const WHY_NO_SECRET_TTL: Duration = Duration::from_secs(10);
+
 /// The pod a set is for: its tokens are bound to it.
 #[derive(Debug, Clone)]
 pub struct PodRef {
     pub name: String,
     pub uid: String,
+    /// The service account it runs as (`default` when unset): the only one
+    /// whose tokens Kubernetes binds to it.
+    pub service_account: String,
 }
 
 /// One cached TokenRequest: per pod, account and request.
@@ -76,15 +88,16 @@ enum Minted {
     },
     Failed {
         reason: String,
-        retry_at: Instant,
+        /// `None`: asking again cannot help (the pod's account differs).
+        retry_at: Option<Instant>,
     },
 }
 
 impl Minted {
-    /// When the cached entry must be replaced.
-    fn due(&self) -> Instant {
+    /// When the entry must be replaced (`None`: never).
+    fn due(&self) -> Option<Instant> {
         match self {
-            Minted::Token { renew_at, .. } => *renew_at,
+            Minted::Token { renew_at, .. } => Some(*renew_at),
             Minted::Failed { retry_at, .. } => *retry_at,
         }
     }
@@ -95,6 +108,8 @@ pub struct Broker {
     client: Client,
     secrets: Store<Secret>,
     tokens: Mutex<HashMap<TokenKey, Minted>>,
+    /// `(namespace, name)` → why it is not brokered, and until when that is kept.
+    why_not: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -132,8 +147,7 @@ impl Broker {
             .for_each(move |e| {
                 match e {
                     Ok(_) => on_change(),
-                    // A watch error names the request, never a Secret's data.
-                    Err(e) => tracing::warn!(error = %e, "brokered Secret watch failed; retrying"),
+                    Err(e) => tracing::warn!(error = %watch_error(&e), "brokered Secret watch failed; retrying"),
                 }
                 async {}
             }),
@@ -142,6 +156,7 @@ impl Broker {
             client,
             secrets,
             tokens: Mutex::default(),
+            why_not: Mutex::default(),
         })
     }
 
@@ -184,7 +199,7 @@ impl Broker {
             (None, Some(t)) => {
                 out.source = token_source(ns, t);
                 let minted = self.token(ns, t, pod).await;
-                due = Some(minted.due());
+                due = minted.due();
                 match minted {
                     Minted::Token { value, expires, .. } => {
                         out.value = value.into_bytes();
@@ -236,6 +251,25 @@ impl Broker {
     /// Why `ns/name` is not among the labelled Secrets: asked of the
     /// apiserver for its metadata only (never its data).
     async fn why_no_secret(&self, ns: &str, name: &str) -> String {
+        let key = (ns.to_string(), name.to_string());
+        let now = Instant::now();
+        let cached = self.why_not.lock().ok().and_then(|m| {
+            m.get(&key)
+                .filter(|(_, until)| *until > now)
+                .map(|(why, _)| why.clone())
+        });
+        if let Some(why) = cached {
+            return why;
+        }
+        let why = self.ask_why_no_secret(ns, name).await;
+        if let Ok(mut m) = self.why_not.lock() {
+            m.retain(|_, (_, until)| *until > now);
+            m.insert(key, (why.clone(), now + WHY_NO_SECRET_TTL));
+        }
+        why
+    }
+
+    async fn ask_why_no_secret(&self, ns: &str, name: &str) -> String {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         match api.get_metadata_opt(name).await {
             Ok(None) => format!("Secret {ns}/{name} does not exist"),
@@ -267,7 +301,18 @@ impl Broker {
         if pod.uid.is_empty() {
             return Minted::Failed {
                 reason: format!("pod {ns}/{} has no uid to bind a token to", pod.name),
-                retry_at: now + TOKEN_RETRY,
+                retry_at: None,
+            };
+        }
+        if pod.service_account != t.service_account_name {
+            // Not retried: a pod's service account never changes.
+            return Minted::Failed {
+                reason: format!(
+                    "a token of serviceaccount {ns}/{} cannot be bound to pod {ns}/{}, which runs as {}: Kubernetes binds a token only to a pod of its own service account; \
+                     run the agent's pods as {} (with automountServiceAccountToken: false, so that the agent holds no token itself)",
+                    t.service_account_name, pod.name, pod.service_account, t.service_account_name
+                ),
+                retry_at: None,
             };
         }
         let expiration_seconds = t.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS);
@@ -280,7 +325,7 @@ impl Broker {
         };
         let cached = self.tokens.lock().ok().and_then(|m| m.get(&key).cloned());
         if let Some(m) = cached
-            && m.due() > now
+            && m.due().is_some_and(|due| due > now)
         {
             return m;
         }
@@ -288,7 +333,7 @@ impl Broker {
         if let Ok(mut m) = self.tokens.lock() {
             // Entries past their due time are replaced on use; drop the long-dead.
             let stale = now.checked_sub(Duration::from_secs(86400)).unwrap_or(now);
-            m.retain(|_, v| v.due() > stale);
+            m.retain(|_, v| v.due().is_some_and(|due| due > stale));
             m.insert(key, minted.clone());
         }
         minted
@@ -320,7 +365,7 @@ impl Broker {
             tracing::warn!(serviceaccount = %format!("{ns}/{account}"), pod = %pod.name, reason = %why, "brokered token unavailable");
             Minted::Failed {
                 reason: format!("TokenRequest for serviceaccount {ns}/{account} failed: {why}"),
-                retry_at: Instant::now() + TOKEN_RETRY,
+                retry_at: Some(Instant::now() + TOKEN_RETRY),
             }
         };
         match answer {
@@ -343,6 +388,19 @@ impl Broker {
                 _ => failed("the apiserver answered with no token".into()),
             },
         }
+    }
+}
+
+/// A watch error as logged: a decoding error's text could quote a Secret's
+/// data, so only its kind is said; the others name the request.
+fn watch_error(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::SerdeError(_))
+        | watcher::Error::WatchStartFailed(kube::Error::SerdeError(_))
+        | watcher::Error::WatchFailed(kube::Error::SerdeError(_)) => {
+            "a Secret could not be decoded (details withheld: they could quote its data)".into()
+        }
+        other => other.to_string(),
     }
 }
 

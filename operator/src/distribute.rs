@@ -185,9 +185,11 @@ impl Distributor {
         };
         match tokio::time::timeout(WAIT, ready).await {
             Ok(true) => Ok(()),
-            _ => Err(Status::unavailable(
-                "this operator replica has not loaded AgentPolicies and AgentIdentities yet; retry",
-            )),
+            _ => Err(Status::unavailable(if self.broker.is_some() {
+                "this operator replica has not loaded AgentPolicies, AgentIdentities and brokered Secrets yet; retry"
+            } else {
+                "this operator replica has not loaded AgentPolicies and AgentIdentities yet; retry"
+            })),
         }
     }
 
@@ -378,6 +380,12 @@ impl Policies for Distributor {
         let pod_ref = PodRef {
             name: pod_name.clone(),
             uid: pod.metadata.uid.clone().unwrap_or_default(),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
         };
         // What this stream sends is remembered for the acks on its connection.
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
