@@ -154,6 +154,41 @@ if [ -f "$tmp/default.yaml" ]; then
   fi
 fi
 
+# Brokered credentials, both ways: off (default), the ClusterRole has no
+# secrets and no serviceaccounts/token rule; on (brokering), exactly the
+# read-only secrets rule and token create. The check must refuse a secrets
+# write with brokering on, and the secrets rule with brokering off.
+if [ -f "$tmp/default.yaml" ] && [ -f "$tmp/brokering.yaml" ]; then
+  rendered_check() {
+    "$PY" hack/chart_check.py rendered --crds "$CRDS" --operator-reference docs/reference/mandate-operator.md \
+      --router operator/src/webhook/mod.rs --namespace "$NS" --pdb policy/v1 "$1" 2>&1
+  }
+  if grep -q 'serviceaccounts/token\|resources: \["secrets"\]$' <(sed -n '/^kind: ClusterRole$/,/^---/p' "$tmp/default.yaml"); then
+    fail "the default rendering's ClusterRole names secrets or serviceaccounts/token"
+  elif ! grep -q 'serviceaccounts/token' <(sed -n '/^kind: ClusterRole$/,/^---/p' "$tmp/brokering.yaml"); then
+    fail "the brokering rendering's ClusterRole has no serviceaccounts/token rule"
+  else
+    pass "credential brokering: its RBAC is rendered only with credentialBrokering.enabled"
+  fi
+  sed 's/verbs: \["get", "list", "watch"\]$/verbs: ["get", "list", "watch", "update"]/' "$tmp/brokering.yaml" >"$tmp/secret-write.yaml"
+  if out="$(rendered_check "$tmp/secret-write.yaml")"; then
+    fail "chart_check.py accepted a brokering ClusterRole that updates secrets"
+  elif grep -q "writes secrets cluster-wide" <<<"$out"; then
+    pass "a brokering role that writes secrets is refused"
+  else
+    fail "chart_check.py refused the secret-writing role, but not for writing secrets: $out"
+  fi
+  # The same rendering without the flag (its env entry: the name and value lines).
+  sed '/- name: MANDATE_CREDENTIAL_BROKERING$/{N;d}' "$tmp/brokering.yaml" >"$tmp/secret-no-flag.yaml"
+  if out="$(rendered_check "$tmp/secret-no-flag.yaml")"; then
+    fail "chart_check.py accepted secrets in the ClusterRole with brokering off"
+  elif grep -q "but credentialBrokering is off" <<<"$out"; then
+    pass "secrets or token rules with brokering off are refused"
+  else
+    fail "chart_check.py refused the brokering rules without the flag, but not for that: $out"
+  fi
+fi
+
 # Below the floor: the chart refuses to render (its kubeVersion is the oldest
 # Kubernetes its behaviour is tested on).
 floor="$(sed -n 's/^kubeVersion: *"\(.*\)"$/\1/p' "$CHART/Chart.yaml")"
@@ -201,6 +236,8 @@ expect_refused "needs webhook.certificate.secretName" --set webhook.certificate.
 expect_refused "needs webhook.certificate.source=certManager" --set webhook.certificate.patchCABundle=false
 expect_refused "must be below operator.terminationGracePeriodSeconds" --set operator.shutdownDrainSeconds=30
 expect_refused "operator.shutdownDrainSeconds" --set operator.shutdownDrainSeconds=-1
+expect_refused "credentialBrokering.enabled" --set-string credentialBrokering.enabled=yes
+expect_refused "Additional property enable is not allowed" --set credentialBrokering.enable=true
 pass "bad values: ${refused} cases refused by values.schema.json or the chart's checks"
 
 if ((failures)); then

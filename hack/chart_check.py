@@ -14,7 +14,10 @@
       those of CRD_FILE, RBAC is least-privilege, the pod is hardened, the
       webhooks match the operator's routes and exempt kube-system and NS, every
       MANDATE_* variable is one the operator reads, SPIRE mode mounts the
-      Workload API, a pinned Service IP is in the certificates' names.
+      Workload API, a pinned Service IP is in the certificates' names; with
+      credential brokering on (MANDATE_CREDENTIAL_BROKERING=true), and only
+      then, the ClusterRole reads secrets (get, list, watch; never a write)
+      and creates serviceaccounts/token.
 
 Exit status 1 with one line per problem.
 """
@@ -220,24 +223,57 @@ def check_rendered(docs, crd_file, env_known, paths, ns, pdb_version):
             if strip_chart_metadata(got[name]) != strip_chart_metadata(want[name]):
                 problem(f"rendered CRD {name} differs from {crd_file} (beyond labels and annotations)")
 
-    # RBAC: no wildcards; no cluster-wide secrets; namespaced secrets by name.
+    # Brokered credentials (credentialBrokering.enabled) are on when the
+    # Deployment passes MANDATE_CREDENTIAL_BROKERING=true.
+    deployments = by_kind.get("Deployment", [])
+    brokering = any(
+        e.get("name") == "MANDATE_CREDENTIAL_BROKERING" and str(e.get("value")).lower() == "true"
+        for d in deployments
+        for c in d["spec"]["template"]["spec"].get("containers", [])
+        for e in c.get("env", [])
+    )
+    writes = {"create", "update", "patch", "delete", "deletecollection", "*"}
+
+    # RBAC: no wildcards; namespaced secrets by name; cluster-wide secrets
+    # only read, and only with brokering on; serviceaccounts/token only then.
+    broker_rules = {"secrets": False, "serviceaccounts/token": False}
     for kind in ("ClusterRole", "Role"):
         for role in by_kind.get(kind, []):
             for rule in role.get("rules", []):
                 where = f"{kind} {role['metadata']['name']}: rule {rule}"
+                verbs = set(rule.get("verbs", []))
                 if "*" in rule.get("verbs", []) + rule.get("resources", []) + rule.get("apiGroups", []):
                     problem(f"{where} uses a wildcard")
-                pod_writes = set(rule.get("verbs", [])) & {"create", "update", "patch", "delete", "deletecollection", "*"}
+                pod_writes = verbs & writes
                 if any(r == "pods" or r.startswith("pods/") or r == "*" for r in rule.get("resources", [])) and pod_writes:
                     problem(f"{where} writes pods ({sorted(pod_writes)}): the operator only reads them")
+                if "serviceaccounts/token" in rule.get("resources", []):
+                    if not brokering:
+                        problem(f"{where} mints service-account tokens, but credentialBrokering is off")
+                    elif kind != "ClusterRole" or verbs != {"create"} or rule.get("resources") != ["serviceaccounts/token"]:
+                        problem(f"{where}: serviceaccounts/token is granted only as create, alone, in the operator's ClusterRole")
+                    else:
+                        broker_rules["serviceaccounts/token"] = True
                 if "secrets" in rule.get("resources", []):
                     if kind == "ClusterRole":
-                        problem(f"{where} grants secrets cluster-wide")
-                    reads = set(rule["verbs"]) & {"get", "list", "watch", "update", "patch", "delete"}
+                        if not brokering:
+                            problem(f"{where} grants secrets cluster-wide, but credentialBrokering is off")
+                        elif verbs & writes:
+                            problem(f"{where} writes secrets cluster-wide ({sorted(verbs & writes)}): brokering only reads them")
+                        elif verbs != {"get", "list", "watch"} or rule.get("resources") != ["secrets"]:
+                            problem(f"{where}: brokering reads secrets with exactly get, list, watch, in a rule of their own")
+                        else:
+                            broker_rules["secrets"] = True
+                        continue
+                    reads = verbs & {"get", "list", "watch", "update", "patch", "delete"}
                     if reads and not rule.get("resourceNames"):
                         problem(f"{where} reads or writes secrets without resourceNames")
-                    if set(rule["verbs"]) & {"list", "watch"}:
+                    if verbs & {"list", "watch"}:
                         problem(f"{where} lists or watches secrets")
+    if brokering:
+        for resource, present in broker_rules.items():
+            if not present:
+                problem(f"credentialBrokering is on, but the operator's ClusterRole has no rule for {resource}")
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         for b in by_kind.get(kind, []):
             if b["roleRef"]["name"] in ("cluster-admin", "admin", "edit"):

@@ -186,8 +186,12 @@ pub struct BrokeredCredential {
     pub secret_key_ref: Option<SecretKeyRef>,
     /// A short-lived token for a service account in the policy's namespace,
     /// minted by the operator with TokenRequest, bound to the agent's pod,
-    /// and renewed before it expires. Whoever applies the policy must be
-    /// allowed to `create` `serviceaccounts/token` for that account.
+    /// and renewed before it expires. Kubernetes binds a token only to a pod
+    /// of its own service account, so name the account the agent's pods run
+    /// as (with `automountServiceAccountToken: false` they hold no token
+    /// themselves); for a pod of another account it is unavailable. Whoever
+    /// applies the policy must be allowed to `create` `serviceaccounts/token`
+    /// for that account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_token: Option<ServiceAccountTokenSource>,
     /// The request header the credential goes into (default `Authorization`).
@@ -469,6 +473,24 @@ pub struct AgentPosture {
     /// impersonation, editing AgentPolicies).
     #[serde(default)]
     pub broad_rbac: Vec<String>,
+    /// The destinations the policies bound to this agent declare (in its
+    /// namespace, by identity or by its pods' labels), and whether Mandate
+    /// brokers a credential for each: a host that is not brokered is one
+    /// the agent reaches with whatever it holds itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressPosture>,
+}
+
+/// One destination an agent's policies declare.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPosture {
+    /// Host name (exact, or `*.example.com`).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Whether a policy bound to the agent brokers a credential for it.
+    pub brokered: bool,
 }
 
 /// A sidecar's latest acknowledged policy set.

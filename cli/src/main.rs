@@ -289,6 +289,20 @@ async fn agents(namespace: Option<String>, all: bool) -> Result<bool> {
             for r in &p.broad_rbac {
                 println!("  {id_ns}/{name} may: {r}");
             }
+            if !p.egress.is_empty() {
+                // One line: each declared destination, and whether Mandate brokers its credential.
+                let dests: Vec<String> = p
+                    .egress
+                    .iter()
+                    .map(|e| format!("{}:{}{}", e.host, e.port, if e.brokered { " (brokered)" } else { "" }))
+                    .collect();
+                let unbrokered = p.egress.iter().filter(|e| !e.brokered).count();
+                println!(
+                    "  {id_ns}/{name} egress ({unbrokered} of {} not brokered): {}",
+                    p.egress.len(),
+                    dests.join(", ")
+                );
+            }
         }
     }
     Ok(true)

@@ -54,7 +54,19 @@ pub struct DriftLabels {
     pub webhook: String,
 }
 
-/// The operator's metrics. Labels never carry object names (unbounded series).
+/// Labels of the posture gauge: one AgentIdentity and what is counted
+/// (`held_credentials`, `broad_rbac`, `unbrokered_hosts`). The one metric
+/// whose labels name objects: one series per identity and kind, as many as
+/// there are agents.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PostureLabels {
+    pub namespace: String,
+    pub identity: String,
+    pub kind: &'static str,
+}
+
+/// The operator's metrics. Labels never carry object names (unbounded
+/// series), but for the posture gauge, per agent by design.
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
@@ -68,6 +80,7 @@ pub struct Metrics {
     pub policy_streams: Gauge,
     pub acks: Family<AckLabels, Counter>,
     pub webhook_drift: Family<DriftLabels, Gauge>,
+    pub agent_posture: Family<PostureLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -137,6 +150,12 @@ impl Default for Metrics {
             "1 while a webhook mediation relies on is missing or weakened in its configuration (deleted, set to Ignore, rules narrowed, an objectSelector, enforced namespaces not selected); see the WebhookDrift events",
             webhook_drift.clone(),
         );
+        let agent_posture = Family::<PostureLabels, Gauge>::default();
+        registry.register(
+            "agent_posture",
+            "Per AgentIdentity (leader only): long-lived credentials its pods hold (kind=held_credentials), broad RBAC findings of its service accounts (broad_rbac), destinations its policies declare with no brokered credential (unbrokered_hosts); see its status.posture",
+            agent_posture.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -149,6 +168,7 @@ impl Default for Metrics {
             policy_streams,
             acks,
             webhook_drift,
+            agent_posture,
         }
     }
 }

@@ -145,6 +145,16 @@ pub struct Args {
     #[arg(long, env = "MANDATE_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
     pub native_sidecars: NativeSidecars,
 
+    /// Broker credentials: send sidecars the Secrets (labelled
+    /// `mandate.dev/brokered=true`, the only ones the operator watches) and
+    /// service-account tokens (TokenRequest, bound to the pod) that their
+    /// policies' egress destinations name, and check at admission that
+    /// whoever applies such a policy may read them. Off: no Secret is
+    /// watched, policies naming credentials are refused, and sidecars are
+    /// told brokering is off.
+    #[arg(long, env = "MANDATE_CREDENTIAL_BROKERING")]
+    pub credential_brokering: bool,
+
     #[command(flatten)]
     pub spiffe: IdentityArgs,
 }
@@ -278,6 +288,7 @@ mod tests {
         assert_eq!(a.native_sidecars, NativeSidecars::Auto);
         assert_eq!(a.spiffe.identity_source, IdentitySource::Builtin);
         assert_eq!(a.spiffe.policy_addr, "0.0.0.0:9445".parse::<SocketAddr>().unwrap());
+        assert!(!a.credential_brokering);
         a.check().unwrap();
         a.check_lease().unwrap();
     }

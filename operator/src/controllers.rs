@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::admin::Metrics;
 use crate::error::{Error, Result};
 use crate::lenient::Lenient;
-use mandate_api::crd::{AgentIdentity, AgentIdentityStatus, AgentPolicy, AgentPolicyStatus};
+use mandate_api::crd::{AgentIdentity, AgentIdentityStatus, AgentPolicy, AgentPolicySpec, AgentPolicyStatus};
 use mandate_core::binding;
 use mandate_core::conditions::{condition, is_true};
 use mandate_core::selector::Selector;
@@ -63,6 +63,26 @@ impl Context {
         if let Ok(mut m) = self.stale.lock() {
             m.insert(policy.to_string(), stale.max(0));
             self.metrics.stale_sidecars.set(i64::from(m.values().sum::<i32>()));
+        }
+    }
+
+    /// Set the identity's posture gauges (held credentials, broad RBAC
+    /// findings, unbrokered destinations).
+    pub fn posture(&self, ns: &str, identity: &str, p: &mandate_api::crd::AgentPosture) {
+        let unbrokered = p.egress.iter().filter(|e| !e.brokered).count();
+        for (kind, n) in [
+            ("held_credentials", p.held_credentials.len()),
+            ("broad_rbac", p.broad_rbac.len()),
+            ("unbrokered_hosts", unbrokered),
+        ] {
+            self.metrics
+                .agent_posture
+                .get_or_create(&crate::admin::PostureLabels {
+                    namespace: ns.to_string(),
+                    identity: identity.to_string(),
+                    kind,
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -459,7 +479,7 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
                 }
             }
             unmediated.sort();
-            posture = Some(agent_posture(ctx, &ns, &list.items).await);
+            posture = Some(agent_posture(ctx, &ns, &name, &list.items).await?);
             (bound, None)
         }
     };
@@ -534,10 +554,16 @@ async fn reconcile_identity_inner(obj: &AgentIdentity, ctx: &Context) -> Result<
     Ok(Action::requeue(RECOUNT_EVERY))
 }
 
-/// The credentials the identity's running pods hold and how broad their
-/// service accounts' RBAC is (see [`crate::posture`]). A service account
-/// that cannot be read counts as automounting (Kubernetes' default).
-async fn agent_posture(ctx: &Context, ns: &str, pods: &[Pod]) -> mandate_api::crd::AgentPosture {
+/// The credentials the identity's running pods hold, how broad their
+/// service accounts' RBAC is, and the destinations its policies declare,
+/// brokered or not (see [`crate::posture`]). A service account that cannot
+/// be read counts as automounting (Kubernetes' default).
+async fn agent_posture(
+    ctx: &Context,
+    ns: &str,
+    identity: &str,
+    pods: &[Pod],
+) -> Result<mandate_api::crd::AgentPosture> {
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
     let mut held = Vec::new();
     let mut names: Vec<String> = Vec::new();
@@ -561,10 +587,33 @@ async fn agent_posture(ctx: &Context, ns: &str, pods: &[Pod]) -> mandate_api::cr
             rbac.push(format!("{sa}: {what}"));
         }
     }
-    mandate_api::crd::AgentPosture {
+    let policies = Api::<Lenient<AgentPolicy>>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let bound: Vec<&AgentPolicySpec> = policies
+        .items
+        .iter()
+        .filter_map(|p| p.parsed.as_ref().ok())
+        .map(|p| &p.spec)
+        .filter(|spec| {
+            spec.identities.iter().any(|i| i == identity)
+                || live
+                    .iter()
+                    .any(|pod| mandate_core::binding::policy_binds(spec, Some(identity), pod.labels()))
+        })
+        .collect();
+    let egress = crate::posture::egress(&bound);
+    let posture = mandate_api::crd::AgentPosture {
         held_credentials: held,
         broad_rbac: rbac,
-    }
+        egress,
+    };
+    ctx.posture(ns, identity, &posture);
+    Ok(posture)
 }
 
 /// `Mediated`: whether every pod the identity selects is mediated, and if

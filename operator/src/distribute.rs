@@ -15,6 +15,13 @@
 //! `status.sidecars` (a status subresource only the operator may write), not
 //! what the sidecar claims. Anything else is refused with the reason, and
 //! counted in `mandate_operator_acks_total{result}`.
+//!
+//! Brokered credentials ([`crate::broker`]): each set also carries, for
+//! every destination of a sent policy that declares a `credential`, its
+//! value for this pod (or why there is none). `set_version` covers each
+//! credential's policy, destination, source and version, never its value,
+//! so a Secret's change or a token's renewal re-sends the set; a stream
+//! also wakes when the earliest of its tokens is due for renewal.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +34,13 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use mandate_proto::policy::v1::policies_server::Policies;
-use mandate_proto::policy::v1::{AckRequest, AckResponse, Policy, PolicySet, SubscribeRequest};
+use mandate_proto::policy::v1::{AckRequest, AckResponse, Credential, Policy, PolicySet, SubscribeRequest};
 use sha2::Digest as _;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::admin::Metrics;
+use crate::broker::{self, Broker, PodRef};
 use crate::lenient::Lenient;
 use mandate_api::crd::{AgentIdentity, AgentPolicy, AgentPolicySpec, SidecarAck};
 
@@ -88,6 +96,9 @@ pub struct Distributor {
     sent: Arc<Mutex<HashMap<u64, Sent>>>,
     streams: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+    /// Brokered credentials (`--credential-brokering`); `None`: off, and
+    /// every credential is sent as unavailable, saying so.
+    broker: Option<Arc<Broker>>,
 }
 
 impl std::fmt::Debug for Distributor {
@@ -97,8 +108,9 @@ impl std::fmt::Debug for Distributor {
 }
 
 impl Distributor {
-    /// Start the watches and return the service.
-    pub fn start(client: Client, trust_domain: String, metrics: Arc<Metrics>) -> Self {
+    /// Start the watches and return the service. With `brokering`, the
+    /// labelled Secrets are watched too (else no Secret is ever read).
+    pub fn start(client: Client, trust_domain: String, metrics: Arc<Metrics>, brokering: bool) -> Self {
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
         let (policies, pw) = reflector::store();
@@ -123,7 +135,7 @@ impl Distributor {
                 async {}
             }),
         );
-        let on_identity = bump(tx);
+        let on_identity = bump(tx.clone());
         tokio::spawn(
             reflector::reflector(
                 iw,
@@ -142,6 +154,7 @@ impl Distributor {
                 async {}
             }),
         );
+        let broker = brokering.then(|| Broker::start(client.clone(), bump(tx)));
         Self {
             client,
             trust_domain,
@@ -152,22 +165,31 @@ impl Distributor {
             sent: Arc::default(),
             streams: Arc::default(),
             metrics,
+            broker,
         }
     }
 
-    /// Both watches have listed once. Until then this replica knows no
+    /// The watches have listed once. Until then this replica knows no
     /// policies: a set it sent would be empty, and a sidecar would swap its
-    /// last good set for nothing. The sidecar keeps its set and retries.
+    /// last good set for nothing (or its credentials for "missing"). The
+    /// sidecar keeps its set and retries.
     async fn loaded(&self) -> Result<(), Status> {
         const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
         let ready = async {
-            self.policies.wait_until_ready().await.is_ok() && self.identities.wait_until_ready().await.is_ok()
+            self.policies.wait_until_ready().await.is_ok()
+                && self.identities.wait_until_ready().await.is_ok()
+                && match &self.broker {
+                    Some(b) => b.ready().await,
+                    None => true,
+                }
         };
         match tokio::time::timeout(WAIT, ready).await {
             Ok(true) => Ok(()),
-            _ => Err(Status::unavailable(
-                "this operator replica has not loaded AgentPolicies and AgentIdentities yet; retry",
-            )),
+            _ => Err(Status::unavailable(if self.broker.is_some() {
+                "this operator replica has not loaded AgentPolicies, AgentIdentities and brokered Secrets yet; retry"
+            } else {
+                "this operator replica has not loaded AgentPolicies and AgentIdentities yet; retry"
+            })),
         }
     }
 
@@ -204,10 +226,19 @@ impl Distributor {
         ok
     }
 
-    /// The set for `identity` in `ns`, for a pod with `labels`.
-    pub fn set_for(&self, ns: &str, identity: &str, labels: &BTreeMap<String, String>) -> PolicySet {
+    /// The set for `identity` in `ns`, for the pod `pod` with `labels`, and
+    /// when it must be made again (the earliest token renewal).
+    pub async fn set_for(
+        &self,
+        ns: &str,
+        identity: &str,
+        labels: &BTreeMap<String, String>,
+        pod: &PodRef,
+    ) -> (PolicySet, Option<tokio::time::Instant>) {
         let mut policies = Vec::new();
         let mut withheld = Vec::new();
+        // The specs sent (current or last good): their credentials go along.
+        let mut sent_specs: Vec<(String, AgentPolicySpec)> = Vec::new();
         let mut all: Vec<_> = self
             .policies
             .state()
@@ -241,17 +272,21 @@ impl Distributor {
                     .filter(|(_, v)| status.version.as_deref() == Some(v.as_str()))
             };
             match candidate {
-                Some((spec, version)) if self.good(&version, &spec) => policies.push(Policy {
-                    namespace: ns.into(),
-                    name,
-                    version,
-                    spec_json: serde_json::to_string(&spec).unwrap_or_default(),
-                }),
+                Some((spec, version)) if self.good(&version, &spec) => {
+                    policies.push(Policy {
+                        namespace: ns.into(),
+                        name: name.clone(),
+                        version,
+                        spec_json: serde_json::to_string(&spec).unwrap_or_default(),
+                    });
+                    sent_specs.push((format!("{ns}/{name}"), spec));
+                }
                 _ => withheld.push(format!(
                     "{ns}/{name}: no version of it has passed compile and tests yet"
                 )),
             }
         }
+        let (credentials, due) = self.credentials(ns, &sent_specs, pod).await;
         let mut h = sha2::Sha256::new();
         for p in &policies {
             h.update(format!("{}/{}={}\n", p.namespace, p.name, p.version));
@@ -259,12 +294,50 @@ impl Distributor {
         for w in &withheld {
             h.update(format!("withheld {w}\n"));
         }
-        PolicySet {
+        // Each credential's identity and version, and why it is unavailable;
+        // never its value.
+        for c in &credentials {
+            h.update(format!(
+                "credential {} {}:{} {} version={} expires={} unavailable={}\n",
+                c.policy, c.host, c.port, c.source, c.version, c.expires_unix, c.unavailable
+            ));
+        }
+        let set = PolicySet {
             set_version: format!("sha256:{:x}", h.finalize()),
             policies,
             withheld,
-            credentials: vec![],
+            credentials,
+        };
+        (set, due)
+    }
+
+    /// The credentials of the destinations of `specs` for `pod`, and when
+    /// the earliest of them is due again.
+    async fn credentials(
+        &self,
+        ns: &str,
+        specs: &[(String, AgentPolicySpec)],
+        pod: &PodRef,
+    ) -> (Vec<Credential>, Option<tokio::time::Instant>) {
+        let mut out = Vec::new();
+        let mut due: Option<tokio::time::Instant> = None;
+        for (policy, spec) in specs {
+            for dest in &spec.egress {
+                let Some(cred) = &dest.credential else { continue };
+                match &self.broker {
+                    None => out.push(broker::unavailable(ns, policy, dest, cred, broker::OFF)),
+                    Some(b) => {
+                        let (c, d) = b.credential(ns, policy, dest, cred, pod).await;
+                        due = match (due, d) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        out.push(c);
+                    }
+                }
+            }
         }
+        (out, due)
     }
 
     /// Who the caller is: its SVID's identity, and the pod it names, which
@@ -304,6 +377,16 @@ impl Policies for Distributor {
         let (ns, identity, pod) = self.caller(request.extensions(), &request.get_ref().pod).await?;
         let labels = pod.labels().clone();
         let pod_name = pod.name_any();
+        let pod_ref = PodRef {
+            name: pod_name.clone(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        };
         // What this stream sends is remembered for the acks on its connection.
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
         let connection = request.extensions().get::<PeerConnection>().map(|c| c.0);
@@ -329,7 +412,10 @@ impl Policies for Distributor {
             me.metrics.policy_streams.inc();
             let mut last = String::new();
             loop {
-                let set = me.set_for(&ns, &identity, &labels);
+                let (set, due) = tokio::select! {
+                    made = me.set_for(&ns, &identity, &labels, &pod_ref) => made,
+                    () = tx.closed() => break,
+                };
                 if set.set_version != last {
                     last = set.set_version.clone();
                     // Remembered before it is sent: its ack may come at once.
@@ -338,13 +424,28 @@ impl Policies for Distributor {
                         break;
                     }
                 }
+                // Also woken when a brokered token is due for renewal.
+                let renewal = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     res = changed.changed() => if res.is_err() { break },
+                    () = renewal => {},
                     () = tx.closed() => break,
                 }
             }
-            if let Ok(mut sent) = me.sent.lock() {
-                sent.remove(&stream);
+            let last_stream_of_pod = match me.sent.lock() {
+                Ok(mut sent) => {
+                    sent.remove(&stream);
+                    !sent.values().any(|s| s.pod_uid == pod_ref.uid)
+                }
+                Err(_) => true,
+            };
+            if last_stream_of_pod && let Some(b) = &me.broker {
+                b.forget_pod(&pod_ref.uid);
             }
             me.metrics.policy_streams.dec();
             tracing::info!(pod = %format!("{ns}/{pod_name}"), "sidecar unsubscribed");

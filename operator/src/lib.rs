@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod broker;
 pub mod controllers;
 pub mod distribute;
 pub mod error;

@@ -1,8 +1,10 @@
-//! Posture: the long-lived credentials an agent's pods still hold, and how
-//! broad its service account's RBAC is, so that admins can see what to move
-//! to brokered credentials (issue 16). Work in progress: the pod analysis
-//! and the RBAC probes are here; writing them into AgentIdentity status, the
-//! metric and `mandate agents` are not wired yet.
+//! Posture: the long-lived credentials an agent's pods still hold, how
+//! broad its service account's RBAC is, and which of the destinations its
+//! policies declare get a brokered credential, so that admins can see what
+//! to move to brokered credentials (issue 16). The identity reconciler
+//! writes it into AgentIdentity `status.posture` and the gauge
+//! `mandate_operator_agent_posture{namespace,identity,kind}`; `mandate
+//! agents` prints it.
 //!
 //! RBAC is never re-implemented: each probe is a SubjectAccessReview the
 //! apiserver answers for the service account.
@@ -11,7 +13,9 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessRevie
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::PostParams;
 use kube::{Api, Client};
+use mandate_api::crd::{AgentPolicySpec, EgressPosture};
 use mandate_api::names::{ENVOY_CONTAINER, INIT_CONTAINER, SIDECAR_CONTAINER};
+use std::collections::BTreeMap;
 
 use crate::webhook::inject::RESERVED_VOLUMES;
 
@@ -75,6 +79,21 @@ pub fn held_credentials(pod: &Pod, service_account: Option<&ServiceAccount>) -> 
     out.sort();
     out.dedup();
     out
+}
+
+/// The destinations `policies` declare, one entry per host and port,
+/// brokered when any of them brokers a credential for it (the sidecar then
+/// adds it), sorted.
+pub fn egress(policies: &[&AgentPolicySpec]) -> Vec<EgressPosture> {
+    let mut by_dest: BTreeMap<(String, u16), bool> = BTreeMap::new();
+    for d in policies.iter().flat_map(|p| p.egress.iter()) {
+        let brokered = by_dest.entry((d.host.clone(), d.port)).or_insert(false);
+        *brokered |= d.credential.is_some();
+    }
+    by_dest
+        .into_iter()
+        .map(|((host, port), brokered)| EgressPosture { host, port, brokered })
+        .collect()
 }
 
 /// One RBAC probe: a verb on a resource, cluster-wide (`namespace` None) or
@@ -227,6 +246,34 @@ mod tests {
             !held.iter().any(|h| h.contains("ours") || h.contains("mandate-token")),
             "{held:?}"
         );
+    }
+
+    #[test]
+    fn egress_is_one_entry_per_destination_brokered_if_any_policy_brokers_it() {
+        let spec = |egress: serde_json::Value| -> AgentPolicySpec {
+            serde_json::from_value(json!({"modules": [], "egress": egress})).unwrap()
+        };
+        let a = spec(json!([
+            {"host": "api.github.com", "port": 443},
+            {"host": "api.openai.com", "port": 443, "credential": {"secretKeyRef": {"name": "o", "key": "k"}}},
+        ]));
+        let b = spec(json!([
+            {"host": "api.github.com", "port": 443, "credential": {"serviceAccountToken": {"serviceAccountName": "sa"}}},
+            {"host": "example.com", "port": 80},
+        ]));
+        let got: Vec<(String, u16, bool)> = egress(&[&a, &b])
+            .into_iter()
+            .map(|e| (e.host, e.port, e.brokered))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("api.github.com".to_string(), 443, true),
+                ("api.openai.com".to_string(), 443, true),
+                ("example.com".to_string(), 80, false),
+            ]
+        );
+        assert!(egress(&[]).is_empty());
     }
 
     #[test]

@@ -316,6 +316,7 @@ pub async fn start_webhooks(
             .clone()
             .unwrap_or_else(|| format!("system:serviceaccount:{}:mandate-operator", args.operator_namespace)),
         native_sidecars,
+        credential_brokering: args.credential_brokering,
         identities,
         namespaces,
         synced: synced.clone(),
@@ -388,6 +389,7 @@ pub async fn start_identity(args: &Args, client: &Client, metrics: Arc<Metrics>,
         id.policy_addr,
         certs.server_config_mtls(verifier)?,
         tasks,
+        args.credential_brokering,
     );
     tasks.spawn_fatal("SVID signing service", async move {
         webhook::serve(addr, serving, app, std::future::pending())
@@ -520,7 +522,8 @@ async fn reload_ca_hourly(r: ReloadCa) {
     }
 }
 
-/// The policy service (`mandate.policy.v1.Policies`) on `addr`, over `mtls`.
+/// The policy service (`mandate.policy.v1.Policies`) on `addr`, over
+/// `mtls`; with `brokering`, it sends brokered credentials.
 fn serve_policies(
     client: &Client,
     td: &str,
@@ -528,8 +531,9 @@ fn serve_policies(
     addr: SocketAddr,
     mtls: rustls::ServerConfig,
     tasks: &Tasks,
+    brokering: bool,
 ) {
-    let distributor = crate::distribute::Distributor::start(client.clone(), td.to_string(), metrics);
+    let distributor = crate::distribute::Distributor::start(client.clone(), td.to_string(), metrics, brokering);
     let policy_app = tonic::service::Routes::new(mandate_proto::policy::v1::policies_server::PoliciesServer::new(
         distributor,
     ))
@@ -584,6 +588,7 @@ pub async fn start_spire(args: &Args, client: &Client, metrics: Arc<Metrics>, ta
         args.spiffe.policy_addr,
         certs.server_config_mtls(verifier)?,
         tasks,
+        args.credential_brokering,
     );
     tasks.spawn_background("SVID rotation (Workload API)", async move {
         while current.changed().await.is_ok() {

@@ -4,7 +4,8 @@
 //! - `/validate/pods`: refuse an agent pod without (or with altered) injection;
 //! - `/validate/namespaces`: refuse removing (or changing) `mandate.dev/enforce`
 //!   from a namespace while injected agent pods still run in it;
-//! - `/validate/agentpolicies`: refuse a policy that does not compile or whose tests fail;
+//! - `/validate/agentpolicies`: refuse a policy that does not compile or whose tests fail,
+//!   or that brokers a credential its author may not read ([`brokered`]);
 //! - `/validate/agentidentities`: refuse a malformed or overlapping identity;
 //! - `/mutate/agentapprovals`, `/validate/agentapprovals`: only the decision
 //!   changes, and the approver is recorded from the request's user.
@@ -16,6 +17,7 @@
 //! One generic handler (`admit`) does that for every route, and counts the
 //! answer; what each kind decides is its [`Validate`] or [`Mutate`] impl.
 
+pub mod brokered;
 pub mod drift;
 pub mod inject;
 pub mod tls;
@@ -61,6 +63,9 @@ pub struct WebhookState {
     pub operator_user: String,
     /// Inject native sidecars (Kubernetes >= 1.29).
     pub native_sidecars: bool,
+    /// `--credential-brokering`: policies may name credentials (each checked
+    /// against its author's RBAC); off, such policies are refused.
+    pub credential_brokering: bool,
     pub identities: Store<Lenient<AgentIdentity>>,
     pub namespaces: Store<Namespace>,
     /// Both stores have listed once (set by [`stores`]' watcher task).
@@ -771,8 +776,32 @@ impl Validate<AgentPolicy> for WebhookState {
             Err(why) => return deny(req, why),
         };
         let spec = p.spec;
+        // Credentials first (refused outright when brokering is off), their
+        // reviews beside the compile.
+        if !self.credential_brokering
+            && let Err(why) = brokered::refuse_when_off(&spec)
+        {
+            return deny(req, why);
+        }
+        let accesses = brokered::accesses(&spec);
+        let ns = req
+            .namespace
+            .clone()
+            .or_else(|| p.metadata.namespace.clone())
+            .unwrap_or_default();
+        let reviews = async {
+            if accesses.is_empty() {
+                Ok(())
+            } else {
+                brokered::review(&self.client, &ns, &req.user_info, accesses).await
+            }
+        };
         let work = tokio::task::spawn_blocking(move || validate::policy(&spec));
-        match tokio::time::timeout(POLICY_DEADLINE, work).await {
+        let (reviewed, checked) = tokio::join!(reviews, tokio::time::timeout(POLICY_DEADLINE, work));
+        if let Err(why) = reviewed {
+            return deny(req, why);
+        }
+        match checked {
             Ok(Ok(Ok(()))) => AdmissionResponse::from(req),
             Ok(Ok(Err(why))) => deny(req, why),
             Ok(Err(e)) => deny(req, format!("checking the policy failed: {e}")),
@@ -895,6 +924,7 @@ mod tests {
             operator_namespace: "mandate-system".into(),
             operator_user: "system:serviceaccount:mandate-system:mandate-operator".into(),
             native_sidecars: false,
+            credential_brokering: false,
             identities: reflector::store().0,
             namespaces: reflector::store().0,
             synced: Arc::new(true.into()),
