@@ -569,7 +569,10 @@ async fn brokered_credentials_reach_only_allowed_tls_requests_and_never_the_agen
         .iter()
         .filter(|(k, _)| k.starts_with("x-mandate-") && k != "x-mandate-decision-id")
         .collect();
-    ensure!(internal.is_empty(), "the upstream saw Mandate's internal headers: {internal:?}");
+    ensure!(
+        internal.is_empty(),
+        "the upstream saw Mandate's internal headers: {internal:?}"
+    );
     let rec = s.record(p.header, "/v1/models");
     ensure!(rec["result"] == "allow", "{rec}");
     ensure!(
