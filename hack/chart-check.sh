@@ -178,6 +178,23 @@ if [ -f "$tmp/default.yaml" ] && [ -f "$tmp/brokering.yaml" ]; then
   else
     fail "chart_check.py refused the secret-writing role, but not for writing secrets: $out"
   fi
+  # Brokering with an Ignore policy on the AgentPolicy webhook: refused.
+  awk '/name: agentpolicies.mandate.dev/{p=1} p && /failurePolicy: Fail/{sub(/Fail/, "Ignore"); p=0} {print}' \
+    "$tmp/brokering.yaml" >"$tmp/brokering-ignore.yaml"
+  if out="$(rendered_check "$tmp/brokering-ignore.yaml")"; then
+    fail "chart_check.py accepted brokering with the AgentPolicy webhook failing open"
+  elif grep -q "with credential brokering on" <<<"$out"; then
+    pass "brokering with an AgentPolicy webhook that fails open is refused"
+  else
+    fail "chart_check.py refused the Ignore rendering, but not for that: $out"
+  fi
+  if ! helm template "$RELEASE" "$CHART" -n "$NS" --set credentialBrokering.enabled=true \
+    --set webhook.failurePolicy=Ignore 2>/dev/null |
+    awk '/- name: agentpolicies.mandate.dev/{p=1} p && /failurePolicy:/{print; exit}' | grep -q 'failurePolicy: Fail'; then
+    fail "with credentialBrokering.enabled and webhook.failurePolicy=Ignore the AgentPolicy webhook is not Fail"
+  else
+    pass "with brokering on, the AgentPolicy webhook is Fail whatever webhook.failurePolicy says"
+  fi
   # The same rendering without the flag (its env entry: the name and value lines).
   sed '/- name: MANDATE_CREDENTIAL_BROKERING$/{N;d}' "$tmp/brokering.yaml" >"$tmp/secret-no-flag.yaml"
   if out="$(rendered_check "$tmp/secret-no-flag.yaml")"; then

@@ -381,6 +381,10 @@ def check_rendered(docs, crd_file, env_known, paths, ns, pdb_version):
                     problem(f"{where}: reinvocationPolicy is not IfNeeded")
                 if kind.startswith("Validating") and w.get("failurePolicy") != "Fail":
                     problem(f"{where}: the pod guard's failurePolicy is {w.get('failurePolicy')}, not Fail")
+            if brokering and any("agentpolicies" in r["resources"] for r in w["rules"]) \
+                    and w.get("failurePolicy") != "Fail":
+                problem(f"{where}: failurePolicy {w.get('failurePolicy')} with credential brokering on "
+                        "(its access review of credentials must not fail open): must be Fail")
     served = {
         w["clientConfig"]["service"]["path"]
         for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")

@@ -134,6 +134,9 @@ pub struct RegoModule {
 /// A destination agents may reach, and how.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.credential) || !self.host.startsWith('*')", "message": "a brokered credential needs an exact host: under a wildcard the agent would choose the name (another tenant's, under a shared suffix) it is sent to"},
+]))]
 pub struct EgressDestination {
     /// Host name (exact, or `*.example.com` for its subdomains).
     #[schemars(length(max = 253))]

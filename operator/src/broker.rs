@@ -42,6 +42,9 @@ use tokio::time::Instant;
 /// Why every credential is unavailable when brokering is not enabled.
 pub const OFF: &str = "credential brokering is off in this installation (helm value credentialBrokering.enabled)";
 
+/// Why the credentials of a policy sent at its last good version are withheld.
+pub const NOT_CURRENT: &str = "the policy's current spec has not passed compile and tests, and only a current spec (whose credentials admission checked) brokers: its last good version is enforced without credentials";
+
 /// Default life of a brokered service-account token (the API's minimum is 600).
 pub const DEFAULT_TOKEN_SECONDS: i64 = 600;
 
@@ -232,19 +235,12 @@ impl Broker {
                 secret.metadata.resource_version.clone().unwrap_or_default(),
             )),
             Some(_) => Err(format!("key {} of Secret {ns}/{} is empty", r.key, r.name)),
-            None => {
-                let keys: Vec<&str> = data.keys().map(String::as_str).collect();
-                Err(format!(
-                    "Secret {ns}/{} has no key {} (its keys: {}); fix secretKeyRef.key or the Secret",
-                    r.name,
-                    r.key,
-                    if keys.is_empty() {
-                        "none".to_string()
-                    } else {
-                        keys.join(", ")
-                    }
-                ))
-            }
+            // The reason reaches the agent in its deny: the Secret's other
+            // keys are not named.
+            None => Err(format!(
+                "Secret {ns}/{} has no key {}; fix secretKeyRef.key or the Secret",
+                r.name, r.key
+            )),
         }
     }
 

@@ -238,7 +238,7 @@ impl Distributor {
         let mut policies = Vec::new();
         let mut withheld = Vec::new();
         // The specs sent (current or last good): their credentials go along.
-        let mut sent_specs: Vec<(String, AgentPolicySpec)> = Vec::new();
+        let mut sent_specs: Vec<(String, AgentPolicySpec, bool)> = Vec::new();
         let mut all: Vec<_> = self
             .policies
             .state()
@@ -251,10 +251,6 @@ impl Distributor {
             let Ok(policy) = &p.parsed else {
                 continue;
             };
-            let bound = mandate_core::binding::policy_binds(&policy.spec, Some(identity), labels);
-            if !bound {
-                continue;
-            }
             let status = policy.status.clone().unwrap_or_default();
             // The current spec when it is the ready version; else the last good one.
             let current = mandate_policy::version(&policy.spec);
@@ -271,6 +267,12 @@ impl Distributor {
                     })
                     .filter(|(_, v)| status.version.as_deref() == Some(v.as_str()))
             };
+            // Bound by the spec that is sent: a last good spec applies to
+            // the agents it named, never to those a failing edit points at.
+            let binding = candidate.as_ref().map_or(&policy.spec, |(spec, _)| spec);
+            if !mandate_core::binding::policy_binds(binding, Some(identity), labels) {
+                continue;
+            }
             match candidate {
                 Some((spec, version)) if self.good(&version, &spec) => {
                     policies.push(Policy {
@@ -279,7 +281,11 @@ impl Distributor {
                         version,
                         spec_json: serde_json::to_string(&spec).unwrap_or_default(),
                     });
-                    sent_specs.push((format!("{ns}/{name}"), spec));
+                    // Only the current spec passed admission's access review
+                    // of its credentials; a last good spec comes from status,
+                    // which admission does not see.
+                    let current = spec == policy.spec;
+                    sent_specs.push((format!("{ns}/{name}"), spec, current));
                 }
                 _ => withheld.push(format!(
                     "{ns}/{name}: no version of it has passed compile and tests yet"
@@ -316,16 +322,17 @@ impl Distributor {
     async fn credentials(
         &self,
         ns: &str,
-        specs: &[(String, AgentPolicySpec)],
+        specs: &[(String, AgentPolicySpec, bool)],
         pod: &PodRef,
     ) -> (Vec<Credential>, Option<tokio::time::Instant>) {
         let mut out = Vec::new();
         let mut due: Option<tokio::time::Instant> = None;
-        for (policy, spec) in specs {
+        for (policy, spec, current) in specs {
             for dest in &spec.egress {
                 let Some(cred) = &dest.credential else { continue };
                 match &self.broker {
                     None => out.push(broker::unavailable(ns, policy, dest, cred, broker::OFF)),
+                    Some(_) if !current => out.push(broker::unavailable(ns, policy, dest, cred, broker::NOT_CURRENT)),
                     Some(b) => {
                         let (c, d) = b.credential(ns, policy, dest, cred, pod).await;
                         due = match (due, d) {

@@ -620,7 +620,7 @@ async fn distribution(
     ensure!(
         c.value.is_empty()
             && c.unavailable
-                .contains(&format!("Secret {ns}/openai has no key nokey (its keys: key)")),
+                .contains(&format!("Secret {ns}/openai has no key nokey; fix")),
         "nokey: {}",
         c.unavailable
     );

@@ -121,10 +121,40 @@ async fn policies(ns: &TestNamespace) -> Result<()> {
         "spec.egress[0].port",
     )
     .await?;
+    let key = json!({"secretKeyRef": {"name": "api", "key": "token"}});
+    refused(
+        ns,
+        "a brokered credential under a wildcard host",
+        &policy(json!({"egress": [{"host": "*.example.com", "port": 443, "credential": key}]})),
+        "a brokered credential needs an exact host",
+    )
+    .await?;
+    refused(
+        ns,
+        "a credential with two sources",
+        &policy(
+            json!({"egress": [{"host": "api.example.com", "port": 443, "credential": {
+            "secretKeyRef": {"name": "api", "key": "token"},
+            "serviceAccountToken": {"serviceAccountName": "agent"}}}]}),
+        ),
+        "name exactly one source",
+    )
+    .await?;
+    refused(
+        ns,
+        "a credential in a header and a query parameter",
+        &policy(
+            json!({"egress": [{"host": "api.example.com", "port": 443, "credential": {
+            "secretKeyRef": {"name": "api", "key": "token"}, "header": "X-Api-Key", "queryParameter": "key"}}]}),
+        ),
+        "a header or a query parameter, not both",
+    )
+    .await?;
     accepted(
         ns,
         "a good policy",
-        &policy(json!({"egress": [{"host": "*.example.com", "port": 443, "tls": true}]})),
+        &policy(json!({"egress": [{"host": "*.example.com", "port": 443, "tls": true},
+                                  {"host": "api.example.com", "port": 443, "credential": key}]})),
     )
     .await
 }

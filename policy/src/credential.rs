@@ -132,6 +132,15 @@ impl Declaration {
     /// value elsewhere, or treats the agent's own otherwise, than the
     /// policy's spec says. The spec (compiled and versioned here) wins.
     fn disagreement(&self, c: &Credential) -> Option<String> {
+        // Under a wildcard the agent picks the name, and a name under a
+        // shared suffix can be another tenant's: never broker there (the
+        // CRD refuses it; this holds for objects written around it).
+        if self.host.starts_with("*.") {
+            return Some(format!(
+                "a brokered credential needs an exact host, not {}: under a wildcard the agent chooses the name it goes to",
+                self.host
+            ));
+        }
         let what = if c.placement != self.placement {
             format!("the {}, where the policy declares the {}", c.placement, self.placement)
         } else if c.prefix != self.prefix {
@@ -461,6 +470,25 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_destination_never_brokers() {
+        let mut d = decl();
+        d.host = "*.example.com".into();
+        let mut c = cred(b"t");
+        c.host = "*.example.com".into();
+        // A name the agent chose under the wildcard: recognised as brokered,
+        // and denied rather than sent.
+        let r = resolve(
+            [&d].into_iter(),
+            std::slice::from_ref(&c),
+            "tenant.example.com",
+            443,
+            "none",
+        )
+        .unwrap();
+        assert!(r.credential.unwrap_err().contains("needs an exact host"));
+    }
+
+    #[test]
     fn resolution_matches_host_and_port_and_wants_agreement() {
         let d = decl();
         let creds = vec![cred(b"t")];
@@ -504,23 +532,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.credential.unwrap_err(), "Secret ns/s not found");
-        // A wildcard in another policy with another value: ambiguous.
-        let mut wild = decl();
-        wild.policy = "ns/q".into();
-        wild.host = "*.example.com".into();
+        // Another policy on the same host with another value: ambiguous.
+        let mut second = decl();
+        second.policy = "ns/q".into();
         let mut other = cred(b"other");
         other.policy = "ns/q".into();
-        other.host = "*.example.com".into();
         let both = vec![cred(b"t"), other.clone()];
-        let r = resolve([&d, &wild].into_iter(), &both, "api.example.com", 443, none).unwrap();
+        let r = resolve([&d, &second].into_iter(), &both, "api.example.com", 443, none).unwrap();
         assert!(r.credential.unwrap_err().contains("differing"), "ambiguous");
-        // ... but the wildcard alone serves its other hosts.
-        let r = resolve([&d, &wild].into_iter(), &both, "b.example.com", 443, none).unwrap();
-        assert!(r.credential.unwrap().value == other.value);
-        // The same value from both: sent.
+        // A wildcard beside it never brokers, even for the exact host.
+        let mut wild = decl();
+        wild.policy = "ns/w".into();
+        wild.host = "*.example.com".into();
+        let mut w = cred(b"t");
+        w.policy = "ns/w".into();
+        w.host = "*.example.com".into();
+        let with_wild = vec![cred(b"t"), w];
+        let r = resolve([&wild].into_iter(), &with_wild, "b.example.com", 443, none).unwrap();
+        assert!(r.credential.unwrap_err().contains("needs an exact host"));
+        // The same value from both exact declarations: sent.
         other.value = Ok(SecretValue::new(b"t".to_vec()));
         let same = vec![cred(b"t"), other];
-        let r = resolve([&d, &wild].into_iter(), &same, "api.example.com", 443, none).unwrap();
+        let r = resolve([&d, &second].into_iter(), &same, "api.example.com", 443, none).unwrap();
         assert!(r.credential.is_ok());
     }
 }

@@ -188,6 +188,17 @@ pub fn inject(
             ),
         });
     }
+    // TRACE (and TRACK) echo the request, its headers included, back to
+    // the client: the credential would come back to the agent.
+    if http.method.eq_ignore_ascii_case("TRACE") || http.method.eq_ignore_ascii_case("TRACK") {
+        return Err(Refusal {
+            result: "reflecting_method",
+            reason: format!(
+                "{} echoes the request back to the agent, so it is never sent to {dest}, where Mandate brokers the credential",
+                http.method
+            ),
+        });
+    }
     let credential = brokered.credential.as_ref().map_err(|why| Refusal {
         result: "unavailable",
         reason: format!("the credential Mandate brokers for {dest} is unavailable: {why}"),
@@ -490,6 +501,10 @@ mod tests {
             declaration: &d,
             credential: Ok(&c),
         };
+        let mut trace = r.clone();
+        trace.method = "trace".into();
+        let err = inject(&b, &tls(), &trace, 0).unwrap_err();
+        assert_eq!(err.result, "reflecting_method", "{}", err.reason);
         let err = inject(&b, &plain, &r, 0).unwrap_err();
         assert_eq!(err.result, "not_tls");
         assert!(

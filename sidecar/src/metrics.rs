@@ -146,7 +146,7 @@ impl Default for Metrics {
         let credentials = Family::<ResultLabels, Counter>::default();
         registry.register(
             "credentials_injected",
-            "Requests policy allowed to a destination that brokers a credential, by result: injected (added; the agent's own removed), unavailable (no usable value: the request was denied), agent_supplied_denied (the agent sent its own, with agentSupplied: Deny, or where it cannot be removed: denied), not_tls (the upstream leg was plain HTTP: denied)",
+            "Requests policy allowed to a destination that brokers a credential, by result: injected (added; the agent's own removed), unavailable (no usable value: the request was denied), agent_supplied_denied (the agent sent its own, with agentSupplied: Deny, or where it cannot be removed: denied), not_tls (the upstream leg was plain HTTP: denied), reflecting_method (TRACE or TRACK, which echo the request back: denied)",
             credentials.clone(),
         );
         Self {
