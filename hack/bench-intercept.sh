@@ -47,13 +47,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-in_ns() { # in_ns NS UID CMD...: CMD in NS as UID, without proxy variables
-  local ns="$1" uid="$2"
-  shift 2
-  env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY \
-    ip netns exec "$ns" setpriv --reuid="$uid" --regid="$uid" --clear-groups -- "$@"
-}
-
 for f in "$B/mandate-bench" "$B/mandate-egress-init" "$SIDECAR" "$ENVOY_BIN"; do
   cp "$f" "$tmp/" || die "cannot copy $f"
 done

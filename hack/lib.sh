@@ -212,6 +212,15 @@ go_tools_module() {
   }
 }
 
+# in_ns NS UID CMD...: CMD in network namespace NS as UID, without proxy
+# variables (the benchmarks' agent and proxy, as in a pod).
+in_ns() {
+  local ns="$1" uid="$2"
+  shift 2
+  env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY \
+    ip netns exec "$ns" setpriv --reuid="$uid" --regid="$uid" --clear-groups -- "$@"
+}
+
 # free_port [N]: N (default 1) distinct TCP ports on 127.0.0.1 that nothing
 # uses right now, on one line, all below the kernel's ephemeral range (so no
 # outgoing connection takes one before the caller binds it). Take every port a
